@@ -1,0 +1,3 @@
+from replayd.cli import main
+
+main()

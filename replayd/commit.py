@@ -1,0 +1,241 @@
+"""Checkpoints: where each (job, stream, partition) is, committed with the handler's writes in one MULTI/EXEC.
+
+Layout of `replayd:{job}:checkpoint` (one hash per job; the braces are a Cluster hash tag):
+    <stream>#<p>             the last entry of partition p whose effects are committed
+    <stream>#*               the stream's floor: every routed entry at or below it is committed, whatever its
+                             partition (so partitions that get no events, and filtered events, still advance)
+    <stream>#replay_until    entries at or below it are history (`ctx.replaying`) for a following job
+    partitions               P, fixed for the job's lifetime (changing it would re-route committed keys)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import anyio
+import hiredis
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from replayd.errors import CommitError, ConfigError, ReplaydError
+from replayd.events import ZERO, Id, format_id, parse_id
+
+logger = logging.getLogger(__name__)
+
+FLOOR = "*"
+
+
+def job_key(job: str, kind: str) -> str:
+    """`replayd:{job}:<kind>`; all keys of a job share the hash tag `{job}`."""
+    return f"replayd:{{{job}}}:{kind}"
+
+
+class Resume(NamedTuple):
+    """Where a stream's reading resumes."""
+
+    after: Id
+    """Read entries after this ID: the lowest checkpoint over the partitions."""
+    skip: dict[int, Id]
+    """Partitions that are further along: their entries at or below this ID were committed already."""
+
+
+class CheckpointStore:
+    """Reads and resets the checkpoint hash of a job. Writes happen only in `Committer` transactions."""
+
+    def __init__(self, redis: Redis, job: str, partitions: int) -> None:
+        self.redis = redis
+        self.key = job_key(job, "checkpoint")
+        self.partitions = partitions
+        self.fields: dict[str, str] = {}
+
+    async def load(self) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.key)
+        self.fields = {_text(k): _text(v) for k, v in raw.items()}
+        stored = self.fields.get("partitions")
+        if stored is not None and int(stored) != self.partitions:
+            raise ConfigError(
+                f"{self.key} was written with partitions = {stored}, the job now has {self.partitions}: "
+                "changing P re-routes keys whose effects are committed. Keep partitions, or reset the "
+                "checkpoint (replayd checkpoint reset) and rebuild."
+            )
+        return self.fields
+
+    def resume(self, stream: str) -> Resume | None:
+        """The resume point of `stream`, or None when the job has no checkpoint for it."""
+        floor_text = self.fields.get(f"{stream}#{FLOOR}")
+        floor = parse_id(floor_text) if floor_text else ZERO
+        own = {
+            p: max(parse_id(text), floor)
+            for p in range(self.partitions)
+            if (text := self.fields.get(f"{stream}#{p}")) is not None
+        }
+        if floor_text is None and not own:
+            return None
+        lowest = min([floor] if len(own) < self.partitions else own.values())
+        return Resume(lowest, {p: cp for p, cp in own.items() if cp > lowest})
+
+    def replay_until(self, stream: str) -> Id | None:
+        text = self.fields.get(f"{stream}#replay_until")
+        return parse_id(text) if text else None
+
+    async def init_stream(self, stream: str, replay_until: Id) -> None:
+        await self.redis.hset(
+            self.key, mapping={"partitions": self.partitions, f"{stream}#replay_until": format_id(replay_until)}
+        )
+
+    async def reset(self) -> None:
+        await self.redis.unlink(self.key)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(eq=False)
+class Mark:
+    """One read batch of one stream: done when every partition slice of it is committed."""
+
+    stream: str
+    last_id: Id
+    remaining: int
+
+
+class Watermark:
+    """The contiguous committed prefix of each stream, whatever the partitions.
+
+    Read batches are marked in order. Example: batches A(..10), B(..20), C(..30) are routed; B's slices commit
+    first, then A's. After B the floor stays where it was (A is still open); after A it jumps to 20 (A and B
+    are done); C is open, so it stops there. A batch whose events were all filtered out is done at once.
+    """
+
+    def __init__(self) -> None:
+        self._marks: dict[str, deque[Mark]] = {}
+
+    def add(self, stream: str, last_id: Id, slices: int) -> Mark:
+        mark = Mark(stream, last_id, slices)
+        self._marks.setdefault(stream, deque()).append(mark)
+        return mark
+
+    def advance(self) -> dict[str, Id]:
+        """Pop the done prefix of each stream; return the streams whose floor moved, with the new floor."""
+        moved: dict[str, Id] = {}
+        for stream, marks in self._marks.items():
+            while marks and marks[0].remaining <= 0:
+                moved[stream] = marks.popleft().last_id
+        return moved
+
+    def pending(self) -> int:
+        return sum(len(marks) for marks in self._marks.values())
+
+
+@dataclass(eq=False)
+class CommitRequest:
+    """A lane batch's writes and checkpoint fields, waiting for its transaction."""
+
+    commands: list[tuple[Any, ...]]
+    checkpoints: dict[str, str]
+    marks: list[Mark]
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Committer:
+    """Commits lane batches. Requests that are ready together share one MULTI/EXEC (group commit).
+
+    One task owns all writes to the checkpoint hash, so commits are applied in order and the floor of a
+    stream can be computed without races.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        job: str,
+        watermark: Watermark,
+        send: MemoryObjectSendStream[CommitRequest],
+        *,
+        on_commit: Callable[[dict[str, Id]], None] = lambda floors: None,
+    ) -> None:
+        self.redis = redis
+        self.key = job_key(job, "checkpoint")
+        self.watermark = watermark
+        self._send = send
+        self._on_commit = on_commit
+        self.floors: dict[str, Id] = {}
+
+    async def commit(self, request: CommitRequest) -> None:
+        await self._send.send(request)
+        await request.done.wait()
+
+    async def nudge(self) -> None:
+        """Ask for a commit of the floors alone (after batches whose events were all filtered out)."""
+        await self._send.send(CommitRequest([], {}, []))
+
+    async def run(self, receive: MemoryObjectReceiveStream[CommitRequest]) -> None:
+        async with receive:
+            async for first in receive:
+                group = [first]
+                while True:
+                    try:
+                        group.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._flush(group)
+
+    async def _flush(self, group: Sequence[CommitRequest]) -> None:
+        commands: list[tuple[Any, ...]] = []
+        fields: dict[str, str] = {}
+        for request in group:
+            commands.extend(request.commands)
+            fields.update(request.checkpoints)
+            for mark in request.marks:
+                mark.remaining -= 1
+        floors = self.watermark.advance()
+        for stream, floor in floors.items():
+            fields[f"{stream}#{FLOOR}"] = format_id(floor)
+        if fields or commands:
+            checkpoint: list[Any] = ["HSET", self.key]
+            for item in fields.items():
+                checkpoint.extend(item)
+            commands.append(tuple(checkpoint))
+            await self._transaction(commands)
+        self.floors.update(floors)
+        for request in group:
+            request.done.set()
+        self._on_commit(floors)
+
+    async def _transaction(self, commands: list[tuple[Any, ...]]) -> None:
+        payload = b"".join([b"*1\r\n$5\r\nMULTI\r\n", *map(hiredis.pack_command, commands), b"*1\r\n$4\r\nEXEC\r\n"])
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            results = await _exchange(conn, payload, len(commands))
+        except ReplaydError:
+            raise
+        except Exception as exc:
+            # the connection's state is unknown: never hand it back to the pool half-read
+            await conn.disconnect()
+            raise CommitError(f"checkpoint commit to {self.key} failed: {exc}") from exc
+        finally:
+            await pool.release(conn)
+        for command, result in zip(commands, results, strict=True):
+            if isinstance(result, Exception):
+                logger.error("command %s failed in the commit of %s: %s", command[0], self.key, result)
+
+
+async def _exchange(conn: Any, payload: bytes, queued: int) -> list[Any]:
+    await conn.send_packed_command(payload, check_health=False)
+    rejected: list[str] = []
+    for _ in range(queued + 1):  # MULTI's OK, then QUEUED per command
+        try:
+            await conn.read_response()
+        except ResponseError as exc:
+            rejected.append(str(exc))
+    try:
+        results: list[Any] = await conn.read_response()
+    except ResponseError as exc:
+        raise ReplaydError(f"Redis refused the commit ({exc}); rejected commands: {rejected}") from None
+    return results

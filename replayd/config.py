@@ -1,0 +1,205 @@
+"""Settings: a TOML file plus `REPLAYD_*` environment (environment wins), validated once, at start.
+
+Every job of the daemon is a `JobSpec`; the one-shot CLI commands build a `JobSpec` from their flags, so one
+engine runs both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from replayd.errors import ConfigError
+from replayd.events import Bound, parse_end, parse_start
+
+_toml_path: ContextVar[Path | None] = ContextVar("replayd_toml_path", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisConfig(_Section):
+    """How to reach Redis."""
+
+    url: SecretStr = SecretStr("redis://localhost:6379/0")
+    socket_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    block_ms: int = Field(2000, ge=0)
+    max_connections: int = Field(64, ge=2)
+
+    @model_validator(mode="after")
+    def _block_below_timeout(self) -> RedisConfig:
+        # redis-py#2807: a blocking XREAD that outlives the socket timeout is read as a dead connection
+        if self.block_ms >= self.socket_timeout_s * 1000:
+            raise ValueError(
+                f"block_ms ({self.block_ms}) must be below socket_timeout_s ({self.socket_timeout_s}) x 1000"
+            )
+        return self
+
+
+class HttpConfig(_Section):
+    """The /metrics, /healthz and /readyz listener of the daemon."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"  # noqa: S104 - a sidecar is scraped from outside its container
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class FieldNames(_Section):
+    """Names of the entry fields, for producers that do not use the article's schema."""
+
+    event_id: str = "event_id"
+    event_type: str = "event_type"
+    data: str = "data"
+    timestamp: str = "timestamp"
+    metadata: str = "metadata"
+
+
+class JobSpec(_Section):
+    """One named replay: sources, bounds, filters, handler, partitioning."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
+    streams: list[str] = Field(min_length=1)
+    handler: str
+    start: str = "beginning"
+    after: str | None = None
+    resume: bool = True
+    """Resume from the job's checkpoint when it has one; `start`/`after` then only place a new job."""
+    end: str = "follow"
+    types: list[str] = []
+    entity: str | None = Field(None, pattern=r"^[^:]+:.+$")
+    where: list[str] = []
+    filter: str | None = None
+    partition_by: str | None = None
+    partitions: int = Field(16, ge=1, le=4096)
+    concurrency: int = Field(16, ge=1)
+    ordering: Literal["key", "none"] = "key"
+    batch_size: int = Field(1000, ge=1, le=100_000)
+    max_in_flight: int = Field(20_000, ge=1)
+    fields: FieldNames = FieldNames()
+    progress_interval_s: float = Field(1.0, gt=0)
+
+    @field_validator("start")
+    @classmethod
+    def _start(cls, value: str) -> str:
+        parse_start(value)
+        return value
+
+    @model_validator(mode="after")
+    def _checkpoint_means_resume(self) -> JobSpec:
+        if self.start == "checkpoint" and not self.resume:
+            raise ValueError("start = 'checkpoint' needs resume = true")
+        return self
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_start(value, after=True)
+        return value
+
+    @field_validator("end")
+    @classmethod
+    def _end(cls, value: str) -> str:
+        parse_end(value)
+        return value
+
+    @property
+    def start_bound(self) -> Bound:
+        return parse_start(self.after, after=True) if self.after else parse_start(self.start)
+
+    @property
+    def end_bound(self) -> Bound:
+        return parse_end(self.end)
+
+
+class Settings(BaseSettings):
+    """The root of replayd's settings."""
+
+    model_config = SettingsConfigDict(env_prefix="REPLAYD_", env_nested_delimiter="__", extra="forbid")
+
+    redis: RedisConfig = RedisConfig()
+    http: HttpConfig = HttpConfig()
+    jobs: list[JobSpec] = []
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+    shutdown_timeout_s: float = Field(20.0, gt=0)
+    config: str | None = None
+    """The config file's path (also `REPLAYD_CONFIG`); read by `load_settings`, kept for display."""
+
+    @field_validator("jobs")
+    @classmethod
+    def _unique_names(cls, jobs: list[JobSpec]) -> list[JobSpec]:
+        names = [job.name for job in jobs]
+        if len(names) != len(set(names)):
+            raise ValueError(f"job names must be unique, got {names}")
+        return jobs
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _toml_path.get()
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if path is not None:
+            # the path is resolved at run time: model_config's toml_file is fixed when the class is defined
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=path),)
+        return sources
+
+
+def load_settings(path: str | None = None, **overrides: Any) -> Settings:
+    """Load the TOML file (`path`, else `REPLAYD_CONFIG`) and the environment; raise ConfigError naming the field."""
+    raw = path or os.environ.get("REPLAYD_CONFIG")
+    file = Path(raw) if raw else None
+    if file is not None:
+        # pydantic-settings silently skips a missing file: an explicitly named one must exist
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        try:
+            tomllib.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {file} cannot be read: {exc}") from None
+    token = _toml_path.set(file)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, file)) from None
+    finally:
+        _toml_path.reset(token)
+
+
+def describe(exc: ValidationError, file: Path | None) -> str:
+    """One line per invalid setting, naming its path (`jobs.0.partitions`) and where settings came from."""
+    origin = f"{file} or REPLAYD_* environment" if file else "REPLAYD_* environment or arguments"
+    lines = [f"invalid configuration ({origin}):"]
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(root)"
+        message = re.sub(r"^Value error, ", "", error["msg"])
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Redis clients for the data path: hiredis, a blocking pool, raw stream replies, retries with backoff."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from replayd.config import RedisConfig
+from replayd.errors import SourceError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRIABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+"""Errors after which the same idempotent read may simply be sent again."""
+
+
+def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
+    """A client on a blocking pool (waits for a free connection instead of failing under load).
+
+    With `raw_streams`, XRANGE/XREVRANGE/XREAD replies stay the lists hiredis builds: redis-py's per-entry
+    callbacks would cost more than the decoding itself.
+    """
+    pool = BlockingConnectionPool.from_url(
+        cfg.url.get_secret_value(),
+        max_connections=cfg.max_connections,
+        timeout=cfg.socket_timeout_s,
+        socket_timeout=cfg.socket_timeout_s,
+        socket_connect_timeout=cfg.connect_timeout_s,
+        health_check_interval=30,
+    )
+    client = Redis(connection_pool=pool)
+    if raw_streams:
+        for command in ("XRANGE", "XREVRANGE", "XREAD"):
+            client.response_callbacks.pop(command, None)
+    return client
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, for logs and status output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, what: str, budget_s: float) -> T:
+    """Run an idempotent Redis call, retrying connection errors with exponential backoff and full jitter."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except RETRIABLE as exc:
+            if time.monotonic() + delay > deadline:
+                raise SourceError(f"Redis unavailable for {budget_s:.0f}s during {what}: {exc}") from exc
+            logger.warning("redis %s failed (%s), retrying", what, exc)
+            await anyio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 5.0)

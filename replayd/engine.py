@@ -1,0 +1,359 @@
+"""The one engine: source -> codec -> filters -> router -> lanes -> commit -> progress, in one task group.
+
+The daemon and every CLI command call `Engine.run`; `rebuild_in_place` wraps it the way the article's
+ProjectionRebuilder wraps its replayer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from redis.asyncio import Redis
+
+from replayd.codec import Codec, Poison
+from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key
+from replayd.config import JobSpec, RedisConfig
+from replayd.errors import ReplaydError
+from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id
+from replayd.filters import Predicate, build_filter
+from replayd.handlers import Context, Handler, Outcome
+from replayd.handlers.loader import load_handler, load_predicate
+from replayd.lanes import InFlight, Lanes, Slice
+from replayd.progress import ProgressWriter, Stats
+from replayd.router import Router
+from replayd.source import Batch, StreamReader, head, redis_time_ms
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Plan:
+    """A stream's resolved reading plan."""
+
+    stream: str
+    after: Id
+    end: Id | None
+    replay_until: Id
+    skip: dict[int, Id]
+
+
+class Engine:
+    """Runs one job until its end bound, a StopReplay, or `stop()`."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        redis: Redis,
+        *,
+        redis_cfg: RedisConfig | None = None,
+        handler: Handler | None = None,
+        unavailable_budget_s: float = 60.0,
+    ) -> None:
+        self.spec = spec
+        self.redis = redis
+        self.redis_cfg = redis_cfg or RedisConfig()
+        self.handler = handler or load_handler(spec.handler)
+        self.budget_s = unavailable_budget_s
+        # handlers read through a client with redis-py's usual reply parsing, on the same pool
+        self.handler_redis = Redis(connection_pool=redis.connection_pool)
+        self.stats = Stats(spec.name, list(spec.streams))
+        self.stop_requested = anyio.Event()
+        self.caught_up = anyio.Event()
+        self.store = CheckpointStore(redis, spec.name, spec.partitions)
+        self.filter = self._build_filter()
+        self.router = Router(
+            spec.partitions,
+            partition_by=spec.partition_by or self.handler.partition_by,
+            ordering=spec.ordering,
+        )
+        self.watermark = Watermark()
+        self.progress = ProgressWriter(redis, self.stats, spec.progress_interval_s)
+        self._plans: list[_Plan] = []
+
+    def stop(self) -> None:
+        """Stop reading; what is routed drains and commits, then `run` returns."""
+        self.stop_requested.set()
+
+    def new_context(self) -> Context:
+        return Context(self.spec.name, self.handler_redis, f"projection:{self.handler.name}")
+
+    def _build_filter(self) -> Predicate | None:
+        spec = self.spec
+        handled = self.handler.event_types
+        return build_filter(
+            types=spec.types,
+            entity=spec.entity,
+            where=spec.where,
+            plugin=load_predicate(spec.filter) if spec.filter else None,
+            handled=handled,
+        )
+
+    async def run(self) -> Stats:
+        await self._prepare()
+        ctx = self.new_context()
+        await self.handler.startup(ctx)
+        self.stats.status = "catching_up"
+        try:
+            await self._pipeline()
+            self.stats.status = "stopped" if self.stop_requested.is_set() else "completed"
+        except BaseException:
+            self.stats.status = "failed"
+            raise
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                self.stats.completed_at = time.time()
+                elapsed = self.stats.completed_at - self.stats.started_at
+                await self.progress.write(rate=self.stats.total / elapsed if elapsed > 0 else 0.0)
+                await self.handler.shutdown(ctx)
+        return self.stats
+
+    async def _prepare(self) -> None:
+        spec = self.spec
+        await self.store.load()
+        streams = list(spec.streams)
+        if spec.entity:
+            entity_type, entity_id = spec.entity.split(":", 1)
+            own = f"events:{entity_type}:{entity_id}"
+            if await self.redis.exists(own):  # the article's per-entity stream, when the producer keeps one
+                streams = [own]
+                self.filter = self._without_entity()
+        self.stats.streams = streams
+        now_ms = await redis_time_ms(self.redis)
+        for stream in streams:
+            self._plans.append(await self._plan(stream, now_ms))
+
+    def _without_entity(self) -> Predicate | None:
+        spec = self.spec
+        return build_filter(
+            types=spec.types,
+            where=spec.where,
+            plugin=load_predicate(spec.filter) if spec.filter else None,
+            handled=self.handler.event_types,
+        )
+
+    async def _plan(self, stream: str, now_ms: int) -> _Plan:
+        spec = self.spec
+        last = await head(self.redis, stream)
+        end = _resolve_end(spec.end_bound, last, now_ms)
+        resume = self.store.resume(stream) if spec.resume else None
+        if resume is None:
+            resume = Resume(_resolve_start(spec.start_bound, now_ms), {})
+        if end is None:  # following: what is in the stream now is history, unless an earlier run said so
+            replay_until = self.store.replay_until(stream)
+            if replay_until is None:
+                replay_until = last or ZERO
+                await self.store.init_stream(stream, replay_until)
+        else:
+            replay_until = TOP
+        target = end if end is not None else last
+        self.stats.start[stream] = resume.after
+        self.stats.position[stream] = resume.after
+        self.stats.target[stream] = target
+        logger.info(
+            "job %s: stream %s after %s to %s%s",
+            spec.name,
+            stream,
+            format_id(resume.after),
+            "follow" if end is None else format_id(end),
+            f", {len(resume.skip)} partitions further along" if resume.skip else "",
+        )
+        return _Plan(stream, resume.after, end, replay_until, resume.skip)
+
+    def _check_caught_up(self) -> None:
+        for stream, target in self.stats.target.items():
+            if target is not None and self.stats.position[stream] < target:
+                return
+        if not self.caught_up.is_set():
+            self.stats.caught_up_at = time.time()
+            self.caught_up.set()
+
+    def _on_commit(self, floors: dict[str, Id]) -> None:
+        self.stats.position.update(floors)
+        if floors:
+            self._check_caught_up()
+
+    def _on_outcome(self, outcome: Outcome, size: int) -> None:
+        self.stats.processed += outcome.handled
+        self.stats.failed += outcome.failed
+
+    async def _pipeline(self) -> None:
+        commit_send, commit_receive = anyio.create_memory_object_stream[CommitRequest](
+            max_buffer_size=self.spec.partitions + len(self._plans)
+        )
+        committer = Committer(self.redis, self.spec.name, self.watermark, commit_send, on_commit=self._on_commit)
+        inflight = InFlight(self.spec.max_in_flight)
+        lanes = Lanes(
+            self.spec.partitions,
+            self.handler,
+            self.new_context,
+            committer.commit,
+            concurrency=self.spec.concurrency,
+            batch_size=self.spec.batch_size,
+            inflight=inflight,
+            on_outcome=self._on_outcome,
+            stop=self.stop_requested,
+        )
+        self._check_caught_up()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.progress.run)
+            async with anyio.create_task_group() as pipeline:
+                pipeline.start_soon(committer.run, commit_receive)
+                async with commit_send:
+                    routes = [lanes.senders() for _ in self._plans]
+                    async with anyio.create_task_group() as work:
+                        await work.start(lanes.run)
+                        work.start_soon(self._read_all, routes, committer, inflight)
+            tg.cancel_scope.cancel()
+
+    async def _read_all(
+        self, routes: list[list[MemoryObjectSendStream[Slice]]], committer: Committer, inflight: InFlight
+    ) -> None:
+        """Readers and routers; cancelled as one on stop, which closes the lanes' inboxes so they drain."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch, tg.cancel_scope)
+            async with anyio.create_task_group() as readers:
+                for plan, senders in zip(self._plans, routes, strict=True):
+                    send, receive = anyio.create_memory_object_stream[Batch](max_buffer_size=0)
+                    reader = StreamReader(
+                        self.redis,
+                        plan.stream,
+                        batch_size=self.spec.batch_size,
+                        block_ms=self.redis_cfg.block_ms,
+                        budget_s=self.budget_s,
+                    )
+                    readers.start_soon(
+                        partial(reader.run, send, after=plan.after, end=plan.end, replay_until=plan.replay_until)
+                    )
+                    readers.start_soon(self._route, plan, receive, senders, committer, inflight)
+            tg.cancel_scope.cancel()  # everything was read: stop the watcher
+
+    async def _watch(self, scope: anyio.CancelScope) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._announce_caught_up)
+            await self.stop_requested.wait()
+            scope.cancel()
+
+    async def _announce_caught_up(self) -> None:
+        await self.caught_up.wait()
+        if self._plans and all(plan.end is None for plan in self._plans):
+            self.stats.status = "live"
+            logger.info("job %s caught up", self.spec.name)
+            await self.handler.on_caught_up(self.new_context())
+
+    async def _route(
+        self,
+        plan: _Plan,
+        receive: MemoryObjectReceiveStream[Batch],
+        senders: list[MemoryObjectSendStream[Slice]],
+        committer: Committer,
+        inflight: InFlight,
+    ) -> None:
+        codec = Codec(plan.stream, self.spec.fields)
+        skip = plan.skip or None
+        skip_until = max(skip.values()) if skip else ZERO
+        stats = self.stats
+        try:
+            async with receive:
+                async for batch in receive:
+                    events, poison = codec.decode(batch.entries)
+                    stats.total += len(batch.entries)
+                    if poison:
+                        self._account_poison(poison)
+                    kept = [e for e in events if self.filter(e)] if self.filter else events
+                    parts = self.router.split(kept, skip)
+                    routed = sum(map(len, parts.values()))
+                    stats.skipped += len(events) - routed
+                    if skip and batch.last_id >= skip_until:
+                        skip = None
+                    await self._dispatch(batch, parts, routed, senders, committer, inflight)
+        finally:
+            for sender in senders:
+                sender.close()
+
+    async def _dispatch(
+        self,
+        batch: Batch,
+        parts: dict[int, list[Event]],
+        routed: int,
+        senders: list[MemoryObjectSendStream[Slice]],
+        committer: Committer,
+        inflight: InFlight,
+    ) -> None:
+        mark = self.watermark.add(batch.stream, batch.last_id, len(parts))
+        if not parts:
+            await committer.nudge()
+            return
+        await inflight.acquire(routed)
+        for partition, events in parts.items():
+            try:
+                await senders[partition].send(Slice(events, mark, batch.replaying))
+            except anyio.BrokenResourceError:  # that lane stopped (StopReplay): the job is ending
+                return
+
+    def _account_poison(self, poison: list[Poison]) -> None:
+        self.stats.poison += len(poison)
+        self.stats.failed += len(poison)
+        for entry in poison:
+            logger.error(
+                "undecodable entry %s %s: %s (fields %s)", entry.stream, entry.stream_id, entry.error, entry.fields
+            )
+
+
+def _resolve_end(bound: Bound, last: Id | None, now_ms: int) -> Id | None:
+    """The inclusive end ID, or None to follow."""
+    if bound.kind == "follow":
+        return None
+    if bound.kind == "now":
+        return last or ZERO
+    if bound.kind == "age":
+        return age_to_id(bound.age_ms, now_ms, end=True)
+    return bound.id
+
+
+def _resolve_start(bound: Bound, now_ms: int) -> Id:
+    """The exclusive start ID."""
+    if bound.kind == "age":
+        return age_to_id(bound.age_ms, now_ms, end=False)
+    if bound.kind == "id":
+        return bound.id
+    return ZERO  # beginning, or checkpoint of a job that has none yet
+
+
+async def clear_namespace(redis: Redis, pattern: str, *, batch: int = 500) -> int:
+    """Delete the keys matching `pattern` with SCAN + UNLINK (never KEYS, which blocks Redis)."""
+    deleted = 0
+    async for keys in _scan_batches(redis, pattern, batch):
+        deleted += await redis.unlink(*keys)
+    return deleted
+
+
+async def _scan_batches(redis: Redis, pattern: str, batch: int) -> AsyncIterator[list[bytes | str]]:
+    cursor = 0
+    while True:
+        cursor, keys = await redis.scan(cursor=cursor, match=pattern, count=batch)
+        if keys:
+            yield keys
+        if cursor == 0:
+            return
+
+
+async def rebuild_in_place(engine: Engine) -> Stats:
+    """The article's rebuild: clear the projection's keys and the job's state, replay everything, write meta."""
+    name = engine.handler.name
+    if not name:
+        raise ReplaydError("rebuild needs a projection with a name (its keys live under projection:<name>:)")
+    redis = engine.redis
+    await clear_namespace(redis, f"projection:{name}:*")
+    await redis.unlink(job_key(engine.spec.name, "checkpoint"), job_key(engine.spec.name, "progress"))
+    stats = await engine.run()
+    await redis.hset(
+        f"projection:{name}:meta",
+        mapping={"rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed},
+    )
+    return stats

@@ -1,0 +1,58 @@
+"""The replayd error tree.
+
+    ReplaydError                 root; `exit_code` is what the CLI exits with
+    ├── UsageError               bad command-line arguments (exit 2)
+    ├── ConfigError              invalid settings, missing config file, bad plugin path (exit 78)
+    ├── DataError                the stream cannot be replayed as asked: gap, divergence (exit 65)
+    ├── SourceError              Redis unreachable or failing while reading (exit 69, retriable)
+    └── CommitError              a checkpoint transaction failed (exit 69, retriable)
+
+`StopReplay` is not an error: a handler raises it to end a run early after its work is committed.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ReplaydError(Exception):
+    """Raised when replayd cannot go on; the message is meant for the operator."""
+
+    exit_code: ClassVar[int] = 70
+    retriable: ClassVar[bool] = False
+
+
+class UsageError(ReplaydError):
+    """Raised when command-line arguments are inconsistent."""
+
+    exit_code = 2
+
+
+class ConfigError(ReplaydError):
+    """Raised when settings are invalid, a config file is missing, or a plugin cannot be loaded."""
+
+    exit_code = 78
+
+
+class DataError(ReplaydError):
+    """Raised when the stream cannot be replayed as asked without losing or doubling events."""
+
+    exit_code = 65
+
+
+class SourceError(ReplaydError):
+    """Raised when reading from Redis fails."""
+
+    exit_code = 69
+    retriable = True
+
+
+class CommitError(ReplaydError):
+    """Raised when a checkpoint transaction fails."""
+
+    exit_code = 69
+    retriable = True
+
+
+class StopReplay(Exception):
+    """Raised by a handler to end the run once the work done so far is committed."""

@@ -1,0 +1,332 @@
+"""The handler plugin contract: `Projection` classes with `@on(...)` methods, plain functions, or any object
+with `handle`/`handle_batch`; `Context` carries `ctx.tx` (writes committed with the checkpoint), `ctx.key`,
+`ctx.replaying` and a Redis client for reads.
+
+Hooks, when called:
+- `startup(ctx)`: once, before the first event of a run.
+- `handle(event, ctx)`: per event, in stream order within a partition key.
+- `handle_batch(events, ctx)`: per lane batch instead of `handle`, for handlers that pipeline their own work.
+- `on_caught_up(ctx)`: once, when a following job first reaches the stream head it saw at start.
+- `shutdown(ctx)`: once, after the last commit of a run.
+Each may be sync or async. Sync plain functions run in a worker thread (they may block); sync `Projection`
+methods run on the event loop and must only queue writes on `ctx.tx` (make them async to await anything).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import anyio.to_thread
+from redis.asyncio import Redis
+
+from replayd.errors import StopReplay
+from replayd.events import Event
+
+logger = logging.getLogger(__name__)
+
+Arg = str | bytes | int | float
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Tx:
+    """replayd's own command buffer: commands are queued here and packed once per batch into the
+    MULTI/EXEC that also moves the checkpoint, so effects and checkpoint commit together."""
+
+    __slots__ = ("commands",)
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Arg, ...]] = []
+
+    def __len__(self) -> int:
+        return len(self.commands)
+
+    def execute_command(self, *args: Arg) -> None:
+        """Queue any Redis command (its reply is not returned: it runs at commit)."""
+        self.commands.append(args)
+
+    def hset(
+        self, key: str, field: str | None = None, value: Arg | None = None, *, mapping: dict[str, Arg] | None = None
+    ) -> None:
+        args: list[Arg] = ["HSET", key]
+        if field is not None and value is not None:
+            args += [field, value]
+        for item in (mapping or {}).items():
+            args.extend(item)
+        self.commands.append(tuple(args))
+
+    def hincrby(self, key: str, field: str, amount: int = 1) -> None:
+        self.commands.append(("HINCRBY", key, field, amount))
+
+    def hincrbyfloat(self, key: str, field: str, amount: float = 1.0) -> None:
+        self.commands.append(("HINCRBYFLOAT", key, field, amount))
+
+    def hdel(self, key: str, *fields: str) -> None:
+        self.commands.append(("HDEL", key, *fields))
+
+    def set(self, key: str, value: Arg, *, ex: int | None = None) -> None:
+        self.commands.append(("SET", key, value) + (("EX", ex) if ex else ()))
+
+    def delete(self, *keys: str) -> None:
+        self.commands.append(("DEL", *keys))
+
+    def incrby(self, key: str, amount: int = 1) -> None:
+        self.commands.append(("INCRBY", key, amount))
+
+    def sadd(self, key: str, *members: Arg) -> None:
+        self.commands.append(("SADD", key, *members))
+
+    def srem(self, key: str, *members: Arg) -> None:
+        self.commands.append(("SREM", key, *members))
+
+    def rpush(self, key: str, *values: Arg) -> None:
+        self.commands.append(("RPUSH", key, *values))
+
+    def zadd(self, key: str, mapping: dict[str, float]) -> None:
+        args: list[Arg] = ["ZADD", key]
+        for member, score in mapping.items():
+            args += [score, member]
+        self.commands.append(tuple(args))
+
+    def expire(self, key: str, seconds: int) -> None:
+        self.commands.append(("EXPIRE", key, seconds))
+
+    def xadd(self, key: str, fields: dict[str, Arg], *, id: str = "*") -> None:
+        args: list[Arg] = ["XADD", key, id]
+        for item in fields.items():
+            args.extend(item)
+        self.commands.append(tuple(args))
+
+    def _rollback(self, mark: int) -> None:
+        del self.commands[mark:]
+
+
+@dataclass(eq=False)
+class Context:
+    """What a handler gets beside the event."""
+
+    job: str
+    """The job's name."""
+    redis: Redis
+    """A client for reads (writes belong on `tx`, so they commit with the checkpoint)."""
+    namespace: str
+    """The projection's key prefix, e.g. `projection:order_summary`."""
+    replaying: bool = True
+    """True while history is replayed; False for live events a following job receives."""
+    tx: Tx = field(default_factory=Tx)
+    """Writes queued here run in the same MULTI/EXEC as the checkpoint of the batch."""
+
+    def key(self, *parts: object) -> str:
+        """A key in the projection's namespace: `ctx.key("order", 42)` -> `projection:<name>:order:42`."""
+        return ":".join((self.namespace, *map(str, parts)))
+
+
+class Handler(Protocol):
+    """What the engine calls. `load_handler` adapts Projections, functions and objects to it."""
+
+    @property
+    def name(self) -> str:
+        """The projection's name: its keys live under `projection:<name>:`."""
+
+    @property
+    def partition_by(self) -> str | None:
+        """The data field whose value orders events (None: the stream key)."""
+
+    @property
+    def event_types(self) -> frozenset[str] | None:
+        """The types it handles; others are skipped before routing (None: all)."""
+
+    async def startup(self, ctx: Context) -> None: ...
+
+    async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome: ...
+
+    async def on_caught_up(self, ctx: Context) -> None: ...
+
+    async def shutdown(self, ctx: Context) -> None: ...
+
+
+@dataclass
+class Outcome:
+    """How a lane batch went."""
+
+    handled: int = 0
+    """Events handled without error."""
+    failed: int = 0
+    """Events whose handler raised (their queued writes are dropped)."""
+    stopped_at: int | None = None
+    """Index of the event that raised StopReplay: it and those before it count, later ones are not handled."""
+
+
+def on(*event_types: str, replay: bool = True) -> Callable[[F], F]:
+    """Mark a Projection method as the handler of `event_types`. `replay=False` marks a side effect
+    (email, webhook) that must not run again for replayed history."""
+
+    def mark(func: F) -> F:
+        func.__replayd_on__ = (event_types, replay)  # type: ignore[attr-defined]
+        return func
+
+    return mark
+
+
+class Projection:
+    """Base class of projections: methods decorated with `@on("Type")` handle events of those types."""
+
+    name: ClassVar[str] = ""
+    partition_by: ClassVar[str | None] = None
+    _routes: ClassVar[dict[str, tuple[str, bool]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        routes = dict(cls._routes)
+        for attr, member in vars(cls).items():
+            marked = getattr(member, "__replayd_on__", None)
+            if marked:
+                for event_type in marked[0]:
+                    routes[event_type] = (attr, marked[1])
+        cls._routes = routes
+        if not cls.name:
+            cls.name = cls.__name__.lower()
+
+    @property
+    def event_types(self) -> frozenset[str] | None:
+        return frozenset(self._routes) or None
+
+    async def startup(self, ctx: Context) -> None:
+        """Called once before the first event of a run."""
+
+    async def on_caught_up(self, ctx: Context) -> None:
+        """Called once when a following job first reaches the head it saw at start."""
+
+    async def shutdown(self, ctx: Context) -> None:
+        """Called once after the last commit of a run."""
+
+    async def handle(self, event: Event, ctx: Context) -> None:
+        route = self._routes.get(event.event_type)
+        if route is None or (not route[1] and ctx.replaying):
+            return
+        result = getattr(self, route[0])(event, ctx)
+        if inspect.isawaitable(result):
+            await result
+
+    async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        return await _each(events, ctx, self.handle)
+
+
+async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Context], Any]) -> Outcome:
+    """Handle events one by one; an event that raises is logged, counted and its queued writes dropped."""
+    outcome = Outcome()
+    for index, event in enumerate(events):
+        mark = len(ctx.tx)
+        try:
+            result = call(event, ctx)
+            if inspect.isawaitable(result):
+                await result
+        except StopReplay:
+            outcome.stopped_at = index
+        except Exception:  # noqa: BLE001 - any handler error is counted and logged; the replay goes on
+            _failed(outcome, event, ctx, mark)
+            continue
+        outcome.handled += 1
+        if outcome.stopped_at is not None:
+            break
+    return outcome
+
+
+def each_blocking(events: Sequence[Event], ctx: Context, call: Callable[[Event, Context], Any]) -> Outcome:
+    """`_each` for blocking code, run in a worker thread: one thread hop per lane batch, not per event."""
+    outcome = Outcome()
+    for index, event in enumerate(events):
+        mark = len(ctx.tx)
+        try:
+            call(event, ctx)
+        except StopReplay:
+            outcome.stopped_at = index
+        except Exception:  # noqa: BLE001 - any handler error is counted and logged; the replay goes on
+            _failed(outcome, event, ctx, mark)
+            continue
+        outcome.handled += 1
+        if outcome.stopped_at is not None:
+            break
+    return outcome
+
+
+def _failed(outcome: Outcome, event: Event, ctx: Context, mark: int) -> None:
+    ctx.tx._rollback(mark)
+    outcome.failed += 1
+    logger.exception(
+        "handler failed on %s %s (event %s, %s)", event.stream, event.stream_id, event.event_id, event.event_type
+    )
+
+
+class FunctionHandler:
+    """Adapts a plain function `f(event)` or `f(event, ctx)`, sync or async, to the Handler protocol."""
+
+    partition_by: str | None = None
+    event_types: frozenset[str] | None = None
+
+    def __init__(self, func: Callable[..., Any], name: str) -> None:
+        self.name = name
+        self._async = inspect.iscoroutinefunction(func)
+        params = inspect.signature(func).parameters
+        self._call: Callable[[Event, Context], Any] = func if len(params) >= 2 else lambda e, _c: func(e)
+
+    async def startup(self, ctx: Context) -> None:
+        """Functions have no hooks."""
+
+    async def on_caught_up(self, ctx: Context) -> None:
+        """Functions have no hooks."""
+
+    async def shutdown(self, ctx: Context) -> None:
+        """Functions have no hooks."""
+
+    async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        if self._async:
+            return await _each(events, ctx, self._call)
+        return await anyio.to_thread.run_sync(each_blocking, events, ctx, self._call)
+
+
+class ObjectHandler:
+    """Adapts any object with `handle` and/or `handle_batch` (and optional hooks) to the Handler protocol."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        self.obj = obj
+        self.name = getattr(obj, "name", None) or name
+        self.partition_by = getattr(obj, "partition_by", None)
+        types = getattr(obj, "event_types", None)
+        self.event_types = frozenset(types) if types else None
+
+    async def _hook(self, hook: str, ctx: Context) -> None:
+        method = getattr(self.obj, hook, None)
+        if method is not None:
+            result = method(ctx)
+            if inspect.isawaitable(result):
+                await result
+
+    async def startup(self, ctx: Context) -> None:
+        await self._hook("startup", ctx)
+
+    async def on_caught_up(self, ctx: Context) -> None:
+        await self._hook("on_caught_up", ctx)
+
+    async def shutdown(self, ctx: Context) -> None:
+        await self._hook("shutdown", ctx)
+
+    async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        batch = getattr(self.obj, "handle_batch", None)
+        if batch is None:
+            return await _each(events, ctx, self.obj.handle)
+        mark = len(ctx.tx)
+        try:
+            result = batch(events, ctx)
+            if inspect.isawaitable(result):
+                await result
+        except StopReplay:
+            return Outcome(handled=len(events), stopped_at=len(events) - 1)
+        except Exception:
+            ctx.tx._rollback(mark)
+            logger.exception("handle_batch failed on %d events from %s", len(events), events[0].stream_id)
+            return Outcome(failed=len(events))
+        return Outcome(handled=len(events))

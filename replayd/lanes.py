@@ -1,0 +1,137 @@
+"""Lanes: one task per partition, in stream order within it; a limiter caps how many run at once.
+
+A lane takes the slices waiting in its bounded inbox (up to `batch_size` events), runs the handler on them,
+then hands its `ctx.tx` writes and checkpoints to the committer and waits for the transaction. The reader
+side waits while `max_in_flight` events are routed but not committed, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from replayd.commit import CommitRequest, Mark
+from replayd.events import Event
+from replayd.handlers import Context, Handler, Outcome
+
+logger = logging.getLogger(__name__)
+
+
+class Slice(NamedTuple):
+    """The events of one read batch that belong to one partition."""
+
+    events: list[Event]
+    """In stream order."""
+    mark: Mark
+    """The read batch's mark, done when all its slices are committed."""
+    replaying: bool
+    """History or live."""
+
+
+class InFlight:
+    """Counts events routed but not yet committed; `acquire` waits while the limit is reached."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self._changed = anyio.Event()
+
+    async def acquire(self, n: int) -> None:
+        # one batch may overshoot the limit: a batch larger than the limit must still get through
+        while self.count and self.count + n > self.limit:
+            if self._changed.is_set():
+                self._changed = anyio.Event()
+            await self._changed.wait()
+        self.count += n
+
+    def release(self, n: int) -> None:
+        self.count -= n
+        self._changed.set()
+
+
+class Lanes:
+    """P lanes fed by `send(partition, slice)`; closes when every router has closed its inboxes."""
+
+    def __init__(
+        self,
+        partitions: int,
+        handler: Handler,
+        new_context: Callable[[], Context],
+        commit: Callable[[CommitRequest], Awaitable[None]],
+        *,
+        concurrency: int,
+        batch_size: int,
+        inflight: InFlight,
+        on_outcome: Callable[[Outcome, int], None],
+        stop: anyio.Event,
+    ) -> None:
+        self.handler = handler
+        self.new_context = new_context
+        self.commit = commit
+        self.batch_size = batch_size
+        self.inflight = inflight
+        self.on_outcome = on_outcome
+        self.limiter = anyio.CapacityLimiter(concurrency)
+        self.stop = stop
+        """Set when a handler raised StopReplay: the engine stops reading."""
+        pairs = [anyio.create_memory_object_stream[Slice](max_buffer_size=16) for _ in range(partitions)]
+        self._inboxes: list[MemoryObjectSendStream[Slice]] = [send for send, _ in pairs]
+        self._outboxes: list[MemoryObjectReceiveStream[Slice]] = [receive for _, receive in pairs]
+
+    def senders(self) -> list[MemoryObjectSendStream[Slice]]:
+        """One set of inbox handles per router: the lanes end when every router has closed its set."""
+        return [inbox.clone() for inbox in self._inboxes]
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        for inbox in self._inboxes:  # only the routers' clones keep the inboxes open now
+            inbox.close()
+        async with anyio.create_task_group() as tg:
+            for partition, outbox in enumerate(self._outboxes):
+                tg.start_soon(self._lane, partition, outbox)
+            task_status.started()
+
+    async def _lane(self, partition: int, outbox: MemoryObjectReceiveStream[Slice]) -> None:
+        async with outbox:
+            async for first in outbox:
+                slices = [first]
+                size = len(first.events)
+                while size < self.batch_size:
+                    try:
+                        more = outbox.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    slices.append(more)
+                    size += len(more.events)
+                if not await self._process(partition, slices, size):
+                    return
+
+    async def _process(self, partition: int, slices: list[Slice], size: int) -> bool:
+        """Handle and commit one lane batch; False when a handler asked to stop."""
+        ctx = self.new_context()
+        checkpoints: dict[str, str] = {}
+        done: list[Mark] = []
+        stopped = False
+        async with self.limiter:
+            for piece in slices:
+                ctx.replaying = piece.replaying
+                outcome = await self.handler.handle_batch(piece.events, ctx)
+                self.on_outcome(outcome, len(piece.events))
+                if outcome.stopped_at is not None:
+                    last = piece.events[outcome.stopped_at]
+                    checkpoints[f"{last.stream}#{partition}"] = last.stream_id
+                    stopped = True
+                    break
+                last = piece.events[-1]
+                checkpoints[f"{last.stream}#{partition}"] = last.stream_id
+                done.append(piece.mark)
+        await self.commit(CommitRequest(ctx.tx.commands, checkpoints, done))
+        self.inflight.release(size)
+        if stopped:
+            logger.info("handler asked to stop at %s", checkpoints)
+            self.stop.set()
+        return not stopped

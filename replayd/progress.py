@@ -1,0 +1,121 @@
+"""Progress of a job: counters in memory, the `replayd:{job}:progress` hash written at a bounded rate.
+
+The hash keeps the article's monitoring fields (status, started_at, updated_at, total/processed/skipped/
+failed events, current_stream_id, events_per_second) and adds target, percent, caught-up time and owner.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import anyio
+from redis.asyncio import Redis
+
+from replayd.commit import job_key
+from replayd.events import Id, format_id
+
+
+@dataclass
+class Stats:
+    """Counters of one run of a job."""
+
+    job: str
+    streams: list[str]
+    started_at: float = field(default_factory=time.time)
+    status: str = "starting"
+    total: int = 0
+    """Entries read (the article's total_events)."""
+    processed: int = 0
+    """Events handled without error."""
+    skipped: int = 0
+    """Events filtered out, of a type the handler does not take, or already committed before a restart."""
+    failed: int = 0
+    """Events whose handler raised, plus poison entries."""
+    poison: int = 0
+    """Entries that could not be decoded."""
+    start: dict[str, Id] = field(default_factory=dict)
+    """Per stream: the position the run started after."""
+    target: dict[str, Id | None] = field(default_factory=dict)
+    """Per stream: the end bound, or the head at start for a following job (None: empty stream)."""
+    position: dict[str, Id] = field(default_factory=dict)
+    """Per stream: the committed floor."""
+    caught_up_at: float | None = None
+    completed_at: float | None = None
+    rate: float = 0.0
+
+    def percent(self) -> float:
+        """Done fraction by entry-ID time between start and target (IDs carry Redis's clock), 0-100."""
+        if self.status == "completed":
+            return 100.0
+        spans = []
+        for stream, target in self.target.items():
+            if target is None:
+                continue
+            start = self.start.get(stream, (0, 0))[0]
+            pos = self.position.get(stream, self.start.get(stream, (0, 0)))[0]
+            span = max(target[0] - start, 1)
+            spans.append(min(max((pos - start) / span, 0.0), 1.0))
+        return round(100.0 * (sum(spans) / len(spans) if spans else 1.0), 2)
+
+    def fields(self) -> dict[str, str]:
+        first = self.streams[0]
+        fields = {
+            "name": self.job,
+            "status": self.status,
+            "streams": ",".join(self.streams),
+            "started_at": repr(self.started_at),
+            "updated_at": repr(time.time()),
+            "total_events": str(self.total),
+            "processed_events": str(self.processed),
+            "skipped_events": str(self.skipped),
+            "failed_events": str(self.failed),
+            "poison_events": str(self.poison),
+            "events_per_second": f"{self.rate:.1f}",
+            "current_stream_id": format_id(self.position[first]) if first in self.position else "",
+            "target_id": _fmt(self.target.get(first)),
+            "percent": f"{self.percent():.2f}",
+            "owner": f"{socket.gethostname()}:{os.getpid()}",
+        }
+        for stream in self.streams:
+            fields[f"position:{stream}"] = format_id(self.position[stream]) if stream in self.position else ""
+            fields[f"target:{stream}"] = _fmt(self.target.get(stream))
+        if self.caught_up_at is not None:
+            fields["caught_up_at"] = repr(self.caught_up_at)
+        if self.completed_at is not None:
+            fields["completed_at"] = repr(self.completed_at)
+        return fields
+
+
+def _fmt(id_: Id | None) -> str:
+    return format_id(id_) if id_ is not None else ""
+
+
+class ProgressWriter:
+    """Writes `Stats` to the progress hash every `interval_s` (never per event) and on demand."""
+
+    def __init__(self, redis: Redis, stats: Stats, interval_s: float) -> None:
+        self.redis = redis
+        self.stats = stats
+        self.interval_s = interval_s
+        self.key = job_key(stats.job, "progress")
+        self._last_total = 0
+        self._last_time = time.monotonic()
+
+    async def write(self, *, rate: float | None = None) -> None:
+        """Write the hash; the rate is the one since the last write unless given (the run's average at the end)."""
+        now = time.monotonic()
+        elapsed = now - self._last_time
+        if rate is not None:
+            self.stats.rate = rate
+        elif elapsed > 0:
+            self.stats.rate = (self.stats.total - self._last_total) / elapsed
+        self._last_total, self._last_time = self.stats.total, now
+        await self.redis.hset(self.key, mapping=self.stats.fields())  # type: ignore[arg-type]
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(self.interval_s)
+            await self.write()
