@@ -6,7 +6,7 @@
 #   docker run --rm -v "$PWD/deploy/compose/replayd.toml:/etc/replayd/replayd.toml:ro" \
 #     -e REPLAYD_REDIS__URL=redis://host.docker.internal:6379/0 -p 9464:9464 replayd:dev
 #
-# Base image: both stages use the same tag so the venv's interpreter symlink (/usr/local/bin/python3.12)
+# Base image: both stages use the same tag so the venv's interpreter symlink (/usr/local/bin/python, 3.12)
 # and glibc match. The tag pins the minor Python version and the Debian release; pin it further by
 # digest (python:3.12-slim-bookworm@sha256:...) in the release pipeline. The digest is not written here
 # because it was authored offline, where it could not be resolved, and a guessed digest would break builds.

@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from replayd.connection import text_hash
 from replayd.errors import CommitError, ConfigError, ReplaydError
 from replayd.events import ZERO, Id, format_id, parse_id
 
@@ -54,8 +55,7 @@ class CheckpointStore:
         self.fields: dict[str, str] = {}
 
     async def load(self) -> dict[str, str]:
-        raw = await self.redis.hgetall(self.key)
-        self.fields = {_text(k): _text(v) for k, v in raw.items()}
+        self.fields = text_hash(await self.redis.hgetall(self.key))
         stored = self.fields.get("partitions")
         if stored is not None and int(stored) != self.partitions:
             raise ConfigError(
@@ -90,10 +90,6 @@ class CheckpointStore:
 
     async def reset(self) -> None:
         await self.redis.unlink(self.key)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass(eq=False)

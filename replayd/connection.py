@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -69,3 +69,12 @@ async def retrying(call: Callable[[], Awaitable[T]], *, what: str, budget_s: flo
             logger.warning("redis %s failed (%s), retrying", what, exc)
             await anyio.sleep(random.uniform(0, delay))
             delay = min(delay * 2, 5.0)
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def text_hash(raw: dict[Any, Any]) -> dict[str, str]:
+    """An HGETALL reply as text, whatever the client's decode_responses."""
+    return {text(k): text(v) for k, v in raw.items()}

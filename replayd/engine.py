@@ -25,6 +25,7 @@ from replayd.filters import Predicate, build_filter
 from replayd.handlers import Context, Handler, Outcome
 from replayd.handlers.loader import load_handler, load_predicate
 from replayd.lanes import InFlight, Lanes, Slice
+from replayd.logs import current_job
 from replayd.progress import ProgressWriter, Stats
 from replayd.router import Router
 from replayd.source import Batch, StreamReader, head, redis_time_ms
@@ -95,6 +96,7 @@ class Engine:
         )
 
     async def run(self) -> Stats:
+        current_job.set(self.spec.name)  # every log line of this job's tasks carries its name
         await self._prepare()
         ctx = self.new_context()
         await self.handler.startup(ctx)
@@ -103,7 +105,7 @@ class Engine:
             await self._pipeline()
             self.stats.status = "stopped" if self.stop_requested.is_set() else "completed"
         except BaseException:
-            self.stats.status = "failed"
+            self.stats.status = "stopped" if self.stop_requested.is_set() else "failed"
             raise
         finally:
             with anyio.move_on_after(5, shield=True):

@@ -1,0 +1,375 @@
+"""`replayd run|replay|rebuild|status|checkpoint|demo|version`: a thin face over the one engine.
+
+Exit codes: 0 done or stopped cleanly, 2 usage, 65 data, 69 Redis unavailable, 70 internal, 75 lease held
+elsewhere, 78 config. User mistakes get one clear line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import redis.exceptions
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from replayd import __version__
+from replayd.commit import job_key
+from replayd.config import JobSpec, Settings, describe, load_settings
+from replayd.connection import create_redis, text_hash
+from replayd.console import summary, with_progress
+from replayd.engine import Engine, rebuild_in_place
+from replayd.errors import ConfigError, ReplaydError, UsageError
+from replayd.events import format_id, parse_id
+from replayd.logs import setup_logging
+
+logger = logging.getLogger("replayd")
+
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CONFIG = 78
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML config file (also REPLAYD_CONFIG)")
+    common.add_argument("--redis-url", metavar="URL", help="Redis URL (also REPLAYD_REDIS__URL)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    common.add_argument("--log-format", choices=["auto", "json", "text"], default=None)
+
+    parser = argparse.ArgumentParser(prog="replayd", description="Event replay for Redis Streams.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[common], help="the daemon: run every job of the config, follow live")
+    run.set_defaults(func=cmd_run)
+
+    replay = commands.add_parser("replay", parents=[common], help="one-shot replay of a range into a handler")
+    _job_arguments(replay)
+    replay.add_argument(
+        "--from",
+        dest="start",
+        metavar="X",
+        help="beginning | checkpoint | ID (inclusive) | ISO time | age like 24h "
+        "(default: checkpoint with --job, else beginning)",
+    )
+    replay.add_argument("--after", metavar="ID", help="start after this entry ID (exclusive)")
+    replay.add_argument("--to", dest="end", default="now", metavar="Y", help="now | follow | ID | ISO time | age")
+    replay.add_argument("--types", metavar="A,B", help="only these event types")
+    replay.add_argument("--entity", metavar="TYPE:ID", help="only this entity's events")
+    replay.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="field predicate, e.g. 'data.total>1000' (repeatable, all must hold)",
+    )
+    replay.add_argument("--filter", metavar="MOD:FUNC", help="plugin predicate")
+    replay.set_defaults(func=cmd_replay)
+
+    rebuild = commands.add_parser("rebuild", parents=[common], help="clear a projection and rebuild it from history")
+    _job_arguments(rebuild)
+    rebuild.add_argument("--in-place", action="store_true", help="clear and rebuild the live keys (the only mode)")
+    rebuild.set_defaults(func=cmd_rebuild)
+
+    status = commands.add_parser("status", parents=[common], help="progress and checkpoints of jobs")
+    status.add_argument("job", nargs="?", help="one job (default: all jobs found in Redis)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    checkpoint = commands.add_parser("checkpoint", parents=[common], help="show, set or reset a job's checkpoint")
+    checkpoint.add_argument("action", choices=["show", "set", "reset"])
+    checkpoint.add_argument("job")
+    checkpoint.add_argument("--stream", help="with set: the stream")
+    checkpoint.add_argument("--to", metavar="ID", help="with set: the entry ID every partition resumes after")
+    checkpoint.add_argument("--yes", action="store_true", help="do it without asking")
+    checkpoint.add_argument("--json", action="store_true", help="with show: machine-readable output")
+    checkpoint.set_defaults(func=cmd_checkpoint)
+
+    demo = commands.add_parser("demo", parents=[common], help="embedded Redis, sample history, rebuild, follow live")
+    demo.add_argument("--events", type=int, default=50_000, help="sample history size (default 50000)")
+    demo.add_argument("--rate", type=float, default=20.0, help="live events per second the producer appends")
+    demo.set_defaults(func=cmd_demo)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(func=None)
+    return parser
+
+
+def _job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--job", metavar="NAME", help="job name (keys its checkpoint), or a job of --config")
+    parser.add_argument("--stream", action="append", default=[], metavar="S", help="stream key (repeatable)")
+    parser.add_argument("--handler", metavar="MOD:ATTR", help="handler: module:attr or an entry-point name")
+    parser.add_argument("--partition-by", metavar="FIELD", help="data field that orders events (@stream: the stream)")
+    parser.add_argument("--partitions", type=int, metavar="P", help="virtual partitions (default 16)")
+    parser.add_argument("--concurrency", type=int, metavar="C", help="lanes running at once (default 16)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="entries per read (default 1000)")
+    parser.add_argument("--ordering", choices=["key", "none"], help="keep order per key (default) or not at all")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run_cli(argv))
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        setup_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
+        if args.command == "version":
+            print(f"replayd {__version__}")
+            return 0
+        return _run_async(args.func, args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
+        return _report(exc)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "redis_url", None):
+        overrides["redis"] = {"url": args.redis_url}
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def _run_async(
+    func: Callable[[argparse.Namespace, Settings], Awaitable[int]], args: argparse.Namespace, settings: Settings
+) -> int:
+    result: int = anyio.run(func, args, settings, backend_options={"use_uvloop": True})
+    return result
+
+
+def _report(exc: BaseException) -> int:
+    """Turn an error into one line on stderr and an exit code; a traceback only for our own bugs."""
+    error = _leaf(exc)
+    if isinstance(error, ReplaydError):
+        print(f"replayd: {error}", file=sys.stderr)
+        return error.exit_code
+    if isinstance(error, redis.exceptions.AuthenticationError | redis.exceptions.NoPermissionError):
+        print(f"replayd: Redis refused the credentials or an ACL permission: {error}", file=sys.stderr)
+        return EX_CONFIG
+    if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError):
+        print(f"replayd: cannot reach Redis: {error}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    logger.error("internal error", exc_info=error)
+    return EX_SOFTWARE
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first meaningful error inside (nested) exception groups from task groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        chosen = next(
+            (e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())), exc.exceptions[0]
+        )
+        exc = chosen
+    return exc
+
+
+# --- one-shot jobs ---------------------------------------------------------------------------------------------
+
+
+def job_from_args(args: argparse.Namespace, settings: Settings, *, one_shot: dict[str, Any]) -> JobSpec:
+    """A JobSpec from a job of the config (`--job NAME` naming one) and/or the command-line flags."""
+    base = next((job for job in settings.jobs if job.name == args.job), None)
+    values: dict[str, Any] = base.model_dump() if base else {}
+    if not base and not args.handler:
+        raise UsageError("--handler is required (or --job naming a job of --config)")
+    if not base and not args.stream:
+        raise UsageError("--stream is required (or --job naming a job of --config)")
+    flags = {
+        "streams": args.stream or None,
+        "handler": args.handler,
+        "partition_by": args.partition_by,
+        "partitions": args.partitions,
+        "concurrency": args.concurrency,
+        "batch_size": args.batch_size,
+        "ordering": args.ordering,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values.update(one_shot)
+    values.setdefault("name", args.job or _default_name(values["handler"]))
+    try:
+        return JobSpec(**values)
+    except ValidationError as exc:
+        raise UsageError(describe(exc, None).replace("invalid configuration", "invalid arguments")) from None
+
+
+def _default_name(handler: str) -> str:
+    # distinct from the daemon's job of the same projection, whose checkpoint an ad-hoc replay must not move
+    return "replay-" + handler.rsplit(":", 1)[-1].replace(".", "_")
+
+
+async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    if args.start and args.after:
+        raise UsageError("--from and --after are exclusive")
+    start = args.start or ("checkpoint" if args.job else "beginning")
+    one_shot: dict[str, Any] = {
+        "start": "beginning" if start == "checkpoint" else start,
+        "after": args.after,
+        "resume": start == "checkpoint" and not args.after,
+        "end": args.end,
+        "types": [t for t in (args.types or "").split(",") if t],
+        "entity": args.entity,
+        "where": args.where,
+        "filter": args.filter,
+    }
+    spec = job_from_args(args, settings, one_shot=one_shot)
+    async with _client(settings) as client:
+        engine = Engine(spec, client, redis_cfg=settings.redis)
+        stats = await with_progress(engine.stats, engine.run())
+    print(summary("replayed", stats))
+    return 0
+
+
+async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    one_shot = {"start": "beginning", "after": None, "resume": False, "end": "now"}
+    if not args.job and args.handler:
+        one_shot["name"] = _default_name(args.handler).removeprefix("replay-")
+    spec = job_from_args(args, settings, one_shot=one_shot)
+    async with _client(settings) as client:
+        engine = Engine(spec, client, redis_cfg=settings.redis)
+        stats = await with_progress(engine.stats, rebuild_in_place(engine))
+    print(summary(f"rebuilt projection:{engine.handler.name} from", stats))
+    return 0
+
+
+async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from replayd.daemon import Daemon
+
+    if not settings.jobs:
+        raise ConfigError("no jobs configured: add [[jobs]] tables to the config file (see config.example.toml)")
+    await Daemon(settings).run()
+    return 0
+
+
+class _client:
+    """`async with _client(settings) as redis`: the data path's client, closed on exit."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.redis = create_redis(settings.redis)
+
+    async def __aenter__(self) -> Redis:
+        return self.redis
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.move_on_after(2, shield=True):
+            await self.redis.aclose()
+
+
+# --- state inspection ------------------------------------------------------------------------------------------
+
+
+async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    async with _client(settings) as client:
+        jobs = [args.job] if args.job else await _job_names(client)
+        report = {job: await _job_state(client, job) for job in jobs}
+    if args.job and not report[args.job]["progress"] and not report[args.job]["checkpoint"]:
+        print(f"replayd: no job {args.job!r} in Redis", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    if not report:
+        print("no replayd jobs found")
+    for job, state in report.items():
+        progress = state["progress"]
+        print(
+            f"{job}: {progress.get('status', 'never run')}  processed {progress.get('processed_events', 0)}  "
+            f"failed {progress.get('failed_events', 0)}  {progress.get('events_per_second', '0')} ev/s  "
+            f"{progress.get('percent', '0')}%"
+        )
+        for stream, position in state["positions"].items():
+            print(f"  {stream}: position {position}")
+    return 0
+
+
+async def _job_names(client: Redis) -> list[str]:
+    names = set()
+    async for key in client.scan_iter(match="replayd:{*}:*", count=500):
+        text = key.decode() if isinstance(key, bytes) else key
+        names.add(text[len("replayd:{") : text.rindex("}")])
+    return sorted(names)
+
+
+async def _job_state(client: Redis, job: str) -> dict[str, Any]:
+    progress = text_hash(await client.hgetall(job_key(job, "progress")))
+    checkpoint = text_hash(await client.hgetall(job_key(job, "checkpoint")))
+    return {"progress": progress, "checkpoint": checkpoint, "positions": positions(checkpoint)}
+
+
+def positions(checkpoint: dict[str, str]) -> dict[str, str]:
+    """Per stream: the position a restart resumes after (floor, or the lowest partition checkpoint)."""
+    partitions = int(checkpoint.get("partitions", 0) or 0)
+    by_stream: dict[str, list[str]] = {}
+    for field, value in checkpoint.items():
+        stream, sep, part = field.rpartition("#")
+        if sep and (part == "*" or part.isdigit()):
+            by_stream.setdefault(stream, []).append(f"{part}={value}")
+    result = {}
+    for stream, entries in by_stream.items():
+        values = dict(entry.split("=", 1) for entry in entries)
+        floor = parse_id(values.pop("*", "0-0"))
+        own = [max(parse_id(v), floor) for v in values.values()]
+        result[stream] = format_id(min(own) if own and len(own) >= partitions else floor)
+    return result
+
+
+async def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
+    key = job_key(args.job, "checkpoint")
+    async with _client(settings) as client:
+        fields = text_hash(await client.hgetall(key))
+        if args.action == "show":
+            if args.json:
+                print(json.dumps({"checkpoint": fields, "positions": positions(fields)}, indent=2, sort_keys=True))
+            else:
+                for field, value in sorted(fields.items()):
+                    print(f"{field}\t{value}")
+            return 0 if fields else 1
+        if args.action == "reset":
+            _confirm(args, f"delete {key}: job {args.job} replays from its start position next run")
+            await client.unlink(key)
+            print(f"reset {key}")
+            return 0
+        if not args.stream or not args.to:
+            raise UsageError("checkpoint set needs --stream S and --to ID")
+        target = format_id(parse_id(args.to, end=True)) if _is_id(args.to) else None
+        if target is None:
+            raise UsageError(f"--to {args.to!r} is not an entry ID")
+        _confirm(args, f"set every partition of {args.stream} in {key} to {target}")
+        partitions = int(fields.get("partitions") or 0)
+        mapping = {f"{args.stream}#{p}": target for p in range(partitions)}
+        mapping[f"{args.stream}#*"] = target
+        await client.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        print(f"set {args.stream} of {args.job} to {target}")
+        return 0
+
+
+def _is_id(text: str) -> bool:
+    try:
+        parse_id(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _confirm(args: argparse.Namespace, what: str) -> None:
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"refusing to {what} without --yes")
+    if input(f"{what}? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise UsageError("cancelled")
+
+
+async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from replayd.demo import run_demo
+
+    await run_demo(args, settings)
+    return 0

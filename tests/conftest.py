@@ -1,0 +1,76 @@
+"""Fixtures: a real redis-server per session (stopped by PID), clients flushed per test, anyio backends."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from replayd.config import RedisConfig
+from replayd.connection import create_redis
+from tests.servers import RedisServer
+
+
+@pytest.fixture(
+    params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"), pytest.param(("asyncio", {}), id="asyncio")]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    backend: tuple[str, dict[str, Any]] = request.param
+    return backend
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    external = os.environ.get("REPLAYD_TEST_REDIS_URL")
+    if external:
+        pytest.skip("external Redis given; this suite starts its own servers")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_cfg(redis_url: str) -> RedisConfig:
+    return RedisConfig(url=redis_url, block_ms=100, socket_timeout_s=5)
+
+
+@pytest.fixture
+def sync_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def raw_redis(redis_cfg: RedisConfig, sync_redis: redis.Redis) -> AsyncIterator[Redis]:
+    """The data path's client (raw stream replies) on a flushed server."""
+    client = create_redis(redis_cfg)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of the test's own, for tests that stop or restart Redis."""
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,114 @@
+"""Small helpers shared by the engine, commit and article tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import anyio
+import redis
+from redis.asyncio import Redis
+
+from replayd.config import JobSpec, RedisConfig
+from replayd.engine import Engine
+from replayd.handlers import FunctionHandler, Handler, ObjectHandler, Projection
+from replayd.progress import Stats
+from tests.plugins import Recorder
+
+STREAM = "orders"
+JOB = "job"
+
+
+def entry(
+    event_type: str = "OrderCreated", data: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """Entry fields in the article's schema."""
+    return {
+        "event_type": event_type,
+        "data": json.dumps(data or {}),
+        "metadata": json.dumps(metadata or {}),
+        "timestamp": "1700000000.0",
+    }
+
+
+def add(r: redis.Redis, entries: Iterable[dict[str, str]], *, stream: str = STREAM, ids: Iterable[str] = ()) -> list[str]:
+    """XADD the entries (with the given IDs, else `*`); return their IDs."""
+    wanted = list(ids)
+    added: list[str] = []
+    for i, fields in enumerate(entries):
+        raw = r.xadd(stream, fields, id=wanted[i] if wanted else "*")  # type: ignore[arg-type]
+        added.append(raw.decode() if isinstance(raw, bytes) else str(raw))
+    return added
+
+
+def orders(n: int, *, customers: int = 7, start: int = 0) -> list[dict[str, str]]:
+    """`n` OrderCreated entries spread over `customers`, each with its sequence number `seq`."""
+    return [entry(data={"customer_id": f"c{i % customers}", "seq": i, "total": i}) for i in range(start, start + n)]
+
+
+def spec(**overrides: Any) -> JobSpec:
+    """A JobSpec for tests: stream `orders`, end `now`, 4 partitions, progress written often."""
+    values: dict[str, Any] = {
+        "name": JOB,
+        "streams": [STREAM],
+        "handler": "tests.plugins:Recorder",
+        "end": "now",
+        "partitions": 4,
+        "progress_interval_s": 0.05,
+    }
+    values.update(overrides)
+    return JobSpec(**values)
+
+
+def engine(job: JobSpec, r: Redis, cfg: RedisConfig, handler: object) -> Engine:
+    """An Engine on a handler object (a Recorder, a Projection, an already adapted Handler...)."""
+    adapted: Handler
+    if isinstance(handler, Projection | FunctionHandler | ObjectHandler):
+        adapted = handler
+    else:
+        adapted = ObjectHandler(handler, getattr(handler, "name", "handler"))
+    return Engine(job, r, redis_cfg=cfg, handler=adapted)
+
+
+async def run(job: JobSpec, r: Redis, cfg: RedisConfig, handler: object | None = None) -> tuple[Stats, Any]:
+    """Run a job to its end; return its stats and the handler (a fresh Recorder unless given)."""
+    used = handler if handler is not None else Recorder()
+    stats = await engine(job, r, cfg, used).run()
+    return stats, used
+
+
+async def wait_until(condition: Callable[[], bool], *, timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+def checkpoint(r: redis.Redis, job: str = JOB) -> dict[str, str]:
+    raw: dict[bytes, bytes] = r.hgetall(f"replayd:{{{job}}}:checkpoint")  # type: ignore[assignment]
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def progress(r: redis.Redis, job: str = JOB) -> dict[str, str]:
+    raw: dict[bytes, bytes] = r.hgetall(f"replayd:{{{job}}}:progress")  # type: ignore[assignment]
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def stream_ids(r: redis.Redis, stream: str = STREAM) -> list[str]:
+    return [raw.decode() for raw, _ in r.xrange(stream)]  # type: ignore[union-attr]
+
+
+def snapshot(r: redis.Redis, pattern: str) -> dict[str, Any]:
+    """Every key matching `pattern` with its value, by type (hash, string, set, list, zset)."""
+    readers: dict[bytes, Callable[[bytes], Any]] = {
+        b"hash": r.hgetall,
+        b"string": r.get,
+        b"set": r.smembers,
+        b"list": lambda k: r.lrange(k, 0, -1),
+        b"zset": lambda k: r.zrange(k, 0, -1, withscores=True),
+    }
+    out: dict[str, Any] = {}
+    for key in r.scan_iter(match=pattern, count=1000):
+        kind: bytes = r.type(key)  # type: ignore[assignment]
+        out[key.decode()] = (kind.decode(), readers[kind](key))
+    return out

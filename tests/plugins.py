@@ -1,0 +1,101 @@
+"""Handlers and predicates the tests load by name (`tests.plugins:...`) or pass to the engine directly."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from replayd.errors import StopReplay
+from replayd.events import Event
+from replayd.handlers import Context, Projection, on
+
+record_event_log: list[tuple[str, int]] = []
+"""What `record_event` saw: (entry ID, thread ident)."""
+
+
+def record_event(event: Event) -> None:
+    """A plain sync function handler."""
+    record_event_log.append((event.stream_id, threading.get_ident()))
+
+
+def big_orders(event: Event) -> bool:
+    """A plugin predicate: orders with a total of 100 or more."""
+    total = event.data.get("total")
+    return isinstance(total, int | float) and total >= 100
+
+
+class Recorder:
+    """Records what it handles and which hooks ran; optionally writes per event, fails or stops on some."""
+
+    name = "recorder"
+
+    def __init__(
+        self,
+        *,
+        partition_by: str | None = None,
+        write: bool = False,
+        fail_on: Callable[[Event], bool] | None = None,
+        stop_on: Callable[[Event], bool] | None = None,
+    ) -> None:
+        self.partition_by = partition_by
+        self.write = write
+        self.fail_on = fail_on
+        self.stop_on = stop_on
+        self.events: list[Event] = []
+        self.replaying: list[bool] = []
+        self.hooks: list[str] = []
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.stream_id for e in self.events]
+
+    async def startup(self, ctx: Context) -> None:
+        self.hooks.append("startup")
+
+    async def handle(self, event: Event, ctx: Context) -> None:
+        if self.write:
+            ctx.tx.set(ctx.key("seen", event.stream_id), event.event_type)
+        if self.fail_on is not None and self.fail_on(event):
+            raise RuntimeError(f"handler fails on {event.stream_id}")
+        self.events.append(event)
+        self.replaying.append(ctx.replaying)
+        if self.stop_on is not None and self.stop_on(event):
+            raise StopReplay
+
+    async def on_caught_up(self, ctx: Context) -> None:
+        self.hooks.append("on_caught_up")
+
+    async def shutdown(self, ctx: Context) -> None:
+        self.hooks.append("shutdown")
+
+
+class BatchRecorder:
+    """A handler object with `handle_batch` only."""
+
+    name = "batches"
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    async def handle_batch(self, events: list[Event], ctx: Context) -> None:
+        self.batches.append([e.stream_id for e in events])
+        for event in events:
+            ctx.tx.sadd(ctx.key("ids"), event.stream_id)
+
+
+class Notifier(Projection):
+    """A projection with a side effect that must not run for replayed history."""
+
+    name = "notifier"
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.notified: list[str] = []
+
+    @on("OrderCreated")
+    def created(self, event: Event, ctx: Context) -> None:
+        self.applied.append(event.stream_id)
+
+    @on("OrderShipped", replay=False)
+    def notify(self, event: Event, ctx: Context) -> None:
+        self.notified.append(event.stream_id)
