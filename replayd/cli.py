@@ -163,12 +163,19 @@ def _report(exc: BaseException) -> int:
 
 
 def _leaf(exc: BaseException) -> BaseException:
-    """The first meaningful error inside (nested) exception groups from task groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        chosen = next(
-            (e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())), exc.exceptions[0]
-        )
-        exc = chosen
+    """The most telling error inside (nested) exception groups from task groups: ours first, then any other."""
+    leaves: list[BaseException] = []
+    pending = [exc]
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        else:
+            leaves.append(current)
+    for kind in (ReplaydError, Exception, BaseException):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
     return exc
 
 
@@ -343,10 +350,14 @@ async def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
         if target is None:
             raise UsageError(f"--to {args.to!r} is not an entry ID")
         _confirm(args, f"set every partition of {args.stream} in {key} to {target}")
-        partitions = int(fields.get("partitions") or 0)
-        mapping = {f"{args.stream}#{p}": target for p in range(partitions)}
-        mapping[f"{args.stream}#*"] = target
-        await client.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        # every partition resumes after the stream's floor once its own checkpoint is gone
+        prefix = f"{args.stream}#"
+        own = [field for field in fields if field.startswith(prefix) and field[len(prefix) :].isdigit()]
+        async with client.pipeline(transaction=True) as tx:
+            if own:
+                tx.hdel(key, *own)
+            tx.hset(key, f"{args.stream}#*", target)
+            await tx.execute()
         print(f"set {args.stream} of {args.job} to {target}")
         return 0
 

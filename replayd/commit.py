@@ -154,6 +154,7 @@ class Committer:
         send: MemoryObjectSendStream[CommitRequest],
         *,
         on_commit: Callable[[dict[str, Id]], None] = lambda floors: None,
+        layout: dict[str, str] | None = None,
     ) -> None:
         self.redis = redis
         self.key = job_key(job, "checkpoint")
@@ -161,6 +162,8 @@ class Committer:
         self._send = send
         self._on_commit = on_commit
         self.floors: dict[str, Id] = {}
+        self._layout: dict[str, str] = dict(layout or {})
+        """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
 
     async def commit(self, request: CommitRequest) -> None:
         await self._send.send(request)
@@ -192,6 +195,9 @@ class Committer:
         floors = self.watermark.advance()
         for stream, floor in floors.items():
             fields[f"{stream}#{FLOOR}"] = format_id(floor)
+        if fields and self._layout:
+            fields.update(self._layout)
+            self._layout = {}
         if fields or commands:
             checkpoint: list[Any] = ["HSET", self.key]
             for item in fields.items():

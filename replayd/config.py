@@ -31,6 +31,7 @@ from pydantic_settings import (
 
 from replayd.errors import ConfigError
 from replayd.events import Bound, parse_end, parse_start
+from replayd.filters import parse_where
 
 _toml_path: ContextVar[Path | None] = ContextVar("replayd_toml_path", default=None)
 
@@ -111,6 +112,13 @@ class JobSpec(_Section):
         if self.start == "checkpoint" and not self.resume:
             raise ValueError("start = 'checkpoint' needs resume = true")
         return self
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_where(text)
+        return value
 
     @field_validator("after")
     @classmethod

@@ -38,6 +38,9 @@ def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
         socket_timeout=cfg.socket_timeout_s,
         socket_connect_timeout=cfg.connect_timeout_s,
         health_check_interval=30,
+        # RESP2 on purpose: the raw stream replies the data path parses have one shape on Redis 6.2 and 7,
+        # whatever protocol a redis-py release negotiates by default
+        protocol=2,
     )
     client = Redis(connection_pool=pool)
     if raw_streams:

@@ -188,7 +188,14 @@ class Engine:
         commit_send, commit_receive = anyio.create_memory_object_stream[CommitRequest](
             max_buffer_size=self.spec.partitions + len(self._plans)
         )
-        committer = Committer(self.redis, self.spec.name, self.watermark, commit_send, on_commit=self._on_commit)
+        committer = Committer(
+            self.redis,
+            self.spec.name,
+            self.watermark,
+            commit_send,
+            on_commit=self._on_commit,
+            layout={"partitions": str(self.spec.partitions)},
+        )
         inflight = InFlight(self.spec.max_in_flight)
         lanes = Lanes(
             self.spec.partitions,

@@ -20,7 +20,7 @@ from replayd.events import Event
 Predicate = Callable[[Event], bool]
 
 _MISSING = object()
-_WHERE = re.compile(r"^\s*([A-Za-z_][\w]*(?:\.[\w-]+)*)\s*(==|=|!=|>=|<=|>|<|~)\s*(.*?)\s*$")
+_WHERE = re.compile(r"^\s*([A-Za-z_][\w]*(?:\.[\w-]+)*)\s*(==|=|!=|>=|<=|>|<|~)\s*([^=<>!~\s].*?)\s*$")
 _ATTRS = ("event_type", "event_id", "stream_id", "timestamp", "stream")
 _ORDER: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt,

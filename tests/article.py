@@ -216,9 +216,7 @@ def order_summary_rebuilder(redis_client: redis.Redis, stream_key: str) -> Proje
             },
         )
         r.hincrby(f"projection:{projection}:customer:{data['customer_id']}", "order_count", 1)
-        r.hincrbyfloat(
-            f"projection:{projection}:customer:{data['customer_id']}", "total_spent", data["total"]
-        )
+        r.hincrbyfloat(f"projection:{projection}:customer:{data['customer_id']}", "total_spent", data["total"])
 
     @rebuilder.on_event("OrderShipped")
     def handle_order_shipped(data: Any, projection: str) -> None:

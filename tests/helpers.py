@@ -32,7 +32,9 @@ def entry(
     }
 
 
-def add(r: redis.Redis, entries: Iterable[dict[str, str]], *, stream: str = STREAM, ids: Iterable[str] = ()) -> list[str]:
+def add(
+    r: redis.Redis, entries: Iterable[dict[str, str]], *, stream: str = STREAM, ids: Iterable[str] = ()
+) -> list[str]:
     """XADD the entries (with the given IDs, else `*`); return their IDs."""
     wanted = list(ids)
     added: list[str] = []

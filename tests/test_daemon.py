@@ -1,0 +1,130 @@
+"""`replayd run` as a subprocess: follow live, drain on SIGTERM, resume after SIGKILL with nothing lost or doubled."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from replayd.sample import load_history_sync
+
+STREAM = "events:orders"
+
+
+def start_daemon(config: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "replayd", "run", "--config", str(config), "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout}s")
+        time.sleep(0.05)
+
+
+def write_config(tmp_path: Path, redis_url: str, **job: str | int) -> Path:
+    settings = {"name": "orders", "streams": [STREAM], "handler": "order_summary", "end": "follow", **job}
+    lines = [
+        f'[redis]\nurl = "{redis_url}"\nblock_ms = 100\n',
+        "[http]\nenabled = false\n",
+        "[[jobs]]",
+        *(f"{k} = {v!r}" if not isinstance(v, list) else f"{k} = {v!r}".replace("'", '"') for k, v in settings.items()),
+    ]
+    path = tmp_path / "replayd.toml"
+    path.write_text("\n".join(lines).replace("'", '"') + "\n")
+    return path
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def progress(client: redis.Redis) -> dict[bytes, bytes]:
+    return client.hgetall("replayd:{orders}:progress")
+
+
+def projection(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
+    keys = [k for k in client.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
+    return {key: client.hgetall(key) for key in keys}
+
+
+def test_follows_live_then_drains_on_sigterm(
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, daemons: list[subprocess.Popen[str]]
+) -> None:
+    """1. start on a short history  2. wait for live  3. append  4. SIGTERM  5. exit 0, stopped, all committed."""
+    load_history_sync(sync_redis, STREAM, 500)
+    proc = start_daemon(write_config(tmp_path, redis_url))
+    daemons.append(proc)
+    wait_for(lambda: progress(sync_redis).get(b"status") == b"live")
+    assert progress(sync_redis).get(b"caught_up_at")
+    load_history_sync(sync_redis, STREAM, 100, seed=11)
+    last = sync_redis.xrevrange(STREAM, count=1)[0][0]
+    wait_for(lambda: progress(sync_redis).get(b"current_stream_id") == last)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr
+    assert progress(sync_redis)[b"status"] == b"stopped"
+    assert sync_redis.hget("replayd:{orders}:checkpoint", f"{STREAM}#*") == last
+
+
+def test_second_signal_exits_at_once(
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, daemons: list[subprocess.Popen[str]]
+) -> None:
+    """1. a handler that blocks  2. SIGTERM starts the drain  3. SIGINT exits at once with 130."""
+    load_history_sync(sync_redis, STREAM, 50)
+    proc = start_daemon(write_config(tmp_path, redis_url, handler="tests.lifecycle_plugins:blocking"))
+    daemons.append(proc)
+    wait_for(lambda: progress(sync_redis).get(b"status") == b"catching_up")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=5)
+    assert proc.returncode == 130
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_mid_replay_then_restart_equals_a_clean_rebuild(
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, daemons: list[subprocess.Popen[str]]
+) -> None:
+    """1. 60k events  2. `run` to `now`, SIGKILL at random moments, restart  3. projection == clean rebuild."""
+    load_history_sync(sync_redis, STREAM, 60_000)
+    config = write_config(tmp_path, redis_url, end="now", batch_size=500)
+    rng = random.Random(5)
+    for _ in range(3):
+        proc = start_daemon(config)
+        daemons.append(proc)
+        wait_for(lambda: progress(sync_redis).get(b"status") == b"catching_up")
+        time.sleep(rng.uniform(0.1, 1.0))
+        proc.kill()
+        proc.communicate()
+    final = start_daemon(config)
+    daemons.append(final)
+    _, stderr = final.communicate(timeout=120)
+    assert final.returncode == 0, stderr
+    resumed = projection(sync_redis)
+    clean = subprocess.run(
+        [sys.executable, "-m", "replayd", "rebuild", "--redis-url", redis_url, "--stream", STREAM,
+         "--handler", "order_summary", "--in-place", "--job", "clean"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert clean.returncode == 0, clean.stderr
+    assert resumed == projection(sync_redis)
