@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -66,7 +67,8 @@ def test_checkpoint_set_and_reset_need_yes(redis_url: str, history: int, sync_re
     refused = replayd("checkpoint", "reset", "j2", "--redis-url", redis_url)
     assert refused.returncode == 2
     assert "--yes" in refused.stderr
-    first = sync_redis.xrange(STREAM, count=1)[0][0].decode()
+    entries: Any = sync_redis.xrange(STREAM, count=1)
+    first = entries[0][0].decode()
     moved = replayd("checkpoint", "set", "j2", "--stream", STREAM, "--to", first, "--yes", "--redis-url", redis_url)
     assert moved.returncode == 0, moved.stderr
     again = replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary", "--job", "j2")

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -58,13 +59,18 @@ def daemons() -> Iterator[list[subprocess.Popen[str]]]:
         proc.communicate()
 
 
-def progress(client: redis.Redis) -> dict[bytes, bytes]:
-    return client.hgetall("replayd:{orders}:progress")
+def progress(client: redis.Redis) -> dict[Any, Any]:
+    return dict(client.hgetall("replayd:{orders}:progress"))
 
 
-def projection(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
+def projection(client: redis.Redis) -> dict[Any, Any]:
     keys = [k for k in client.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
     return {key: client.hgetall(key) for key in keys}
+
+
+def last_id(client: redis.Redis) -> Any:
+    entries: Any = client.xrevrange(STREAM, count=1)
+    return entries[0][0]
 
 
 def test_follows_live_then_drains_on_sigterm(
@@ -77,7 +83,7 @@ def test_follows_live_then_drains_on_sigterm(
     wait_for(lambda: progress(sync_redis).get(b"status") == b"live")
     assert progress(sync_redis).get(b"caught_up_at")
     load_history_sync(sync_redis, STREAM, 100, seed=11)
-    last = sync_redis.xrevrange(STREAM, count=1)[0][0]
+    last = last_id(sync_redis)
     wait_for(lambda: progress(sync_redis).get(b"current_stream_id") == last)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=20)
