@@ -28,55 +28,56 @@ class Poison(NamedTuple):
 
 
 class Codec:
-    """Decodes the entries of one stream. Field names are configurable for other producers."""
+    """Decodes the entries of one stream. Field names are configurable for other producers.
+
+    A producer writes its fields in the same order every time, so the positions of the five fields are
+    learnt once per field layout and each entry is then read by index: no per-entry dict (the hot path).
+    """
 
     def __init__(self, stream: str, names: FieldNames) -> None:
         self.stream = stream
-        self._event_id = names.event_id.encode()
-        self._event_type = names.event_type.encode()
-        self._data = names.data.encode()
-        self._timestamp = names.timestamp.encode()
-        self._metadata = names.metadata.encode()
+        self._names = [n.encode() for n in (names.event_id, names.event_type, names.data, names.timestamp,
+                                              names.metadata)]  # fmt: skip
+        self._keys: list[bytes] = []
+        self._positions: tuple[int | None, ...] = (None,) * 5
 
     def decode(self, entries: Sequence[RawEntry]) -> tuple[list[Event], list[Poison]]:
         events: list[Event] = []
         poison: list[Poison] = []
+        append = events.append
+        new, stream, loads = tuple.__new__, self.stream, orjson.loads
         for raw_id, flat in entries:
             stream_id = raw_id.decode()
-            if flat is None:  # an entry deleted between listing and reading (XDEL): a tombstone
-                poison.append(Poison(self.stream, stream_id, {}, "tombstone: entry has no fields"))
-                continue
-            it = iter(flat)
-            fields: dict[bytes, bytes] = dict(zip(it, it, strict=False))  # Redis always sends field/value pairs
             try:
-                events.append(self._event(stream_id, fields))
+                keys = flat[::2]
+                if keys != self._keys:
+                    self._learn(keys)
+                i_id, i_type, i_data, i_ts, i_meta = self._positions
+                data = loads(flat[i_data]) if i_data is not None else {}
+                metadata = loads(flat[i_meta]) if i_meta is not None else {}
+                if type(data) is not dict or type(metadata) is not dict:
+                    raise TypeError("data and metadata must be JSON objects")  # noqa: TRY301 - one poison path
+                append(new(Event, (
+                    stream_id,
+                    flat[i_id].decode() if i_id is not None else stream_id,
+                    flat[i_type].decode() if i_type is not None else "unknown",
+                    data,
+                    float(flat[i_ts]) if i_ts is not None else 0.0,
+                    metadata,
+                    stream,
+                )))  # fmt: skip
             except (ValueError, TypeError, UnicodeDecodeError) as exc:
-                poison.append(Poison(self.stream, stream_id, _lenient(fields), f"{type(exc).__name__}: {exc}"))
+                poison.append(self._poison(stream_id, flat, exc))
         return events, poison
 
-    def _event(self, stream_id: str, fields: dict[bytes, bytes]) -> Event:
-        event_id = fields.get(self._event_id)
-        event_type = fields.get(self._event_type)
-        timestamp = fields.get(self._timestamp)
-        return Event(
-            stream_id,
-            event_id.decode() if event_id is not None else stream_id,
-            event_type.decode() if event_type is not None else "unknown",
-            _object(fields.get(self._data), "data"),
-            float(timestamp) if timestamp is not None else 0.0,
-            _object(fields.get(self._metadata), "metadata"),
-            self.stream,
-        )
+    def _learn(self, keys: list[bytes]) -> None:
+        positions = {key: 2 * index + 1 for index, key in enumerate(keys)}
+        self._positions = tuple(positions.get(name) for name in self._names)
+        self._keys = keys
 
-
-def _object(raw: bytes | None, name: str) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    value = orjson.loads(raw)  # orjson.JSONDecodeError is a ValueError
-    if not isinstance(value, dict):
-        raise TypeError(f"field {name!r} is JSON {type(value).__name__}, not an object")
-    return value
-
-
-def _lenient(fields: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
+    def _poison(self, stream_id: str, flat: list[bytes] | None, exc: Exception) -> Poison:
+        if flat is None:  # an entry deleted between listing and reading (XDEL): a tombstone
+            return Poison(self.stream, stream_id, {}, "tombstone: entry has no fields")
+        it = iter(flat)
+        fields = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in zip(it, it, strict=False)}
+        return Poison(self.stream, stream_id, fields, f"{type(exc).__name__}: {exc}")

@@ -11,6 +11,7 @@ Layout of `replayd:{job}:checkpoint` (one hash per job; the braces are a Cluster
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from redis.exceptions import ResponseError
 from replayd.connection import text_hash
 from replayd.errors import CommitError, ConfigError, ReplaydError
 from replayd.events import ZERO, Id, format_id, parse_id
+from replayd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -155,12 +157,15 @@ class Committer:
         *,
         on_commit: Callable[[dict[str, Id]], None] = lambda floors: None,
         layout: dict[str, str] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.redis = redis
         self.key = job_key(job, "checkpoint")
         self.watermark = watermark
         self._send = send
         self._on_commit = on_commit
+        self._metrics = metrics
+        self._job = job
         self.floors: dict[str, Id] = {}
         self._layout: dict[str, str] = dict(layout or {})
         """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
@@ -203,11 +208,24 @@ class Committer:
             for item in fields.items():
                 checkpoint.extend(item)
             commands.append(tuple(checkpoint))
-            await self._transaction(commands)
+            started = time.monotonic()
+            try:
+                await self._transaction(commands)
+            except BaseException:
+                self._count("error")
+                raise
+            self._count("ok", time.monotonic() - started)
         self.floors.update(floors)
         for request in group:
             request.done.set()
         self._on_commit(floors)
+
+    def _count(self, result: str, seconds: float | None = None) -> None:
+        if self._metrics:
+            self._metrics.commits.labels(self._job, result).inc()
+            if seconds is not None:
+                self._metrics.commit_duration.observe(seconds)
+                self._metrics.command_duration.labels("checkpoint").observe(seconds)
 
     async def _transaction(self, commands: list[tuple[Any, ...]]) -> None:
         payload = b"".join([b"*1\r\n$5\r\nMULTI\r\n", *map(hiredis.pack_command, commands), b"*1\r\n$4\r\nEXEC\r\n"])

@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from replayd.config import RedisConfig
 from replayd.errors import SourceError
+from replayd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +60,32 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
 
 
-async def retrying(call: Callable[[], Awaitable[T]], *, what: str, budget_s: float) -> T:
+async def retrying(
+    call: Callable[[], Awaitable[T]], *, what: str, budget_s: float, metrics: Metrics | None = None
+) -> T:
     """Run an idempotent Redis call, retrying connection errors with exponential backoff and full jitter."""
     deadline = time.monotonic() + budget_s
     delay = 0.05
+    failed = False
     while True:
+        started = time.monotonic()
         try:
-            return await call()
+            result = await call()
         except RETRIABLE as exc:
+            if metrics:
+                metrics.redis_error(what.lower(), exc)
             if time.monotonic() + delay > deadline:
                 raise SourceError(f"Redis unavailable for {budget_s:.0f}s during {what}: {exc}") from exc
             logger.warning("redis %s failed (%s), retrying", what, exc)
+            failed = True
             await anyio.sleep(random.uniform(0, delay))
             delay = min(delay * 2, 5.0)
+            continue
+        if metrics:
+            metrics.command_duration.labels(what.lower()).observe(time.monotonic() - started)
+            if failed:
+                metrics.reconnects.inc()
+        return result
 
 
 def text(value: bytes | str) -> str:

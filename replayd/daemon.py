@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from replayd.config import Settings
 from replayd.connection import create_redis, redact
 from replayd.engine import Engine
+from replayd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +26,22 @@ logger = logging.getLogger(__name__)
 class Daemon:
     """Runs the jobs of `settings` until they end or a signal stops them."""
 
-    def __init__(self, settings: Settings, *, handle_signals: bool = True, redis: Redis | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        handle_signals: bool = True,
+        redis: Redis | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.handle_signals = handle_signals
         self.redis = redis or create_redis(settings.redis)
         # handlers and filters load here, before anything runs: a bad plugin is a config error at start
-        self.engines = [Engine(spec, self.redis, redis_cfg=settings.redis) for spec in settings.jobs]
+        self.metrics = metrics or Metrics()
+        self.engines = [
+            Engine(spec, self.redis, redis_cfg=settings.redis, metrics=self.metrics) for spec in settings.jobs
+        ]
         self.stopping = False
 
     def stop(self) -> None:

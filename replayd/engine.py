@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -26,6 +27,7 @@ from replayd.handlers import Context, Handler, Outcome
 from replayd.handlers.loader import load_handler, load_predicate
 from replayd.lanes import InFlight, Lanes, Slice
 from replayd.logs import current_job
+from replayd.metrics import JobView, Metrics
 from replayd.progress import ProgressWriter, Stats
 from replayd.router import Router
 from replayd.source import Batch, StreamReader, head, redis_time_ms
@@ -55,6 +57,7 @@ class Engine:
         redis_cfg: RedisConfig | None = None,
         handler: Handler | None = None,
         unavailable_budget_s: float = 60.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.spec = spec
         self.redis = redis
@@ -76,6 +79,14 @@ class Engine:
         self.watermark = Watermark()
         self.progress = ProgressWriter(redis, self.stats, spec.progress_interval_s)
         self._plans: list[_Plan] = []
+        self.inflight = InFlight(spec.max_in_flight)
+        self.metrics = metrics or Metrics()
+        self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
+                            inflight=lambda: self.inflight.count)  # fmt: skip
+
+    def _state(self) -> str:
+        running = self.stats.status in ("catching_up", "live")
+        return "draining" if running and self.stop_requested.is_set() else self.stats.status
 
     def stop(self) -> None:
         """Stop reading; what is routed drains and commits, then `run` returns."""
@@ -117,6 +128,8 @@ class Engine:
 
     async def _prepare(self) -> None:
         spec = self.spec
+        if not spec.resume:  # an explicit start begins the job anew: old positions (and layout) would mislead
+            await self.store.reset()
         await self.store.load()
         streams = list(spec.streams)
         if spec.entity:
@@ -125,10 +138,11 @@ class Engine:
             if await self.redis.exists(own):  # the article's per-entity stream, when the producer keeps one
                 streams = [own]
                 self.filter = self._without_entity()
-        self.stats.streams = streams
+        self.stats.streams = self.view.streams = streams
         now_ms = await redis_time_ms(self.redis)
         for stream in streams:
             self._plans.append(await self._plan(stream, now_ms))
+        self.metrics.add_job(self.view)
 
     def _without_entity(self) -> Predicate | None:
         spec = self.spec
@@ -176,13 +190,21 @@ class Engine:
             self.caught_up.set()
 
     def _on_commit(self, floors: dict[str, Id]) -> None:
-        self.stats.position.update(floors)
         if floors:
+            self.stats.position.update(floors)
+            now = time.time()
+            for stream in floors:
+                self.view.last_progress[stream] = now
             self._check_caught_up()
 
-    def _on_outcome(self, outcome: Outcome, size: int) -> None:
+    def _on_outcome(self, stream: str, outcome: Outcome, seconds: float) -> None:
         self.stats.processed += outcome.handled
         self.stats.failed += outcome.failed
+        events = self.metrics.handler_events
+        events.labels(stream, self.spec.name, "ok").inc(outcome.handled)
+        if outcome.failed:
+            events.labels(stream, self.spec.name, "failed").inc(outcome.failed)
+        self.metrics.handler_batch.labels(self.spec.name).observe(seconds)
 
     async def _pipeline(self) -> None:
         commit_send, commit_receive = anyio.create_memory_object_stream[CommitRequest](
@@ -195,8 +217,9 @@ class Engine:
             commit_send,
             on_commit=self._on_commit,
             layout={"partitions": str(self.spec.partitions)},
+            metrics=self.metrics,
         )
-        inflight = InFlight(self.spec.max_in_flight)
+        inflight = self.inflight
         lanes = Lanes(
             self.spec.partitions,
             self.handler,
@@ -211,6 +234,7 @@ class Engine:
         self._check_caught_up()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.progress.run)
+            tg.start_soon(self._watch_heads)
             async with anyio.create_task_group() as pipeline:
                 pipeline.start_soon(committer.run, commit_receive)
                 async with commit_send:
@@ -219,6 +243,26 @@ class Engine:
                         await work.start(lanes.run)
                         work.start_soon(self._read_all, routes, committer, inflight)
             tg.cancel_scope.cancel()
+
+    async def _watch_heads(self, interval_s: float = 5.0) -> None:
+        """Keep each stream's head (and, when small, the exact entry lag) fresh for the metrics."""
+        while True:
+            for stream in self.stats.streams:
+                with anyio.move_on_after(interval_s):
+                    self.view.head[stream] = await head(self.redis, stream)
+                    await self._count_lag(stream)
+            await anyio.sleep(interval_s)
+
+    async def _count_lag(self, stream: str, limit: int = 1000) -> None:
+        # an exact count is one bounded XRANGE when the job is near the head; beyond `limit` it is left out
+        position = self.stats.position.get(stream, ZERO)
+        ids: list[Any] = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+            "XRANGE", stream, "(" + format_id(position), "+", "COUNT", limit + 1
+        )
+        if len(ids) <= limit:
+            self.view.lag_entries[stream] = len(ids)
+        else:
+            self.view.lag_entries.pop(stream, None)
 
     async def _read_all(
         self, routes: list[list[MemoryObjectSendStream[Slice]]], committer: Committer, inflight: InFlight
@@ -235,6 +279,7 @@ class Engine:
                         batch_size=self.spec.batch_size,
                         block_ms=self.redis_cfg.block_ms,
                         budget_s=self.budget_s,
+                        metrics=self.metrics,
                     )
                     readers.start_soon(
                         partial(reader.run, send, after=plan.after, end=plan.end, replay_until=plan.replay_until)
@@ -272,12 +317,18 @@ class Engine:
                 async for batch in receive:
                     events, poison = codec.decode(batch.entries)
                     stats.total += len(batch.entries)
+                    self.metrics.events_read.labels(plan.stream).inc(len(batch.entries))
+                    self.metrics.read_batch.labels(plan.stream).observe(len(batch.entries))
                     if poison:
                         self._account_poison(poison)
                     kept = [e for e in events if self.filter(e)] if self.filter else events
                     parts = self.router.split(kept, skip)
                     routed = sum(map(len, parts.values()))
                     stats.skipped += len(events) - routed
+                    if len(events) > routed:
+                        self.metrics.handler_events.labels(plan.stream, self.spec.name, "skipped").inc(
+                            len(events) - routed
+                        )
                     if skip and batch.last_id >= skip_until:
                         skip = None
                     await self._dispatch(batch, parts, routed, senders, committer, inflight)
@@ -309,6 +360,8 @@ class Engine:
         self.stats.poison += len(poison)
         self.stats.failed += len(poison)
         for entry in poison:
+            outcome = "tombstone" if entry.error.startswith("tombstone") else "failed"
+            self.metrics.handler_events.labels(entry.stream, self.spec.name, outcome).inc()
             logger.error(
                 "undecodable entry %s %s: %s (fields %s)", entry.stream, entry.stream_id, entry.error, entry.fields
             )

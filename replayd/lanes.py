@@ -8,6 +8,7 @@ side waits while `max_in_flight` events are routed but not committed, so memory 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
@@ -67,7 +68,7 @@ class Lanes:
         concurrency: int,
         batch_size: int,
         inflight: InFlight,
-        on_outcome: Callable[[Outcome, int], None],
+        on_outcome: Callable[[str, Outcome, float], None],
         stop: anyio.Event,
     ) -> None:
         self.handler = handler
@@ -119,8 +120,9 @@ class Lanes:
         async with self.limiter:
             for piece in slices:
                 ctx.replaying = piece.replaying
+                started = time.monotonic()
                 outcome = await self.handler.handle_batch(piece.events, ctx)
-                self.on_outcome(outcome, len(piece.events))
+                self.on_outcome(piece.events[0].stream, outcome, time.monotonic() - started)
                 if outcome.stopped_at is not None:
                     last = piece.events[outcome.stopped_at]
                     checkpoints[f"{last.stream}#{partition}"] = last.stream_id

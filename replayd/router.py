@@ -17,19 +17,26 @@ class Router:
     def __init__(self, partitions: int, *, partition_by: str | None, ordering: str) -> None:
         self.partitions = partitions
         self._key = _key_function(partition_by, ordering)
+        self._by_stream = ordering == "key" and partition_by in (None, STREAM_KEY)
+        self._cache: dict[str, int] = {}
+        """Partition of recently seen keys: most streams have far fewer keys than events."""
 
     def partition(self, event: Event) -> int:
-        if self.partitions == 1:
-            return 0
-        return crc32(self._key(event).encode()) % self.partitions
+        key = self._key(event)
+        p = self._cache.get(key)
+        if p is None:
+            if len(self._cache) >= 100_000:
+                self._cache.clear()
+            p = self._cache[key] = crc32(key.encode()) % self.partitions
+        return p
 
     def split(self, events: list[Event], skip: dict[int, Id] | None = None) -> dict[int, list[Event]]:
         """Group events by partition; with `skip`, drop those at or below their partition's checkpoint."""
+        if not events:
+            return {}
+        if (self.partitions == 1 or self._by_stream) and not skip:
+            return {self.partition(events[0]): events}  # a batch comes from one stream: one partition
         parts: dict[int, list[Event]] = {}
-        if self.partitions == 1 and not skip:
-            if events:
-                parts[0] = events
-            return parts
         partition = self.partition
         for event in events:
             p = partition(event)
@@ -51,4 +58,4 @@ def _key_function(partition_by: str | None, ordering: str) -> Callable[[Event], 
         return lambda e: e.stream
     field = partition_by
     # an event without the field goes with the others that lack it, as the article's "default" group does
-    return lambda e: str(e.data.get(field, "default"))
+    return lambda e: str(e.data.get(field, "default"))  # str(): a number and its text are one key

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from replayd.codec import RawEntry
 from replayd.connection import retrying
 from replayd.events import Id, format_id, parse_id
+from replayd.metrics import Metrics
 
 
 class Batch(NamedTuple):
@@ -36,12 +37,15 @@ class StreamReader:
     exactly one batch prefetched, and backpressure as soon as the consumer stops receiving.
     """
 
-    def __init__(self, redis: Redis, stream: str, *, batch_size: int, block_ms: int, budget_s: float) -> None:
+    def __init__(
+        self, redis: Redis, stream: str, *, batch_size: int, block_ms: int, budget_s: float, metrics: Metrics
+    ) -> None:
         self.redis = redis
         self.stream = stream
         self.batch_size = batch_size
         self.block_ms = block_ms
         self.budget_s = budget_s
+        self.metrics = metrics
         self.position: Id | None = None
         """The last ID read, or None before the first read."""
 
@@ -65,7 +69,10 @@ class StreamReader:
         while end is None or pos < end:
             command = ("XRANGE", self.stream, "(" + format_id(pos), upper, "COUNT", self.batch_size)
             entries: list[Any] = await retrying(
-                partial(self.redis.execute_command, *command), what="XRANGE", budget_s=self.budget_s
+                partial(self.redis.execute_command, *command),
+                what="XRANGE",
+                budget_s=self.budget_s,
+                metrics=self.metrics,
             )
             if entries:
                 pos = parse_id(entries[-1][0])
@@ -88,7 +95,10 @@ class StreamReader:
                 format_id(pos),
             )
             reply: list[Any] | None = await retrying(
-                partial(self.redis.execute_command, *command), what="XREAD", budget_s=self.budget_s
+                partial(self.redis.execute_command, *command),
+                what="XREAD",
+                budget_s=self.budget_s,
+                metrics=self.metrics,
             )
             if not reply:
                 continue
