@@ -11,6 +11,7 @@ Layout of `replayd:{job}:checkpoint` (one hash per job; the braces are a Cluster
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from replayd.connection import text_hash
+from replayd.connection import RETRIABLE, text, text_hash
 from replayd.errors import CommitError, ConfigError, ReplaydError
 from replayd.events import ZERO, Id, format_id, parse_id
 from replayd.metrics import Metrics
@@ -158,6 +159,7 @@ class Committer:
         on_commit: Callable[[dict[str, Id]], None] = lambda floors: None,
         layout: dict[str, str] | None = None,
         metrics: Metrics | None = None,
+        budget_s: float = 60.0,
     ) -> None:
         self.redis = redis
         self.key = job_key(job, "checkpoint")
@@ -166,6 +168,7 @@ class Committer:
         self._on_commit = on_commit
         self._metrics = metrics
         self._job = job
+        self.budget_s = budget_s
         self.floors: dict[str, Id] = {}
         self._layout: dict[str, str] = dict(layout or {})
         """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
@@ -228,22 +231,56 @@ class Committer:
                 self._metrics.command_duration.labels("checkpoint").observe(seconds)
 
     async def _transaction(self, commands: list[tuple[Any, ...]]) -> None:
+        """Send one MULTI/EXEC; after a connection error, find out whether it applied before sending it again.
+
+        The checkpoint HSET is in the transaction, so reading those fields back tells: all new values present
+        means EXEC ran (its effects exist once); otherwise nothing of it ran and it is safe to resend.
+        """
         payload = b"".join([b"*1\r\n$5\r\nMULTI\r\n", *map(hiredis.pack_command, commands), b"*1\r\n$4\r\nEXEC\r\n"])
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            results = await _exchange(conn, payload, len(commands))
-        except ReplaydError:
-            raise
-        except Exception as exc:
-            # the connection's state is unknown: never hand it back to the pool half-read
-            await conn.disconnect()
-            raise CommitError(f"checkpoint commit to {self.key} failed: {exc}") from exc
-        finally:
-            await pool.release(conn)
+        deadline = time.monotonic() + self.budget_s
+        delay = 0.05
+        while True:
+            try:
+                results = await self._roundtrip(payload, len(commands))
+                break
+            except RETRIABLE as exc:
+                if self._metrics:
+                    self._metrics.redis_error("checkpoint", exc)
+                if await self._applied(commands[-1]):
+                    logger.warning("commit to %s applied although its reply was lost (%s)", self.key, exc)
+                    return
+                if time.monotonic() + delay > deadline:
+                    raise CommitError(
+                        f"checkpoint commit to {self.key} failed for {self.budget_s:.0f}s: {exc}"
+                    ) from exc
+                logger.warning("commit to %s failed (%s); retrying", self.key, exc)
+                await anyio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 5.0)
         for command, result in zip(commands, results, strict=True):
             if isinstance(result, Exception):
                 logger.error("command %s failed in the commit of %s: %s", command[0], self.key, result)
+
+    async def _roundtrip(self, payload: bytes, queued: int) -> list[Any]:
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            return await _exchange(conn, payload, queued)
+        except BaseException:
+            # the connection's state is unknown (half-read, or cancelled mid-reply): never reuse it
+            with anyio.CancelScope(shield=True):
+                await conn.disconnect()
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.release(conn)
+
+    async def _applied(self, checkpoint: tuple[Any, ...]) -> bool:
+        fields, values = checkpoint[2::2], checkpoint[3::2]
+        try:
+            current = await self.redis.hmget(self.key, list(fields))
+        except RETRIABLE:
+            return False  # unknown yet: the next attempt asks again
+        return all(c is not None and text(c) == str(v) for c, v in zip(current, values, strict=True))
 
 
 async def _exchange(conn: Any, payload: bytes, queued: int) -> list[Any]:

@@ -43,7 +43,7 @@ def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
         # whatever protocol a redis-py release negotiates by default
         protocol=2,
     )
-    client = Redis(connection_pool=pool)
+    client = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
     if raw_streams:
         for command in ("XRANGE", "XREVRANGE", "XREAD"):
             client.response_callbacks.pop(command, None)

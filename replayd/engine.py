@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from replayd.codec import Codec, Poison
 from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key
 from replayd.config import JobSpec, RedisConfig
+from replayd.connection import RETRIABLE, retrying
 from replayd.errors import ReplaydError
 from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id
 from replayd.filters import Predicate, build_filter
@@ -108,7 +109,7 @@ class Engine:
 
     async def run(self) -> Stats:
         current_job.set(self.spec.name)  # every log line of this job's tasks carries its name
-        await self._prepare()
+        await retrying(self._prepare, what="start", budget_s=self.budget_s, metrics=self.metrics)
         ctx = self.new_context()
         await self.handler.startup(ctx)
         self.stats.status = "catching_up"
@@ -128,6 +129,7 @@ class Engine:
 
     async def _prepare(self) -> None:
         spec = self.spec
+        self._plans = []
         if not spec.resume:  # an explicit start begins the job anew: old positions (and layout) would mislead
             await self.store.reset()
         await self.store.load()
@@ -218,6 +220,7 @@ class Engine:
             on_commit=self._on_commit,
             layout={"partitions": str(self.spec.partitions)},
             metrics=self.metrics,
+            budget_s=self.budget_s,
         )
         inflight = self.inflight
         lanes = Lanes(
@@ -249,8 +252,11 @@ class Engine:
         while True:
             for stream in self.stats.streams:
                 with anyio.move_on_after(interval_s):
-                    self.view.head[stream] = await head(self.redis, stream)
-                    await self._count_lag(stream)
+                    try:
+                        self.view.head[stream] = await head(self.redis, stream)
+                        await self._count_lag(stream)
+                    except RETRIABLE as exc:
+                        logger.debug("head of %s not refreshed: %s", stream, exc)
             await anyio.sleep(interval_s)
 
     async def _count_lag(self, stream: str, limit: int = 1000) -> None:

@@ -6,6 +6,7 @@ failed events, current_stream_id, events_per_second) and adds target, percent, c
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -15,7 +16,10 @@ import anyio
 from redis.asyncio import Redis
 
 from replayd.commit import job_key
+from replayd.connection import RETRIABLE
 from replayd.events import Id, format_id
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,7 +117,10 @@ class ProgressWriter:
         elif elapsed > 0:
             self.stats.rate = (self.stats.total - self._last_total) / elapsed
         self._last_total, self._last_time = self.stats.total, now
-        await self.redis.hset(self.key, mapping=self.stats.fields())  # type: ignore[arg-type]
+        try:
+            await self.redis.hset(self.key, mapping=self.stats.fields())  # type: ignore[arg-type]
+        except RETRIABLE as exc:  # progress is for people watching: never a reason to stop a replay
+            logger.warning("progress hash %s not written: %s", self.key, exc)
 
     async def run(self) -> None:
         while True:
