@@ -19,14 +19,17 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from replayd import __version__
-from replayd.commit import job_key
+from replayd.commit import job_key, partition_positions
 from replayd.config import JobSpec, Settings, describe, load_settings
-from replayd.connection import create_redis, text_hash
+from replayd.connection import create_redis, text, text_hash
 from replayd.console import summary, with_progress
 from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import ConfigError, ReplaydError, UsageError
 from replayd.events import format_id, parse_id
 from replayd.logs import setup_logging
+from replayd.metrics import Metrics
+from replayd.progress import Stats
+from replayd.workers import Supervisor, without_workers
 
 logger = logging.getLogger("replayd")
 
@@ -42,13 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
     common.add_argument("--log-format", choices=["auto", "json", "text"], default=None)
 
+    scale = argparse.ArgumentParser(add_help=False)
+    scale.add_argument("--shard", metavar="I/N", help="handle only partitions p with p mod N == I (a replica)")
+    scale.add_argument("--workers", type=int, metavar="K", help="run K processes as shards 0/K ... K-1/K")
+
     parser = argparse.ArgumentParser(prog="replayd", description="Event replay for Redis Streams.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", parents=[common], help="the daemon: run every job of the config, follow live")
+    run = commands.add_parser(
+        "run", parents=[common, scale], help="the daemon: run every job of the config, follow live"
+    )
     run.set_defaults(func=cmd_run)
 
-    replay = commands.add_parser("replay", parents=[common], help="one-shot replay of a range into a handler")
+    replay = commands.add_parser("replay", parents=[common, scale], help="one-shot replay of a range into a handler")
     _job_arguments(replay)
     replay.add_argument(
         "--from",
@@ -69,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="field predicate, e.g. 'data.total>1000' (repeatable, all must hold)",
     )
     replay.add_argument("--filter", metavar="MOD:FUNC", help="plugin predicate")
+    replay.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve /metrics, /healthz and /readyz on this port while the replay runs (0: any free port)",
+    )
+    replay.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST", help="address for --metrics-port (default 127.0.0.1)"
+    )
     replay.set_defaults(func=cmd_replay)
 
     rebuild = commands.add_parser("rebuild", parents=[common], help="clear a projection and rebuild it from history")
@@ -100,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return port
+
+
 def _job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", metavar="NAME", help="job name (keys its checkpoint), or a job of --config")
     parser.add_argument("--stream", action="append", default=[], metavar="S", help="stream key (repeatable)")
@@ -116,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
@@ -123,6 +152,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         if args.command == "version":
             print(f"replayd {__version__}")
             return 0
+        if getattr(args, "workers", None) is not None:
+            return _supervise(args, argv)
         return _run_async(args.func, args, settings)
     except KeyboardInterrupt:
         return 130
@@ -130,8 +161,18 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return _report(exc)
 
 
+def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.shard:
+        raise UsageError("--workers assigns shards itself: drop --shard")
+    return Supervisor(without_workers(argv), args.workers).run()
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
+    if getattr(args, "shard", None):
+        overrides["shard"] = args.shard
     if getattr(args, "redis_url", None):
         overrides["redis"] = {"url": args.redis_url}
     return load_settings(getattr(args, "config", None), **overrides)
@@ -198,6 +239,7 @@ def job_from_args(args: argparse.Namespace, settings: Settings, *, one_shot: dic
         "concurrency": args.concurrency,
         "batch_size": args.batch_size,
         "ordering": args.ordering,
+        "shard": getattr(args, "shard", None) or settings.shard,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     values.update(one_shot)
@@ -229,10 +271,29 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     }
     spec = job_from_args(args, settings, one_shot=one_shot)
     async with _client(settings) as client:
-        engine = Engine(spec, client, redis_cfg=settings.redis)
-        stats = await with_progress(engine.stats, engine.run())
+        metrics = Metrics()
+        engine = Engine(spec, client, redis_cfg=settings.redis, metrics=metrics)
+        if args.metrics_port is None:
+            stats = await with_progress(engine.stats, engine.run())
+        else:
+            stats = await _serving_metrics(args, settings, metrics, with_progress(engine.stats, engine.run()))
     print(summary("replayed", stats))
     return 0
+
+
+async def _serving_metrics(
+    args: argparse.Namespace, settings: Settings, metrics: Metrics, work: Awaitable[Stats]
+) -> Stats:
+    """Await `work` while /metrics, /healthz and /readyz are served on --metrics-host:--metrics-port."""
+    from replayd.daemon import start_http
+    from replayd.http import Readiness
+
+    readiness = Readiness(config_ok=True, plugins_loaded=True)  # the engine is built: its plugins loaded
+    async with anyio.create_task_group() as tg:
+        await start_http(tg, metrics, readiness, settings.redis, host=args.metrics_host, port=args.metrics_port)
+        stats = await work
+        tg.cancel_scope.cancel()
+    return stats
 
 
 async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
@@ -277,7 +338,7 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async with _client(settings) as client:
         jobs = [args.job] if args.job else await _job_names(client)
         report = {job: await _job_state(client, job) for job in jobs}
-    if args.job and not report[args.job]["progress"] and not report[args.job]["checkpoint"]:
+    if args.job and not any(report[args.job][part] for part in ("progress", "shards", "checkpoint")):
         print(f"replayd: no job {args.job!r} in Redis", file=sys.stderr)
         return 1
     if args.json:
@@ -286,15 +347,21 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if not report:
         print("no replayd jobs found")
     for job, state in report.items():
-        progress = state["progress"]
-        print(
-            f"{job}: {progress.get('status', 'never run')}  processed {progress.get('processed_events', 0)}  "
-            f"failed {progress.get('failed_events', 0)}  {progress.get('events_per_second', '0')} ev/s  "
-            f"{progress.get('percent', '0')}%"
-        )
+        for shard, progress in [("", state["progress"]), *state["shards"].items()]:
+            if progress or (not shard and not state["shards"]):
+                print(f"{job}{f' shard {shard}' if shard else ''}: {_progress_line(progress)}")
         for stream, position in state["positions"].items():
             print(f"  {stream}: position {position}")
     return 0
+
+
+def _progress_line(progress: dict[str, str]) -> str:
+    return (
+        f"{progress.get('status', 'never run' if not progress else '?')}  processed "
+        f"{progress.get('processed_events', 0)}  failed {progress.get('failed_events', 0)}  "
+        f"{progress.get('events_per_second', '0')} ev/s  {progress.get('percent', '0')}%  "
+        f"at {progress.get('current_stream_id', '-')}"
+    )
 
 
 async def _job_names(client: Redis) -> list[str]:
@@ -306,25 +373,24 @@ async def _job_names(client: Redis) -> list[str]:
 
 
 async def _job_state(client: Redis, job: str) -> dict[str, Any]:
-    progress = text_hash(await client.hgetall(job_key(job, "progress")))
     checkpoint = text_hash(await client.hgetall(job_key(job, "checkpoint")))
-    return {"progress": progress, "checkpoint": checkpoint, "positions": positions(checkpoint)}
+    shards = {}
+    async for key in client.scan_iter(match=job_key(job, "progress") + "*", count=100):
+        name = text(key).removeprefix(job_key(job, "progress")).removeprefix(":") or "all"
+        shards[name] = text_hash(await client.hgetall(key))
+    progress = shards.pop("all", {})
+    return {"progress": progress, "shards": shards, "checkpoint": checkpoint, "positions": positions(checkpoint)}
 
 
 def positions(checkpoint: dict[str, str]) -> dict[str, str]:
-    """Per stream: the position a restart resumes after (floor, or the lowest partition checkpoint)."""
-    partitions = int(checkpoint.get("partitions", 0) or 0)
-    by_stream: dict[str, list[str]] = {}
-    for field, value in checkpoint.items():
-        stream, sep, part = field.rpartition("#")
-        if sep and (part == "*" or part.isdigit()):
-            by_stream.setdefault(stream, []).append(f"{part}={value}")
+    """Per stream: the position a restart resumes after (the lowest over all partitions and shards)."""
+    partitions = int(checkpoint.get("partitions") or 1)
+    streams = {field.rpartition("#")[0] for field in checkpoint if "#" in field}
     result = {}
-    for stream, entries in by_stream.items():
-        values = dict(entry.split("=", 1) for entry in entries)
-        floor = parse_id(values.pop("*", "0-0"))
-        own = [max(parse_id(v), floor) for v in values.values()]
-        result[stream] = format_id(min(own) if own and len(own) >= partitions else floor)
+    for stream in sorted(streams):
+        per_partition = partition_positions(checkpoint, stream, partitions)
+        if per_partition:
+            result[stream] = format_id(min(per_partition.values()))
     return result
 
 

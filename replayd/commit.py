@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError
 
 from replayd.connection import RETRIABLE, text, text_hash
 from replayd.errors import CommitError, ConfigError, ReplaydError
-from replayd.events import ZERO, Id, format_id, parse_id
+from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
 from replayd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,11 @@ class Resume(NamedTuple):
 class CheckpointStore:
     """Reads and resets the checkpoint hash of a job. Writes happen only in `Committer` transactions."""
 
-    def __init__(self, redis: Redis, job: str, partitions: int) -> None:
+    def __init__(self, redis: Redis, job: str, partitions: int, shard: Shard = WHOLE) -> None:
         self.redis = redis
         self.key = job_key(job, "checkpoint")
         self.partitions = partitions
+        self.shard = shard
         self.fields: dict[str, str] = {}
 
     async def load(self) -> dict[str, str]:
@@ -69,18 +70,12 @@ class CheckpointStore:
         return self.fields
 
     def resume(self, stream: str) -> Resume | None:
-        """The resume point of `stream`, or None when the job has no checkpoint for it."""
-        floor_text = self.fields.get(f"{stream}#{FLOOR}")
-        floor = parse_id(floor_text) if floor_text else ZERO
-        own = {
-            p: max(parse_id(text), floor)
-            for p in range(self.partitions)
-            if (text := self.fields.get(f"{stream}#{p}")) is not None
-        }
-        if floor_text is None and not own:
+        """The resume point of `stream` for this shard, or None when the job has no checkpoint for it."""
+        positions = partition_positions(self.fields, stream, self.partitions, self.shard)
+        if positions is None:
             return None
-        lowest = min([floor] if len(own) < self.partitions else own.values())
-        return Resume(lowest, {p: cp for p, cp in own.items() if cp > lowest})
+        lowest = min(positions.values())
+        return Resume(lowest, {p: cp for p, cp in positions.items() if cp > lowest})
 
     def replay_until(self, stream: str) -> Id | None:
         text = self.fields.get(f"{stream}#replay_until")
@@ -93,6 +88,38 @@ class CheckpointStore:
 
     async def reset(self) -> None:
         await self.redis.unlink(self.key)
+
+
+def partition_positions(
+    fields: dict[str, str], stream: str, partitions: int, shard: Shard | None = None
+) -> dict[int, Id] | None:
+    """Per partition (of `shard`, or all): the ID after which it resumes. None when nothing is stored.
+
+    A partition's position is the highest of its own checkpoint and every floor that covers it: the job's
+    floor `<stream>#*`, and the floor `<stream>#*i/N` of a shard that owns it.
+    """
+    prefix = stream + "#"
+    own: dict[int, Id] = {}
+    floors: list[tuple[Shard, Id]] = []
+    for name, value in fields.items():
+        if not name.startswith(prefix):
+            continue
+        tail = name[len(prefix) :]
+        if tail.isdigit():
+            own[int(tail)] = parse_id(value)
+        elif tail.startswith(FLOOR):
+            floors.append((parse_shard(tail[1:]) if tail[1:] else Shard(), parse_id(value)))
+    if not own and not floors:
+        return None
+    return {
+        p: max([own.get(p, ZERO)] + [floor for owner, floor in floors if owner.owns(p)])
+        for p in range(partitions)
+        if shard is None or shard.owns(p)
+    }
+
+
+def floor_field(stream: str, shard: Shard) -> str:
+    return f"{stream}#{FLOOR}{shard.suffix}"
 
 
 @dataclass(eq=False)
@@ -160,6 +187,7 @@ class Committer:
         layout: dict[str, str] | None = None,
         metrics: Metrics | None = None,
         budget_s: float = 60.0,
+        shard: Shard = WHOLE,
     ) -> None:
         self.redis = redis
         self.key = job_key(job, "checkpoint")
@@ -169,6 +197,7 @@ class Committer:
         self._metrics = metrics
         self._job = job
         self.budget_s = budget_s
+        self.shard = shard
         self.floors: dict[str, Id] = {}
         self._layout: dict[str, str] = dict(layout or {})
         """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
@@ -202,7 +231,7 @@ class Committer:
                 mark.remaining -= 1
         floors = self.watermark.advance()
         for stream, floor in floors.items():
-            fields[f"{stream}#{FLOOR}"] = format_id(floor)
+            fields[floor_field(stream, self.shard)] = format_id(floor)
         if fields and self._layout:
             fields.update(self._layout)
             self._layout = {}

@@ -30,7 +30,7 @@ from pydantic_settings import (
 )
 
 from replayd.errors import ConfigError
-from replayd.events import Bound, parse_end, parse_start
+from replayd.events import Bound, Shard, parse_end, parse_shard, parse_start
 from replayd.filters import parse_where
 
 _toml_path: ContextVar[Path | None] = ContextVar("replayd_toml_path", default=None)
@@ -100,12 +100,25 @@ class JobSpec(_Section):
     max_in_flight: int = Field(20_000, ge=1)
     fields: FieldNames = FieldNames()
     progress_interval_s: float = Field(1.0, gt=0)
+    shard: str | None = None
+    """`i/N`: this process handles partitions p with p mod N == i (replicas, `--workers`)."""
 
     @field_validator("start")
     @classmethod
     def _start(cls, value: str) -> str:
         parse_start(value)
         return value
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_shard(value)
+        return value
+
+    @property
+    def shard_of(self) -> Shard:
+        return parse_shard(self.shard) if self.shard else Shard()
 
     @model_validator(mode="after")
     def _checkpoint_means_resume(self) -> JobSpec:
@@ -153,6 +166,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
     shutdown_timeout_s: float = Field(20.0, gt=0)
+    shard: str | None = None
+    """`i/N` for every job that sets none (also REPLAYD_SHARD): replica i of N."""
     config: str | None = None
     """The config file's path (also `REPLAYD_CONFIG`); read by `load_settings`, kept for display."""
 
@@ -163,6 +178,19 @@ class Settings(BaseSettings):
         if len(names) != len(set(names)):
             raise ValueError(f"job names must be unique, got {names}")
         return jobs
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_shard(value)
+        return value
+
+    @model_validator(mode="after")
+    def _shard_jobs(self) -> Settings:
+        if self.shard:
+            self.jobs = [job if job.shard else job.model_copy(update={"shard": self.shard}) for job in self.jobs]
+        return self
 
     @classmethod
     def settings_customise_sources(

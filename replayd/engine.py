@@ -67,18 +67,20 @@ class Engine:
         self.budget_s = unavailable_budget_s
         # handlers read through a client with redis-py's usual reply parsing, on the same pool
         self.handler_redis = Redis(connection_pool=redis.connection_pool)
+        self.shard = spec.shard_of
         self.stats = Stats(spec.name, list(spec.streams))
         self.stop_requested = anyio.Event()
         self.caught_up = anyio.Event()
-        self.store = CheckpointStore(redis, spec.name, spec.partitions)
+        self.store = CheckpointStore(redis, spec.name, spec.partitions, self.shard)
         self.filter = self._build_filter()
         self.router = Router(
             spec.partitions,
             partition_by=spec.partition_by or self.handler.partition_by,
             ordering=spec.ordering,
+            shard=self.shard,
         )
         self.watermark = Watermark()
-        self.progress = ProgressWriter(redis, self.stats, spec.progress_interval_s)
+        self.progress = ProgressWriter(redis, self.stats, spec.progress_interval_s, self.shard)
         self._plans: list[_Plan] = []
         self.inflight = InFlight(spec.max_in_flight)
         self.metrics = metrics or Metrics()
@@ -221,6 +223,7 @@ class Engine:
             layout={"partitions": str(self.spec.partitions)},
             metrics=self.metrics,
             budget_s=self.budget_s,
+            shard=self.shard,
         )
         inflight = self.inflight
         lanes = Lanes(
@@ -328,13 +331,13 @@ class Engine:
                     if poison:
                         self._account_poison(poison)
                     kept = [e for e in events if self.filter(e)] if self.filter else events
+                    foreign = self.router.foreign
                     parts = self.router.split(kept, skip)
                     routed = sum(map(len, parts.values()))
-                    stats.skipped += len(events) - routed
-                    if len(events) > routed:
-                        self.metrics.handler_events.labels(plan.stream, self.spec.name, "skipped").inc(
-                            len(events) - routed
-                        )
+                    skipped = len(events) - routed - (self.router.foreign - foreign)
+                    if skipped:
+                        stats.skipped += skipped
+                        self.metrics.handler_events.labels(plan.stream, self.spec.name, "skipped").inc(skipped)
                     if skip and batch.last_id >= skip_until:
                         skip = None
                     await self._dispatch(batch, parts, routed, senders, committer, inflight)
@@ -418,7 +421,7 @@ async def rebuild_in_place(engine: Engine) -> Stats:
         raise ReplaydError("rebuild needs a projection with a name (its keys live under projection:<name>:)")
     redis = engine.redis
     await clear_namespace(redis, f"projection:{name}:*")
-    await redis.unlink(job_key(engine.spec.name, "checkpoint"), job_key(engine.spec.name, "progress"))
+    await redis.unlink(job_key(engine.spec.name, "checkpoint"), engine.progress.key)
     stats = await engine.run()
     await redis.hset(
         f"projection:{name}:meta",

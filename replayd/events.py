@@ -116,3 +116,35 @@ def age_to_id(age_ms: int, now_ms: int, *, end: bool) -> Id:
     """An age resolved against Redis's clock (the clock that stamps entry IDs)."""
     ms = max(now_ms - age_ms, 0)
     return (ms, MAX_SEQ) if end else before((ms, 0))
+
+
+class Shard(NamedTuple):
+    """Shard i of N owns the partitions p with p mod N == i: disjoint, so checkpoints never collide."""
+
+    ordinal: int = 0
+    """i: which shard."""
+    total: int = 1
+    """N: how many shards."""
+
+    def owns(self, partition: int) -> bool:
+        return partition % self.total == self.ordinal
+
+    def __str__(self) -> str:
+        return f"{self.ordinal}/{self.total}"
+
+    @property
+    def suffix(self) -> str:
+        """`""` for the whole job, `"i/N"` for a shard: appended to the names of per-shard state."""
+        return "" if self.total == 1 else str(self)
+
+
+def parse_shard(text: str) -> Shard:
+    """`i/N` with 0 <= i < N."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise ValueError(f"shard {text!r}: expected i/N with 0 <= i < N, e.g. 0/3")
+    return Shard(int(index), int(count))
+
+
+WHOLE = Shard()
+"""The whole job: one process owns every partition."""

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from replayd.commit import job_key
 from replayd.connection import RETRIABLE
-from replayd.events import Id, format_id
+from replayd.events import WHOLE, Id, Shard, format_id
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,11 @@ class Stats:
         return fields
 
 
+def progress_key(job: str, shard: Shard = WHOLE) -> str:
+    """`replayd:{job}:progress`, and `...:progress:i/N` for each shard of a sharded job."""
+    return job_key(job, "progress") + (f":{shard}" if shard.total > 1 else "")
+
+
 def _fmt(id_: Id | None) -> str:
     return format_id(id_) if id_ is not None else ""
 
@@ -100,11 +105,11 @@ def _fmt(id_: Id | None) -> str:
 class ProgressWriter:
     """Writes `Stats` to the progress hash every `interval_s` (never per event) and on demand."""
 
-    def __init__(self, redis: Redis, stats: Stats, interval_s: float) -> None:
+    def __init__(self, redis: Redis, stats: Stats, interval_s: float, shard: Shard = WHOLE) -> None:
         self.redis = redis
         self.stats = stats
         self.interval_s = interval_s
-        self.key = job_key(stats.job, "progress")
+        self.key = progress_key(stats.job, shard)
         self._last_total = 0
         self._last_time = time.monotonic()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from zlib import crc32
 
-from replayd.events import Event, Id, parse_id
+from replayd.events import WHOLE, Event, Id, Shard, parse_id
 
 STREAM_KEY = "@stream"
 """`partition_by` value that partitions by the stream key (one ordered lane per stream)."""
@@ -14,8 +14,11 @@ STREAM_KEY = "@stream"
 class Router:
     """Splits a decoded batch into per-partition lists, keeping stream order within each."""
 
-    def __init__(self, partitions: int, *, partition_by: str | None, ordering: str) -> None:
+    def __init__(self, partitions: int, *, partition_by: str | None, ordering: str, shard: Shard = WHOLE) -> None:
         self.partitions = partitions
+        self.shard = shard
+        self.foreign = 0
+        """Events that belong to other shards' partitions (read, not ours to handle)."""
         self._key = _key_function(partition_by, ordering)
         self._by_stream = ordering == "key" and partition_by in (None, STREAM_KEY)
         self._cache: dict[str, int] = {}
@@ -35,11 +38,18 @@ class Router:
         if not events:
             return {}
         if (self.partitions == 1 or self._by_stream) and not skip:
-            return {self.partition(events[0]): events}  # a batch comes from one stream: one partition
+            p = self.partition(events[0])  # a batch comes from one stream: one partition
+            if self.shard.owns(p):
+                return {p: events}
+            self.foreign += len(events)
+            return {}
         parts: dict[int, list[Event]] = {}
-        partition = self.partition
+        partition, owns = self.partition, self.shard.owns
         for event in events:
             p = partition(event)
+            if not owns(p):
+                self.foreign += 1
+                continue
             if skip and p in skip and parse_id(event.stream_id) <= skip[p]:
                 continue
             bucket = parts.get(p)

@@ -1,0 +1,102 @@
+"""Scale-out: shards i/N own disjoint partitions; `--workers K` runs and supervises K shard processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import anyio
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from replayd.config import JobSpec, RedisConfig
+from replayd.engine import Engine, rebuild_in_place
+from replayd.sample import load_history_sync
+
+STREAM = "events:orders"
+
+
+def projection(client: redis.Redis) -> dict[Any, Any]:
+    keys = [k for k in client.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
+    return {key: client.hgetall(key) for key in keys}
+
+
+def spec(**overrides: Any) -> JobSpec:
+    values: dict[str, Any] = {"name": "orders", "streams": [STREAM], "handler": "order_summary", "end": "now"}
+    return JobSpec(**{**values, **overrides})
+
+
+@pytest.mark.anyio
+async def test_three_shards_build_the_same_projection_as_one_process(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    load_history_sync(sync_redis, STREAM, 6000)
+    single_stats = await rebuild_in_place(Engine(spec(name="single"), raw_redis, redis_cfg=redis_cfg))
+    single = projection(sync_redis)
+    for key in sync_redis.scan_iter(match="projection:*"):
+        sync_redis.delete(key)
+    engines = [Engine(spec(shard=f"{i}/3"), raw_redis, redis_cfg=redis_cfg) for i in range(3)]
+    async with anyio.create_task_group() as tg:
+        for engine in engines:
+            tg.start_soon(engine.run)
+    assert projection(sync_redis) == single
+    assert sum(engine.stats.processed for engine in engines) == single_stats.processed
+
+
+@pytest.mark.anyio
+async def test_shards_resume_from_their_own_checkpoints(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    load_history_sync(sync_redis, STREAM, 2000)
+    for i in range(2):
+        await Engine(spec(shard=f"{i}/2"), raw_redis, redis_cfg=redis_cfg).run()
+    fields = sync_redis.hgetall("replayd:{orders}:checkpoint")
+    assert f"{STREAM}#*0/2".encode() in fields and f"{STREAM}#*1/2".encode() in fields
+    load_history_sync(sync_redis, STREAM, 100, seed=3)
+    new: Any = sync_redis.xrevrange(STREAM, count=100)
+    handled = sum(1 for _, fields in new if fields[b"event_type"].startswith(b"Order"))
+    again = [await Engine(spec(shard=f"{i}/2"), raw_redis, redis_cfg=redis_cfg).run() for i in range(2)]
+    assert sum(s.processed for s in again) == handled
+
+
+def replayd_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "replayd", *args]
+
+
+@pytest.mark.timeout(120)
+def test_workers_restart_a_dead_worker_and_stop_on_sigterm(redis_url: str, sync_redis: redis.Redis) -> None:
+    """1. `run --workers 2` following live  2. SIGKILL one worker  3. it is restarted  4. SIGTERM: all exit 0."""
+    load_history_sync(sync_redis, STREAM, 500)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
+    config = (
+        f'[redis]\nurl = "{redis_url}"\nblock_ms = 100\n[http]\nenabled = false\n'
+        f'[[jobs]]\nname = "orders"\nstreams = ["{STREAM}"]\nhandler = "order_summary"\n'
+    )
+    path = f"/tmp/replayd-workers-{os.getpid()}.toml"  # noqa: S108 - a test's own file
+    with open(path, "w") as file:
+        file.write(config)
+    supervisor = subprocess.Popen(replayd_cmd("run", "--config", path, "--workers", "2"), env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not all(sync_redis.hget(f"replayd:{{orders}}:progress:{i}/2", "status") == b"live" for i in range(2)):
+            assert time.monotonic() < deadline, "workers did not go live"
+            time.sleep(0.1)
+        owner = sync_redis.hget("replayd:{orders}:progress:1/2", "owner")
+        assert owner is not None
+        os.kill(int(owner.decode().rsplit(":", 1)[1]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while sync_redis.hget("replayd:{orders}:progress:1/2", "owner") == owner:
+            assert time.monotonic() < deadline, "the killed worker was not restarted"
+            time.sleep(0.1)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=30) == 0
+        assert all(sync_redis.hget(f"replayd:{{orders}}:progress:{i}/2", "status") == b"stopped" for i in range(2))
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        os.unlink(path)
