@@ -3,6 +3,10 @@
 First signal: every job stops reading, drains what is routed and commits, within `shutdown_timeout_s`;
 past it, in-flight work is cancelled uncommitted (it will be replayed). Second signal: exit at once; the last
 commit holds, because each is a single MULTI/EXEC.
+
+With `[http] enabled` (the default) the daemon serves /metrics, /healthz (/livez) and /readyz (`replayd.http`)
+in its task group for as long as it runs, drain included; readiness is config valid + plugins loaded + Redis
+answering a PING every few seconds on a connection of its own (never "caught up").
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import signal
 import anyio
 import anyio.abc
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from replayd.config import Settings
+from replayd.config import RedisConfig, Settings
 from replayd.connection import create_redis, redact
 from replayd.engine import Engine
+from replayd.http import HttpServer, Readiness, watch_redis
 from replayd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -33,15 +40,22 @@ class Daemon:
         handle_signals: bool = True,
         redis: Redis | None = None,
         metrics: Metrics | None = None,
+        stall_after_s: float = 10.0,
     ) -> None:
         self.settings = settings
         self.handle_signals = handle_signals
+        self.stall_after_s = stall_after_s
+        """/healthz fails once the event loop has not run for this long (a handler blocking it)."""
+        self.readiness = Readiness(config_ok=True)  # `settings` is a validated Settings
         self.redis = redis or create_redis(settings.redis)
         # handlers and filters load here, before anything runs: a bad plugin is a config error at start
         self.metrics = metrics or Metrics()
         self.engines = [
             Engine(spec, self.redis, redis_cfg=settings.redis, metrics=self.metrics) for spec in settings.jobs
         ]
+        self.readiness.plugins_loaded = True
+        self.http_port: int | None = None
+        """The port /metrics, /healthz and /readyz are served on, once `run` has bound it."""
         self.stopping = False
 
     def stop(self) -> None:
@@ -57,6 +71,12 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 if self.handle_signals:
                     tg.start_soon(self._signals, tg)
+                http = self.settings.http
+                if http.enabled:
+                    self.http_port = await start_http(
+                        tg, self.metrics, self.readiness, self.settings.redis,
+                        host=http.host, port=http.port, stall_after_s=self.stall_after_s,
+                    )  # fmt: skip
                 async with anyio.create_task_group() as jobs:
                     for engine in self.engines:
                         jobs.start_soon(engine.run)
@@ -88,3 +108,40 @@ class Daemon:
         await anyio.sleep(self.settings.shutdown_timeout_s)
         logger.warning("drain deadline passed: cancelling in-flight work (it is not committed and will be replayed)")
         scope.cancel()
+
+
+async def start_http(
+    tg: anyio.abc.TaskGroup,
+    metrics: Metrics,
+    readiness: Readiness,
+    redis_cfg: RedisConfig,
+    *,
+    host: str,
+    port: int,
+    stall_after_s: float = 10.0,
+) -> int:
+    """Serve /metrics, /healthz and /readyz in `tg` and keep `readiness.redis_ok` fresh; return the bound port."""
+    server = HttpServer(metrics, readiness, host=host, port=port, stall_after_s=stall_after_s)
+    bound: int = await tg.start(server.run)
+    tg.start_soon(ping_redis, readiness, redis_cfg)
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("serving /metrics /healthz /readyz on http://%s:%d", shown, bound)
+    return bound
+
+
+async def ping_redis(
+    readiness: Readiness, cfg: RedisConfig, *, interval_s: float = 5.0, timeout_s: float = 2.0
+) -> None:
+    """`watch_redis` on a client of its own: a busy data-path pool must not read as "Redis unreachable"."""
+    client = Redis.from_url(
+        cfg.url.get_secret_value(),
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),  # one attempt per PING: the next one comes in `interval_s`
+        protocol=2,
+    )
+    try:
+        await watch_redis(readiness, client.ping, interval_s=interval_s, timeout_s=timeout_s)
+    finally:
+        with anyio.move_on_after(1, shield=True):
+            await client.aclose()

@@ -84,7 +84,7 @@ def parse_where(text: str) -> Predicate:
     get = _getter(path, text)
     value = _literal(raw)
     if op == "~":
-        needle = str(value)
+        needle = value if isinstance(value, str) else raw  # the text as written: `~15` is not `~15.0`
         return lambda e: (v := get(e)) is not _MISSING and needle in str(v)
     if op in ("=", "==", "!="):
         equal = op != "!="

@@ -40,7 +40,7 @@ def add(
     added: list[str] = []
     for i, fields in enumerate(entries):
         raw = r.xadd(stream, fields, id=wanted[i] if wanted else "*")  # type: ignore[arg-type]
-        added.append(raw.decode() if isinstance(raw, bytes) else str(raw))
+        added.append(as_text(raw))
     return added
 
 
@@ -80,10 +80,15 @@ async def run(job: JobSpec, r: Redis, cfg: RedisConfig, handler: object | None =
     return stats, used
 
 
-async def wait_until(condition: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
+async def wait_until(condition: Callable[[], bool], *, within: float = 10.0) -> None:
+    """Poll until `condition()` holds; fail after `within` seconds."""
+    with anyio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 - polls state that other tasks change without an Event
             await anyio.sleep(0.01)
+
+
+def as_text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def checkpoint(r: redis.Redis, job: str = JOB) -> dict[str, str]:

@@ -86,7 +86,7 @@ def test_workers_restart_a_dead_worker_and_stop_on_sigterm(redis_url: str, sync_
         while not all(sync_redis.hget(f"replayd:{{orders}}:progress:{i}/2", "status") == b"live" for i in range(2)):
             assert time.monotonic() < deadline, "workers did not go live"
             time.sleep(0.1)
-        owner = sync_redis.hget("replayd:{orders}:progress:1/2", "owner")
+        owner: Any = sync_redis.hget("replayd:{orders}:progress:1/2", "owner")
         assert owner is not None
         os.kill(int(owner.decode().rsplit(":", 1)[1]), signal.SIGKILL)
         deadline = time.monotonic() + 30
