@@ -105,17 +105,21 @@ def stream_ids(r: redis.Redis, stream: str = STREAM) -> list[str]:
     return [raw.decode() for raw, _ in r.xrange(stream)]  # type: ignore[union-attr]
 
 
-def snapshot(r: redis.Redis, pattern: str) -> dict[str, Any]:
-    """Every key matching `pattern` with its value, by type (hash, string, set, list, zset)."""
-    readers: dict[bytes, Callable[[bytes], Any]] = {
-        b"hash": r.hgetall,
-        b"string": r.get,
-        b"set": r.smembers,
-        b"list": lambda k: r.lrange(k, 0, -1),
-        b"zset": lambda k: r.zrange(k, 0, -1, withscores=True),
+def snapshot(r: redis.Redis, pattern: str) -> dict[str, tuple[str, Any]]:
+    """Every key matching `pattern` -> (type, value), read by type (hash, string, set, list, zset), pipelined."""
+    keys: list[bytes] = list(r.scan_iter(match=pattern, count=1000))
+    pipe = r.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+    kinds = [as_text(kind) for kind in pipe.execute()]
+    readers: dict[str, Callable[[Any, bytes], Any]] = {
+        "hash": lambda p, k: p.hgetall(k),
+        "string": lambda p, k: p.get(k),
+        "set": lambda p, k: p.smembers(k),
+        "list": lambda p, k: p.lrange(k, 0, -1),
+        "zset": lambda p, k: p.zrange(k, 0, -1, withscores=True),
     }
-    out: dict[str, Any] = {}
-    for key in r.scan_iter(match=pattern, count=1000):
-        kind: bytes = r.type(key)  # type: ignore[assignment]
-        out[key.decode()] = (kind.decode(), readers[kind](key))
-    return out
+    for key, kind in zip(keys, kinds, strict=True):
+        readers[kind](pipe, key)
+    values = pipe.execute()
+    return {as_text(key): (kind, value) for key, kind, value in zip(keys, kinds, values, strict=True)}

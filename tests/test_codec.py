@@ -1,0 +1,122 @@
+"""Entry fields -> Event with the article's defaults; anything undecodable is Poison, never an exception."""
+
+from __future__ import annotations
+
+import pytest
+
+from replayd.codec import Codec, Poison, RawEntry
+from replayd.config import FieldNames
+from replayd.events import Event
+
+CODEC = Codec("orders", FieldNames())
+
+
+def raw(entry_id: str, **fields: bytes | str) -> RawEntry:
+    """An entry as hiredis returns it: `[id, [field, value, ...]]`, all bytes."""
+    flat: list[bytes] = []
+    for name, value in fields.items():
+        flat += [name.encode(), value if isinstance(value, bytes) else value.encode()]
+    return [entry_id.encode(), flat]
+
+
+def one(entry: RawEntry, codec: Codec = CODEC) -> Event:
+    events, poison = codec.decode([entry])
+    assert poison == []
+    assert len(events) == 1
+    return events[0]
+
+
+def poisoned(entry: RawEntry) -> Poison:
+    events, poison = CODEC.decode([entry])
+    assert events == []
+    assert len(poison) == 1
+    return poison[0]
+
+
+def test_full_entry() -> None:
+    event = one(
+        raw(
+            "1-0",
+            event_id="evt-1",
+            event_type="OrderCreated",
+            data='{"order_id": "o1", "total": 19.9}',
+            timestamp="1700000000.5",
+            metadata='{"source": "api"}',
+        )
+    )
+    assert event == Event(
+        "1-0", "evt-1", "OrderCreated", {"order_id": "o1", "total": 19.9}, 1700000000.5, {"source": "api"}, "orders"
+    )
+
+
+def test_missing_fields_take_the_article_defaults() -> None:
+    event = one(raw("5-1", other="x"))
+    assert event.event_id == "5-1"
+    assert event.event_type == "unknown"
+    assert event.data == {}
+    assert event.metadata == {}
+    assert event.timestamp == 0.0
+    assert event.stream == "orders"
+
+
+def test_integer_timestamp_is_a_float() -> None:
+    event = one(raw("1-0", timestamp="1700000000"))
+    assert event.timestamp == 1700000000.0
+    assert isinstance(event.timestamp, float)
+
+
+def test_custom_field_names() -> None:
+    names = FieldNames(event_id="id", event_type="type", data="payload", timestamp="ts", metadata="meta")
+    codec = Codec("s", names)
+    event = one(raw("1-0", id="a", type="T", payload='{"x": 1}', ts="2.5", meta='{"m": true}'), codec)
+    assert (event.event_id, event.event_type, event.data, event.timestamp, event.metadata) == (
+        "a",
+        "T",
+        {"x": 1},
+        2.5,
+        {"m": True},
+    )
+
+
+def test_custom_field_names_ignore_the_default_names() -> None:
+    codec = Codec("s", FieldNames(event_type="type"))
+    assert one(raw("1-0", event_type="Ignored"), codec).event_type == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"data": "{not json"}, "JSONDecodeError"),
+        ({"data": "[1, 2]"}, "TypeError"),
+        ({"data": "null"}, "TypeError"),
+        ({"metadata": '"text"'}, "TypeError"),
+        ({"timestamp": "yesterday"}, "ValueError"),
+        ({"event_type": b"\xff\xfe"}, "UnicodeDecodeError"),
+        ({"event_id": b"\xc3("}, "UnicodeDecodeError"),
+        ({"data": b'{"x": "\xff"}'}, "JSONDecodeError"),
+    ],
+)
+def test_undecodable_entries_are_poison(fields: dict[str, bytes | str], error: str) -> None:
+    poison = poisoned(raw("7-0", **fields))
+    assert poison.stream == "orders"
+    assert poison.stream_id == "7-0"
+    assert error in poison.error
+
+
+def test_poison_keeps_the_raw_fields_readable() -> None:
+    poison = poisoned(raw("7-0", event_type=b"\xffBad", data="{"))
+    assert poison.fields["data"] == "{"
+    assert poison.fields["event_type"].endswith("Bad")
+
+
+def test_a_deleted_entry_without_fields_is_a_tombstone() -> None:
+    _, poison = CODEC.decode([[b"3-0", None]])
+    assert [p.error for p in poison] == ["tombstone: entry has no fields"]
+
+
+def test_poison_does_not_stop_the_rest_of_the_batch() -> None:
+    events, poison = CODEC.decode(
+        [raw("1-0", event_type="A"), raw("2-0", data="oops"), raw("3-0", event_type="C", data="{}")]
+    )
+    assert [e.stream_id for e in events] == ["1-0", "3-0"]
+    assert [p.stream_id for p in poison] == ["2-0"]

@@ -1,0 +1,449 @@
+"""The engine end to end against a real redis-server: bounds, follow, filters, partitions, handler kinds."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from replayd.config import RedisConfig
+from replayd.engine import Engine
+from replayd.errors import ConfigError
+from replayd.events import Event, parse_id
+from replayd.handlers import Context, FunctionHandler, ObjectHandler
+from tests import plugins
+from tests.helpers import (
+    STREAM,
+    add,
+    as_text,
+    checkpoint,
+    engine,
+    entry,
+    orders,
+    progress,
+    run,
+    spec,
+    stream_ids,
+    wait_until,
+)
+from tests.plugins import BatchRecorder, Notifier, Recorder
+
+pytestmark = pytest.mark.anyio
+
+FIXED_IDS = ["1000-0", "1000-1", "2000-0", "3000-0", "4000-0"]
+
+
+@pytest.fixture
+def fixed(sync_redis: redis.Redis) -> list[str]:
+    """Five entries with known IDs: two in millisecond 1000, then one per second up to 4000."""
+    return add(sync_redis, orders(5), ids=FIXED_IDS)
+
+
+# --- start and end bounds
+
+
+@pytest.mark.parametrize(
+    ("bounds", "expected"),
+    [
+        ({"start": "beginning"}, FIXED_IDS),
+        ({"start": "2000-0"}, ["2000-0", "3000-0", "4000-0"]),
+        ({"start": "1000-1"}, ["1000-1", "2000-0", "3000-0", "4000-0"]),
+        ({"start": "1000"}, FIXED_IDS),
+        ({"after": "2000-0"}, ["3000-0", "4000-0"]),
+        ({"after": "1000-0"}, ["1000-1", "2000-0", "3000-0", "4000-0"]),
+        ({"after": "1000"}, ["2000-0", "3000-0", "4000-0"]),
+        ({"start": "1970-01-01T00:00:02Z"}, ["2000-0", "3000-0", "4000-0"]),
+        ({"start": "1970-01-01T00:00:02"}, ["2000-0", "3000-0", "4000-0"]),
+        ({"start": "1970-01-01T01:00:03+01:00"}, ["3000-0", "4000-0"]),
+        ({"end": "2000-0"}, ["1000-0", "1000-1", "2000-0"]),
+        ({"end": "1000-0"}, ["1000-0"]),
+        ({"end": "1000"}, ["1000-0", "1000-1"]),
+        ({"end": "1970-01-01T00:00:03Z"}, ["1000-0", "1000-1", "2000-0", "3000-0"]),
+        ({"start": "2000-0", "end": "3000-0"}, ["2000-0", "3000-0"]),
+        ({"after": "4000-0"}, []),
+    ],
+)
+async def test_start_and_end_bounds(
+    fixed: list[str], raw_redis: Redis, redis_cfg: RedisConfig, bounds: dict[str, str], expected: list[str]
+) -> None:
+    _, rec = await run(spec(partitions=1, **bounds), raw_redis, redis_cfg)
+    assert rec.ids == expected
+
+
+@pytest.fixture
+def aged(sync_redis: redis.Redis) -> list[str]:
+    """Entries 3 h, 2 h and 30 min old by Redis's clock."""
+    seconds, micros = sync_redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    return add(sync_redis, orders(3), ids=[f"{now_ms - age}-0" for age in (10_800_000, 7_200_000, 1_800_000)])
+
+
+async def test_start_age_replays_the_recent_entries(aged: list[str], raw_redis: Redis, redis_cfg: RedisConfig) -> None:
+    _, rec = await run(spec(start="90m"), raw_redis, redis_cfg)
+    assert rec.ids == aged[2:]
+
+
+async def test_end_age_replays_the_older_entries(aged: list[str], raw_redis: Redis, redis_cfg: RedisConfig) -> None:
+    _, rec = await run(spec(end="1h", partitions=1), raw_redis, redis_cfg)
+    assert rec.ids == aged[:2]
+
+
+class AddsOnStartup(Recorder):
+    """Appends entries to the stream once the job has resolved its end."""
+
+    async def startup(self, ctx: Context) -> None:
+        await super().startup(ctx)
+        for fields in orders(3, start=100):
+            await ctx.redis.xadd(STREAM, fields)  # type: ignore[arg-type]
+
+
+async def test_end_now_is_the_head_at_start(
+    fixed: list[str], sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    stats, rec = await run(spec(end="now"), raw_redis, redis_cfg, AddsOnStartup())
+    assert sorted(rec.ids, key=parse_id) == fixed
+    assert sync_redis.xlen(STREAM) == 8  # the three added after the start are there, but not replayed
+    assert stats.status == "completed"
+    assert checkpoint(sync_redis)["orders#*"] == fixed[-1]
+
+
+async def test_history_is_replaying(fixed: list[str], raw_redis: Redis, redis_cfg: RedisConfig) -> None:
+    _, rec = await run(spec(), raw_redis, redis_cfg)
+    assert rec.replaying == [True] * 5
+
+
+async def test_a_completed_run_writes_progress(
+    fixed: list[str], sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    _, rec = await run(spec(), raw_redis, redis_cfg)
+    written = progress(sync_redis)
+    assert written["status"] == "completed"
+    assert (written["total_events"], written["processed_events"], written["failed_events"]) == ("5", "5", "0")
+    assert rec.hooks == ["startup", "shutdown"]
+
+
+# --- follow: catch up, then live
+
+
+async def test_follow_switches_from_history_to_live_without_skipping_or_repeating(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    add(sync_redis, orders(300))
+    rec = Recorder()
+    job = engine(spec(end="follow", partitions=1, batch_size=50), raw_redis, redis_cfg, rec)
+
+    async def produce() -> None:  # appends while the job is still catching up, and after
+        for burst in range(30):
+            for fields in orders(10, start=300 + 10 * burst):
+                await raw_redis.xadd(STREAM, fields)  # type: ignore[arg-type]
+            await anyio.sleep(0.002)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(job.run)
+        tg.start_soon(produce)
+        await wait_until(lambda: len(rec.events) >= 600)
+        job.stop()
+    assert rec.ids == stream_ids(sync_redis)
+    assert [e.data["seq"] for e in rec.events] == list(range(600))
+    replay_until = parse_id(checkpoint(sync_redis)["orders#replay_until"])
+    assert rec.replaying == [parse_id(i) <= replay_until for i in rec.ids]
+    assert rec.replaying[:300] == [True] * 300
+    assert job.stats.status == "stopped"
+
+
+async def test_follow_hands_live_events_with_replaying_false_and_announces_caught_up_once(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    history = add(sync_redis, orders(10))
+    rec = Recorder()
+    job = engine(spec(end="follow"), raw_redis, redis_cfg, rec)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(job.run)
+        await wait_until(lambda: "on_caught_up" in rec.hooks and len(rec.events) == 10)
+        for fields in orders(5, start=10):
+            await raw_redis.xadd(STREAM, fields)  # type: ignore[arg-type]
+        await wait_until(lambda: len(rec.events) == 15)
+        await anyio.sleep(0.1)  # a second caught-up announcement would come now
+        job.stop()
+    assert sorted(rec.ids, key=parse_id) == stream_ids(sync_redis)
+    flags = dict(zip(rec.ids, rec.replaying, strict=True))
+    assert [flags[i] for i in stream_ids(sync_redis)] == [True] * 10 + [False] * 5
+    assert rec.hooks == ["startup", "on_caught_up", "shutdown"]
+    written = progress(sync_redis)
+    assert float(written["caught_up_at"]) >= job.stats.started_at
+    assert written["status"] == "stopped"
+    assert checkpoint(sync_redis)["orders#replay_until"] == history[-1]
+
+
+async def test_follow_on_an_empty_stream_is_caught_up_at_once(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    rec = Recorder()
+    job = engine(spec(end="follow"), raw_redis, redis_cfg, rec)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(job.run)
+        await wait_until(lambda: "on_caught_up" in rec.hooks)
+        await raw_redis.xadd(STREAM, entry())  # type: ignore[arg-type]
+        await wait_until(lambda: len(rec.events) == 1)
+        job.stop()
+    assert rec.replaying == [False]
+
+
+async def test_side_effects_do_not_run_for_history(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    old = add(sync_redis, [entry("OrderCreated"), entry("OrderShipped")])
+    notifier = Notifier()
+    job = engine(spec(end="follow"), raw_redis, redis_cfg, notifier)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(job.run)
+        await wait_until(job.caught_up.is_set)
+        new = [await raw_redis.xadd(STREAM, fields) for fields in (entry("OrderCreated"), entry("OrderShipped"))]  # type: ignore[arg-type]
+        await wait_until(lambda: len(notifier.notified) == 1 and len(notifier.applied) == 2)
+        job.stop()
+    assert notifier.applied == [old[0], as_text(new[0])]
+    assert notifier.notified == [as_text(new[1])]
+
+
+# --- filters
+
+
+@pytest.fixture
+def mixed(sync_redis: redis.Redis) -> list[str]:
+    return add(
+        sync_redis,
+        [
+            entry("OrderCreated", {"order_id": "42", "total": 150}, {"entity_type": "order"}),
+            entry("OrderCreated", {"order_id": "43", "total": 20}, {"entity_type": "order"}),
+            entry("OrderShipped", {"aggregate_type": "order", "aggregate_id": "42"}),
+            entry("PaymentReceived", {"payment_id": "p1", "order_id": "42", "total": 150}, {"entity_type": "payment"}),
+            entry("OrderShipped", {"order_id": "43"}, {"entity_type": "order"}),
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("condition", "picked"),
+    [
+        ({"types": ["OrderShipped"]}, [2, 4]),
+        ({"types": ["OrderShipped", "PaymentReceived"]}, [2, 3, 4]),
+        ({"entity": "order:42"}, [0, 2]),
+        ({"where": ["data.total>=100"]}, [0, 3]),
+        ({"where": ["data.total>=100", "metadata.entity_type=order"]}, [0]),
+        ({"filter": "tests.plugins:big_orders"}, [0, 3]),
+        ({"types": ["OrderCreated"], "filter": "tests.plugins:big_orders"}, [0]),
+    ],
+)
+async def test_filters(
+    mixed: list[str], raw_redis: Redis, redis_cfg: RedisConfig, condition: dict[str, Any], picked: list[int]
+) -> None:
+    stats, rec = await run(spec(partitions=1, **condition), raw_redis, redis_cfg)
+    assert rec.ids == [mixed[i] for i in picked]
+    assert (stats.total, stats.processed, stats.skipped) == (5, len(picked), 5 - len(picked))
+
+
+async def test_entity_with_its_own_stream_reads_that_stream(
+    mixed: list[str], sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    own = add(sync_redis, [entry("OrderCreated"), entry("OrderShipped")], stream="events:order:42")
+    _, rec = await run(spec(partitions=1, entity="order:42"), raw_redis, redis_cfg)
+    assert rec.ids == own
+    assert {e.stream for e in rec.events} == {"events:order:42"}
+
+
+async def test_a_bad_plugin_predicate_is_a_config_error(raw_redis: Redis, redis_cfg: RedisConfig) -> None:
+    with pytest.raises(ConfigError, match="no attribute"):
+        engine(spec(filter="tests.plugins:nope"), raw_redis, redis_cfg, Recorder())
+
+
+async def test_custom_field_names_through_the_engine(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, [{"type": "Paid", "payload": '{"n": 1}', "ts": "5"}, {"type": "Other"}])
+    _, rec = await run(
+        spec(fields={"event_type": "type", "data": "payload", "timestamp": "ts"}, types=["Paid"]), raw_redis, redis_cfg
+    )
+    assert [(e.stream_id, e.event_type, e.data, e.timestamp) for e in rec.events] == [(ids[0], "Paid", {"n": 1}, 5.0)]
+
+
+# --- streams
+
+
+async def test_multi_stream_job_keeps_a_checkpoint_per_stream(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    a = add(sync_redis, orders(30), stream="a")
+    b = add(sync_redis, orders(20), stream="b")
+    _, rec = await run(spec(streams=["a", "b"]), raw_redis, redis_cfg)
+    assert sorted(e.stream_id for e in rec.events if e.stream == "a") == sorted(a)
+    assert sorted(e.stream_id for e in rec.events if e.stream == "b") == sorted(b)
+    saved = checkpoint(sync_redis)
+    assert (saved["a#*"], saved["b#*"]) == (a[-1], b[-1])
+
+
+async def test_empty_and_missing_streams_complete_without_a_position(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    add(sync_redis, [entry()], stream="empty")
+    sync_redis.xtrim("empty", maxlen=0)
+    stats, rec = await run(spec(streams=["empty", "missing"]), raw_redis, redis_cfg)
+    assert stats.status == "completed"
+    assert rec.events == []
+    assert not [f for f in checkpoint(sync_redis) if f.startswith(("empty#", "missing#"))]
+
+
+async def test_entries_deleted_mid_range_are_skipped(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, orders(20))
+    sync_redis.xdel(STREAM, ids[3], ids[4], ids[10], ids[19])
+    stats, rec = await run(spec(partitions=1, batch_size=5), raw_redis, redis_cfg)
+    assert rec.ids == [i for n, i in enumerate(ids) if n not in (3, 4, 10, 19)]
+    assert stats.total == 16
+    assert checkpoint(sync_redis)["orders#*"] == ids[18]
+
+
+async def test_poison_entries_are_counted_and_passed(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, [entry(), {"event_type": "X", "data": "{broken"}, entry()])
+    stats, rec = await run(spec(), raw_redis, redis_cfg)
+    assert sorted(rec.ids) == [ids[0], ids[2]]
+    assert (stats.poison, stats.failed, stats.processed) == (1, 1, 2)
+    assert checkpoint(sync_redis)["orders#*"] == ids[2]
+
+
+# --- partitions and backpressure
+
+
+class KeyOrder:
+    """Records (customer, seq) per event; yields to the loop so partitions interleave."""
+
+    name = "key_order"
+    partition_by = "customer_id"
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[int]] = defaultdict(list)
+        self.running = 0
+        self.most = 0
+
+    async def handle(self, event: Event, ctx: Context) -> None:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        await anyio.lowlevel.checkpoint()
+        self.seen[event.data["customer_id"]].append(event.data["seq"])
+        self.running -= 1
+
+
+async def test_partitions_keep_per_key_order(sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig) -> None:
+    add(sync_redis, orders(3000, customers=37))
+    handler = KeyOrder()
+    stats, _ = await run(spec(partitions=16, concurrency=4, batch_size=100), raw_redis, redis_cfg, handler)
+    assert stats.processed == 3000
+    assert len(handler.seen) == 37
+    for customer, seqs in handler.seen.items():
+        assert seqs == sorted(seqs), customer
+        assert len(seqs) == len(set(seqs))
+    assert 1 < handler.most <= 4
+    saved = checkpoint(sync_redis)
+    assert {f for f in saved if f.startswith("orders#") and f[7:].isdigit()} <= {f"orders#{p}" for p in range(16)}
+
+
+async def test_small_max_in_flight_still_completes(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, orders(1000))
+    job = spec(partition_by="customer_id", partitions=8, batch_size=20, max_in_flight=50)
+    stats, rec = await run(job, raw_redis, redis_cfg)
+    assert sorted(rec.ids, key=parse_id) == ids
+    assert stats.status == "completed"
+    assert checkpoint(sync_redis)["orders#*"] == ids[-1]
+
+
+# --- handler failures and StopReplay
+
+
+async def test_a_failing_event_is_counted_and_its_writes_are_dropped(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, orders(40))
+    rec = Recorder(write=True, fail_on=lambda e: e.data["seq"] % 10 == 3)
+    stats, _ = await run(spec(partition_by="customer_id"), raw_redis, redis_cfg, rec)
+    failing = {ids[i] for i in (3, 13, 23, 33)}
+    assert (stats.processed, stats.failed, stats.status) == (36, 4, "completed")
+    assert set(rec.ids) == set(ids) - failing
+    written = {k.decode().rsplit(":", 1)[1] for k in sync_redis.scan_iter("projection:recorder:seen:*")}
+    assert written == set(ids) - failing
+    assert checkpoint(sync_redis)["orders#*"] == ids[-1]
+
+
+async def test_stop_replay_ends_the_run_at_the_stopping_event(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, orders(100))
+    rec = Recorder(write=True, stop_on=lambda e: e.data["seq"] == 25)
+    stats, _ = await run(spec(partitions=1, batch_size=10), raw_redis, redis_cfg, rec)
+    assert rec.ids == ids[:26]
+    assert stats.status in ("completed", "stopped")
+    assert checkpoint(sync_redis)["orders#0"] == ids[25]
+    assert sync_redis.exists(f"projection:recorder:seen:{ids[25]}")  # its own work is committed
+    assert not sync_redis.exists(f"projection:recorder:seen:{ids[26]}")
+
+
+# --- handler kinds
+
+
+async def test_sync_function_runs_in_a_worker_thread(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, orders(30))
+    seen: list[tuple[str, int]] = []
+    handler = FunctionHandler(lambda e: seen.append((e.stream_id, threading.get_ident())), "fn")
+    await run(spec(partitions=1), raw_redis, redis_cfg, handler)
+    assert [i for i, _ in seen] == ids
+    assert threading.get_ident() not in {t for _, t in seen}
+
+
+async def test_async_function_with_context_commits_its_writes(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, orders(30))
+
+    async def count(event: Event, ctx: Context) -> None:
+        ctx.tx.hincrby(ctx.key("by_customer"), event.data["customer_id"], 1)
+
+    await run(spec(partition_by="customer_id"), raw_redis, redis_cfg, FunctionHandler(count, "counter"))
+    totals = sync_redis.hgetall("projection:counter:by_customer")
+    assert sum(int(v) for v in totals.values()) == len(ids)
+    assert totals[b"c0"] == b"5"
+
+
+async def test_function_loaded_by_name(sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig) -> None:
+    ids = add(sync_redis, orders(5))
+    plugins.record_event_log.clear()
+    await Engine(spec(handler="tests.plugins:record_event", partitions=1), raw_redis, redis_cfg=redis_cfg).run()
+    assert [i for i, _ in plugins.record_event_log] == ids
+
+
+async def test_handler_class_loaded_by_name(sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig) -> None:
+    ids = add(sync_redis, orders(5))
+    job = Engine(spec(handler="tests.plugins:Recorder", partitions=1), raw_redis, redis_cfg=redis_cfg)
+    await job.run()
+    assert isinstance(job.handler, ObjectHandler)
+    assert job.handler.obj.ids == ids
+
+
+async def test_handle_batch_object(sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig) -> None:
+    ids = add(sync_redis, orders(250))
+    handler = BatchRecorder()
+    stats, _ = await run(spec(partitions=1, batch_size=100), raw_redis, redis_cfg, handler)
+    assert [i for batch in handler.batches for i in batch] == ids
+    assert max(map(len, handler.batches)) <= 100
+    assert stats.processed == 250
+    assert {as_text(m) for m in sync_redis.smembers("projection:batches:ids")} == set(ids)

@@ -1,0 +1,98 @@
+"""Partition key -> partition with a stable crc32, stream order kept within a partition (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from replayd.events import Event
+from replayd.router import Router
+
+
+def ev(i: int, data: dict[str, Any] | None = None, *, stream: str = "orders") -> Event:
+    return Event(f"{i}-0", f"evt-{i}", "OrderCreated", data or {}, 0.0, {}, stream)
+
+
+def by_customer(partitions: int = 16) -> Router:
+    return Router(partitions, partition_by="customer_id", ordering="key")
+
+
+def test_partition_is_crc32_of_the_key() -> None:
+    # crc32 values, fixed forever: a run in another process (another PYTHONHASHSEED) must agree
+    router = by_customer()
+    assert router.partition(ev(1, {"customer_id": "cust_1"})) == 7
+    assert router.partition(ev(2, {"customer_id": "cust_2"})) == 13
+
+
+def test_same_key_same_partition_across_router_instances() -> None:
+    events = [ev(i, {"customer_id": f"cust_{i % 50}"}) for i in range(200)]
+    first, second = by_customer(), by_customer()
+    assert [first.partition(e) for e in events] == [second.partition(e) for e in events]
+
+
+def test_numeric_key_and_its_text_share_a_partition() -> None:
+    router = by_customer()
+    assert router.partition(ev(1, {"customer_id": 42})) == router.partition(ev(2, {"customer_id": "42"}))
+
+
+def test_split_keeps_stream_order_within_each_partition() -> None:
+    events = [ev(i, {"customer_id": f"c{i % 5}"}) for i in range(1, 101)]
+    parts = by_customer(4).split(events)
+    assert sum(map(len, parts.values())) == 100
+    for bucket in parts.values():
+        seqs = [int(e.stream_id.split("-")[0]) for e in bucket]
+        assert seqs == sorted(seqs)
+    for key in range(5):
+        owners = {p for p, bucket in parts.items() for e in bucket if e.data["customer_id"] == f"c{key}"}
+        assert len(owners) == 1
+
+
+def test_events_without_the_field_go_to_the_default_key() -> None:
+    router = by_customer()
+    assert router.partition(ev(1, {})) == router.partition(ev(2, {"customer_id": "default"})) == 15
+
+
+def test_stream_key_partitioning() -> None:
+    router = Router(16, partition_by="@stream", ordering="key")
+    assert router.partition(ev(1, {"customer_id": "cust_1"})) == router.partition(ev(2)) == 14  # crc32("orders")
+    parts = router.split([ev(i, {"customer_id": f"c{i}"}) for i in range(10)])
+    assert list(parts) == [14]
+    assert [e.stream_id for e in parts[14]] == [f"{i}-0" for i in range(10)]
+
+
+def test_no_partition_key_means_the_stream_key() -> None:
+    plain = Router(16, partition_by=None, ordering="key")
+    assert plain.partition(ev(1, stream="a")) == Router(16, partition_by="@stream", ordering="key").partition(
+        ev(1, stream="a")
+    )
+    assert plain.partition(ev(1, stream="a")) != plain.partition(ev(1, stream="orders"))
+
+
+def test_ordering_none_spreads_one_key_over_partitions() -> None:
+    router = Router(16, partition_by="customer_id", ordering="none")
+    parts = router.split([ev(i, {"customer_id": "same"}) for i in range(200)])
+    assert len(parts) > 8
+    again = Router(16, partition_by="customer_id", ordering="none")
+    assert all(again.partition(e) == p for p, bucket in parts.items() for e in bucket)
+
+
+def test_one_partition_takes_everything_in_order() -> None:
+    events = [ev(i, {"customer_id": f"c{i}"}) for i in range(20)]
+    assert by_customer(1).split(events) == {0: events}
+
+
+def test_empty_batch_has_no_parts() -> None:
+    assert by_customer().split([]) == {}
+
+
+def test_skip_drops_what_a_partition_already_committed() -> None:
+    router = by_customer(16)
+    events = [ev(i, {"customer_id": c}) for i, c in enumerate(["cust_1", "cust_2"] * 5, start=1)]
+    # cust_1 -> partition 7 has committed up to 5-0; cust_2 -> partition 13 has nothing to skip
+    parts = router.split(events, skip={7: (5, 0)})
+    assert [e.stream_id for e in parts[7]] == ["7-0", "9-0"]
+    assert [e.stream_id for e in parts[13]] == ["2-0", "4-0", "6-0", "8-0", "10-0"]
+
+
+def test_skip_everything_of_a_partition_leaves_no_empty_bucket() -> None:
+    parts = by_customer(16).split([ev(1, {"customer_id": "cust_1"})], skip={7: (9, 0)})
+    assert parts == {}
