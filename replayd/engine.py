@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.asyncio import Redis
 
@@ -223,6 +224,7 @@ class Engine:
             layout={"partitions": str(self.spec.partitions)},
             metrics=self.metrics,
             budget_s=self.budget_s,
+            timeout_s=self.redis_cfg.socket_timeout_s,
             shard=self.shard,
         )
         inflight = self.inflight
@@ -324,6 +326,9 @@ class Engine:
         try:
             async with receive:
                 async for batch in receive:
+                    # let the reader send its next XRANGE before this batch is decoded: that overlap is
+                    # what the one-batch prefetch is for
+                    await anyio.lowlevel.checkpoint()
                     events, poison = codec.decode(batch.entries)
                     stats.total += len(batch.entries)
                     self.metrics.events_read.labels(plan.stream).inc(len(batch.entries))

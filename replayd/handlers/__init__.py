@@ -18,6 +18,8 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import chain
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import anyio.to_thread
@@ -51,12 +53,11 @@ class Tx:
     def hset(
         self, key: str, field: str | None = None, value: Arg | None = None, *, mapping: dict[str, Arg] | None = None
     ) -> None:
-        args: list[Arg] = ["HSET", key]
+        pairs = chain.from_iterable(mapping.items()) if mapping else ()
         if field is not None and value is not None:
-            args += [field, value]
-        for item in (mapping or {}).items():
-            args.extend(item)
-        self.commands.append(tuple(args))
+            self.commands.append(("HSET", key, field, value, *pairs))
+        else:
+            self.commands.append(("HSET", key, *pairs))
 
     def hincrby(self, key: str, field: str, amount: int = 1) -> None:
         self.commands.append(("HINCRBY", key, field, amount))
@@ -121,6 +122,8 @@ class Context:
 
     def key(self, *parts: object) -> str:
         """A key in the projection's namespace: `ctx.key("order", 42)` -> `projection:<name>:order:42`."""
+        if len(parts) == 2:  # the common `kind, id` shape, without building a list
+            return f"{self.namespace}:{parts[0]}:{parts[1]}"
         return ":".join((self.namespace, *map(str, parts)))
 
 
@@ -203,26 +206,36 @@ class Projection:
     async def shutdown(self, ctx: Context) -> None:
         """Called once after the last commit of a run."""
 
+    @cached_property
+    def _bound(self) -> dict[str, tuple[Callable[[Event, Context], Any], bool]]:
+        # bound once per instance: the per-event dispatch is a dict lookup, not getattr
+        return {kind: (getattr(self, attr), replay) for kind, (attr, replay) in self._routes.items()}
+
+    def _dispatch(self, event: Event, ctx: Context) -> Any:
+        """Call the `@on` method of the event's type: None, or an awaitable for async methods."""
+        route = self._bound.get(event.event_type)
+        if route is None or (ctx.replaying and not route[1]):
+            return None
+        return route[0](event, ctx)
+
     async def handle(self, event: Event, ctx: Context) -> None:
-        route = self._routes.get(event.event_type)
-        if route is None or (not route[1] and ctx.replaying):
-            return
-        result = getattr(self, route[0])(event, ctx)
-        if inspect.isawaitable(result):
+        result = self._dispatch(event, ctx)
+        if result is not None:
             await result
 
     async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
-        return await _each(events, ctx, self.handle)
+        return await _each(events, ctx, self._dispatch)
 
 
 async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Context], Any]) -> Outcome:
     """Handle events one by one; an event that raises is logged, counted and its queued writes dropped."""
     outcome = Outcome()
+    tx = ctx.tx
     for index, event in enumerate(events):
-        mark = len(ctx.tx)
+        mark = len(tx.commands)
         try:
             result = call(event, ctx)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 await result
         except StopReplay:
             outcome.stopped_at = index
