@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,15 +23,11 @@ import anyio
 import hiredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-try:  # the sentinel redis-py's hiredis parser hands its reader for an incomplete reply
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-except ImportError:  # pragma: no cover - other redis-py layouts
-    _NOT_ENOUGH_DATA = object()
-
 from replayd.connection import RETRIABLE, text, text_hash
-from replayd.errors import CommitError, ConfigError, ReplaydError
+from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError
 from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
 from replayd.metrics import Metrics
 
@@ -194,6 +191,7 @@ class Committer:
         budget_s: float = 60.0,
         timeout_s: float = 10.0,
         shard: Shard = WHOLE,
+        seq: str = "",
     ) -> None:
         self.redis = redis
         self.key = job_key(job, "checkpoint")
@@ -205,6 +203,10 @@ class Committer:
         self.budget_s = budget_s
         self.timeout_s = timeout_s
         self.shard = shard
+        self.seq = seq
+        """The commit sequence this committer last saw: `<n>:<token>`, token unique to this instance."""
+        self._seq_field = seq_field(shard)
+        self._token = secrets.token_hex(4)
         self.floors: dict[str, Id] = {}
         self._layout: dict[str, str] = dict(layout or {})
         """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
@@ -243,13 +245,12 @@ class Committer:
             fields.update(self._layout)
             self._layout = {}
         if fields or commands:
-            checkpoint: list[Any] = ["HSET", self.key]
-            for item in fields.items():
-                checkpoint.extend(item)
-            commands.append(tuple(checkpoint))
             started = time.monotonic()
             try:
-                await self._transaction(commands)
+                await self._transaction(commands, fields)
+            except FencingError:
+                self._count("fenced")
+                raise
             except BaseException:
                 self._count("error")
                 raise
@@ -266,104 +267,88 @@ class Committer:
                 self._metrics.commit_duration.observe(seconds)
                 self._metrics.command_duration.labels("checkpoint").observe(seconds)
 
-    async def _transaction(self, commands: list[tuple[Any, ...]]) -> None:
-        """Send one MULTI/EXEC; after a connection error, find out whether it applied before sending it again.
+    async def _transaction(self, commands: list[tuple[Any, ...]], fields: dict[str, str]) -> None:
+        """Apply the commands and move the checkpoint in one conditional script; exactly once.
 
-        The checkpoint HSET is in the transaction, so reading those fields back tells: all new values present
-        means EXEC ran (its effects exist once); otherwise nothing of it ran and it is safe to resend.
+        The script runs only if the job's commit sequence is still the one this committer last wrote, and
+        advances it. A retry after a lost reply (or an attempt that reaches Redis late, after its retry)
+        finds the sequence moved and does nothing, so effects never apply twice; an instance that finds it
+        moved by someone else has been fenced out.
         """
-        payload = b"".join([b"*1\r\n$5\r\nMULTI\r\n", *map(hiredis.pack_command, commands), b"*1\r\n$4\r\nEXEC\r\n"])
+        expected = self.seq
+        new = f"{int(expected.partition(':')[0] or 0) + 1}:{self._token}"
+        argv: list[Any] = ["EVAL", _COMMIT_SCRIPT, 1, self.key, self._seq_field, expected, new, 2 * len(fields)]
+        for item in fields.items():
+            argv.extend(item)
+        for command in commands:
+            argv.append(len(command))
+            argv.extend(command)
+        payload = hiredis.pack_command(tuple(argv))
         deadline = time.monotonic() + self.budget_s
         delay = 0.05
         while True:
             try:
-                results = await self._roundtrip(payload, len(commands))
+                reply = await self._roundtrip(payload)
                 break
             except RETRIABLE as exc:
                 if self._metrics:
                     self._metrics.redis_error("checkpoint", exc)
-                logger.warning("commit to %s failed (%s); checking whether it applied", self.key, exc)
-                if await self._applied(commands[-1], deadline):
-                    logger.warning("commit to %s had applied: only its reply was lost", self.key)
-                    return
                 if time.monotonic() + delay > deadline:
                     raise CommitError(f"commit to {self.key} failed for {self.budget_s:.0f}s: {exc}") from exc
+                logger.warning("commit to %s failed (%s); sending it again (it applies at most once)", self.key, exc)
                 await anyio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
-        if any(issubclass(kind, Exception) for kind in set(map(type, results))):  # rare: check at C speed first
-            for command, result in zip(commands, results, strict=True):
-                if isinstance(result, Exception):
-                    logger.error("command %s failed in the commit of %s: %s", command[0], self.key, result)
+        status, current, *errors = reply
+        if status == b"stale" and text(current) != new:
+            raise FencingError(
+                f"{self.key} was committed by another instance of job {self._job} shard {self.shard} "
+                f"(commit sequence {text(current)}, this instance expected {expected}): stopping"
+            )
+        self.seq = new
+        for error in errors:
+            logger.error("a handler's command failed in the commit of %s: %s", self.key, text(error))
 
-    async def _roundtrip(self, payload: bytes, queued: int) -> list[Any]:
+    async def _roundtrip(self, payload: bytes) -> Any:
         pool = self.redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             with anyio.fail_after(self.timeout_s):  # a TimeoutError (OSError): retried like a lost connection
-                return await _exchange(conn, payload, queued)
-        except BaseException:
+                await conn.send_packed_command(payload, check_health=False)
+                return await conn.read_response()
+        except BaseException as exc:
             # the connection's state is unknown (half-read, or cancelled mid-reply): never reuse it
             with anyio.CancelScope(shield=True):
                 await conn.disconnect()
+            if isinstance(exc, RuntimeError) and "closed" in str(exc):
+                # uvloop reports a write on a transport the peer reset as RuntimeError
+                raise RedisConnectionError(str(exc)) from exc
+            if isinstance(exc, ResponseError):
+                raise ReplaydError(f"Redis refused the commit to {self.key}: {exc}") from exc
             raise
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.release(conn)
 
-    async def _applied(self, checkpoint: tuple[Any, ...], deadline: float) -> bool:
-        """Whether the transaction holding `checkpoint` ran. Asks until Redis answers: resending a
-        transaction whose outcome is unknown could apply its effects twice."""
-        fields, values = list(checkpoint[2::2]), checkpoint[3::2]
-        delay = 0.05
-        while True:
-            try:
-                current = await self.redis.hmget(self.key, fields)
-                return all(c is not None and text(c) == str(v) for c, v in zip(current, values, strict=True))
-            except RETRIABLE as exc:
-                if time.monotonic() + delay > deadline:
-                    raise CommitError(f"commit to {self.key}: Redis unavailable for {self.budget_s:.0f}s") from exc
-                await anyio.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, 5.0)
+
+def seq_field(shard: Shard) -> str:
+    """The checkpoint hash field holding a (job, shard)'s commit sequence."""
+    return "seq" + (f":{shard}" if shard.total > 1 else "")
 
 
-async def _exchange(conn: Any, payload: bytes, queued: int) -> list[Any]:
-    """Send MULTI, the commands and EXEC in one write and read the queued+2 replies.
-
-    Replies are taken straight from the connection's hiredis reader: redis-py's per-reply `read_response`
-    costs microseconds of Python per QUEUED acknowledgement, more than the rest of a rebuild's work per
-    command. Error replies come back as exception objects (the reader's replyError), not raised.
-    """
-    await conn.send_packed_command(payload, check_health=False)
-    parser = conn._parser
-    reader = getattr(parser, "_reader", None)
-    if reader is None or not hasattr(parser, "read_from_socket"):  # not the hiredis parser: the slow way
-        replies = [await _reply(conn) for _ in range(queued + 2)]
-    else:
-        replies = []
-        append, gets, pending = replies.append, reader.gets, queued + 2
-        while pending:
-            reply = gets()
-            if reply is False or reply is _NOT_ENOUGH_DATA:
-                await parser.read_from_socket()
-            elif reply.__class__ is bytes:  # OK, QUEUED: nothing to look at
-                pending -= 1
-            else:
-                append(reply)
-                pending -= 1
-    results = replies.pop() if replies else None
-    for reply in replies:
-        if isinstance(reply, RETRIABLE):  # e.g. LOADING after a restart: nothing of it ran
-            raise reply
-    rejected = [str(reply) for reply in replies if isinstance(reply, Exception)]
-    if isinstance(results, RETRIABLE):
-        raise results
-    if not isinstance(results, list):
-        raise ReplaydError(f"Redis refused the commit ({results}); rejected commands: {rejected}")
-    return results
-
-
-async def _reply(conn: Any) -> Any:
-    try:
-        return await conn.read_response()
-    except ResponseError as exc:
-        return exc
+# KEYS[1] checkpoint hash; ARGV: seq field, expected seq, new seq, 2k, k checkpoint field/value pairs, then per
+# command its argument count and arguments. pcall, as EXEC does, keeps going past a failing handler command.
+_COMMIT_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if current ~= ARGV[2] then return {'stale', current} end
+local reply = {'ok', ARGV[3]}
+local i = 5 + tonumber(ARGV[4])
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local result = redis.pcall(unpack(ARGV, i + 1, i + n))
+  if type(result) == 'table' and result.err then reply[#reply + 1] = ARGV[i + 1] .. ': ' .. result.err end
+  i = i + n + 1
+end
+if tonumber(ARGV[4]) > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + tonumber(ARGV[4]))) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return reply
+"""

@@ -71,7 +71,9 @@ async def retrying(
         started = time.monotonic()
         try:
             result = await call()
-        except RETRIABLE as exc:
+        except (*RETRIABLE, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "closed" not in str(exc):
+                raise  # only uvloop's report of a write on a transport the peer reset is a connection error
             if metrics:
                 metrics.redis_error(what.lower(), exc)
             if time.monotonic() + delay > deadline:

@@ -19,7 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 
 from replayd.codec import Codec, Poison
-from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key
+from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key, seq_field
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import RETRIABLE, retrying
 from replayd.errors import ReplaydError
@@ -226,6 +226,7 @@ class Engine:
             budget_s=self.budget_s,
             timeout_s=self.redis_cfg.socket_timeout_s,
             shard=self.shard,
+            seq=self.store.fields.get(seq_field(self.shard), ""),
         )
         inflight = self.inflight
         lanes = Lanes(

@@ -5,7 +5,8 @@
     ├── ConfigError              invalid settings, missing config file, bad plugin path (exit 78)
     ├── DataError                the stream cannot be replayed as asked: gap, divergence (exit 65)
     ├── SourceError              Redis unreachable or failing while reading (exit 69, retriable)
-    └── CommitError              a checkpoint transaction failed (exit 69, retriable)
+    ├── CommitError              a checkpoint transaction failed (exit 69, retriable)
+    └── FencingError             another instance of the same job and shard committed (exit 75)
 
 `StopReplay` is not an error: a handler raises it to end a run early after its work is committed.
 """
@@ -52,6 +53,12 @@ class CommitError(ReplaydError):
 
     exit_code = 69
     retriable = True
+
+
+class FencingError(ReplaydError):
+    """Raised when another instance of the same job and shard has committed: this one must stop."""
+
+    exit_code = 75
 
 
 class StopReplay(Exception):

@@ -1,0 +1,157 @@
+"""replayd's side of the benchmark: the engine in-process, and the `replayd replay` CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+
+from replayd.config import JobSpec, RedisConfig
+from replayd.connection import create_redis
+from replayd.engine import Engine, rebuild_in_place
+from replayd.handlers import ObjectHandler
+from tests.bench.core import PROJECTION, Sample, reset_job
+from tests.bench.handlers import SleepPerEvent
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def noop(cfg: RedisConfig, stream: str, partitions: int) -> Sample:
+    """The no-op handler through `Engine.run`, `partitions` lanes (partitioned by customer)."""
+    spec = JobSpec(
+        name=f"bench-noop-p{partitions}",
+        streams=[stream],
+        handler="tests.bench.handlers:Noop",
+        end="now",
+        resume=False,
+        partitions=partitions,
+    )
+    client = create_redis(cfg)
+    try:
+        await reset_job(client, spec.name)
+        engine = Engine(spec, client, redis_cfg=cfg)
+        start = time.perf_counter()
+        stats = await engine.run()
+        seconds = time.perf_counter() - start
+        return Sample(stats.total, seconds, {"processed": stats.processed, "failed": stats.failed})
+    finally:
+        await client.aclose()
+
+
+async def rebuild(cfg: RedisConfig, stream: str) -> Sample:
+    """`rebuild_in_place` of the built-in order_summary projection (transactional commits)."""
+    spec = JobSpec(name=PROJECTION, streams=[stream], handler="order_summary", end="now", resume=False)
+    client = create_redis(cfg)
+    try:
+        await reset_job(client, spec.name)
+        engine = Engine(spec, client, redis_cfg=cfg)
+        start = time.perf_counter()
+        stats = await rebuild_in_place(engine)
+        seconds = time.perf_counter() - start
+        return Sample(stats.total, seconds, {"processed": stats.processed, "failed": stats.failed})
+    finally:
+        await client.aclose()
+
+
+async def io_bound(cfg: RedisConfig, stream: str, partitions: int = 64) -> Sample:
+    """`SleepPerEvent` at `partitions` lanes, all allowed to run at once; checks per-key order afterwards."""
+    handler = SleepPerEvent()
+    spec = JobSpec(
+        name="bench-io",
+        streams=[stream],
+        handler="tests.bench.handlers:SleepPerEvent",
+        end="now",
+        resume=False,
+        partitions=partitions,
+        concurrency=partitions,
+    )
+    client = create_redis(cfg)
+    try:
+        await reset_job(client, spec.name)
+        engine = Engine(spec, client, redis_cfg=cfg, handler=ObjectHandler(handler, handler.name))
+        start = time.perf_counter()
+        stats = await engine.run()
+        seconds = time.perf_counter() - start
+    finally:
+        await client.aclose()
+    violations = handler.order_violations()
+    seen = handler.count()
+    if violations or seen != stats.total:
+        raise AssertionError(f"I/O-bound run: {violations} keys out of order, {seen} of {stats.total} events seen")
+    return Sample(stats.total, seconds, {"keys": len(handler.seen), "order_kept": True})
+
+
+# --- the CLI as a subprocess -------------------------------------------------------------------------------------
+
+
+def _cli(url: str, stream: str, handler: str, job: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "replayd", "replay", "--redis-url", url, "--stream", stream, "--handler", handler,
+        "--job", job, "--from", "beginning", "--to", "now", "--log-level", "WARNING", *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def cli_has_workers() -> bool:
+    """Whether `replayd replay --help` lists `--workers`."""
+    out = subprocess.run(
+        [sys.executable, "-m", "replayd", "replay", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        env=_env(),
+    )
+    return "--workers" in out.stdout
+
+
+def run_cli(args: list[str]) -> tuple[float, int]:
+    """Run the CLI; return its wall time (interpreter start-up included) and its own peak RSS in KiB.
+
+    `os.wait4` gives the rusage of exactly this child (and the children it waited for, e.g. forked workers).
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
+    return seconds, usage.ru_maxrss
+
+
+async def _reset(cfg: RedisConfig, job: str) -> None:
+    client = create_redis(cfg)
+    try:
+        await reset_job(client, job)
+    finally:
+        await client.aclose()
+
+
+def cli_workers(cfg: RedisConfig, stream: str, events: int, workers: int) -> Sample:
+    """`replayd replay --workers K` over the CPU-bound handler, timed from the outside (start-up included)."""
+    job = f"bench-cpu-w{workers}"
+    anyio.run(_reset, cfg, job)
+    url = cfg.url.get_secret_value()
+    seconds, rss = run_cli(_cli(url, stream, "tests.bench.handlers:Cpu", job, "--workers", str(workers)))
+    return Sample(events, seconds, {"peak_rss_kib": rss})
+
+
+def cli_rss(cfg: RedisConfig, stream: str, events: int) -> Sample:
+    """`replayd replay` with the no-op handler; `extra["peak_rss_kib"]` is the process's peak RSS."""
+    job = "bench-rss"
+    anyio.run(_reset, cfg, job)
+    seconds, rss = run_cli(_cli(cfg.url.get_secret_value(), stream, "tests.bench.handlers:Noop", job))
+    return Sample(events, seconds, {"peak_rss_kib": rss})
