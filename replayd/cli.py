@@ -148,7 +148,10 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
-        setup_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
+        setup_logging(
+            getattr(args, "log_level", None) or settings.log_level,
+            getattr(args, "log_format", None) or settings.log_format,
+        )
         if args.command == "version":
             print(f"replayd {__version__}")
             return 0

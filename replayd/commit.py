@@ -1,11 +1,14 @@
-"""Checkpoints: where each (job, stream, partition) is, committed with the handler's writes in one MULTI/EXEC.
+"""Checkpoints: where each (job, stream, partition) is, committed atomically with the handler's writes.
 
 Layout of `replayd:{job}:checkpoint` (one hash per job; the braces are a Cluster hash tag):
     <stream>#<p>             the last entry of partition p whose effects are committed
     <stream>#*               the stream's floor: every routed entry at or below it is committed, whatever its
                              partition (so partitions that get no events, and filtered events, still advance)
+    <stream>#*i/N            the same, for shard i of N
     <stream>#replay_until    entries at or below it are history (`ctx.replaying`) for a following job
     partitions               P, fixed for the job's lifetime (changing it would re-route committed keys)
+    seq, seq:i/N             the commit sequence `<n>:<token>` of the job (or shard): each commit runs only if it
+                             is unchanged, which makes retries apply once and fences out a second instance
 """
 
 from __future__ import annotations
@@ -172,7 +175,7 @@ class CommitRequest:
 
 
 class Committer:
-    """Commits lane batches. Requests that are ready together share one MULTI/EXEC (group commit).
+    """Commits lane batches. Requests that are ready together share one commit script (group commit).
 
     One task owns all writes to the checkpoint hash, so commits are applied in order and the floor of a
     stream can be computed without races.

@@ -2,7 +2,7 @@
 
 First signal: every job stops reading, drains what is routed and commits, within `shutdown_timeout_s`;
 past it, in-flight work is cancelled uncommitted (it will be replayed). Second signal: exit at once; the last
-commit holds, because each is a single MULTI/EXEC.
+commit holds, because each is one atomic script.
 
 With `[http] enabled` (the default) the daemon serves /metrics, /healthz (/livez) and /readyz (`replayd.http`)
 in its task group for as long as it runs, drain included; readiness is config valid + plugins loaded + Redis

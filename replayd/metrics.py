@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 
 import hiredis
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -43,8 +52,12 @@ class Metrics:
     """All of replayd's metrics on one registry (a fresh one unless given: tests and embedding stay isolated)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call] # the `_created` series only add cardinality here (OPERATIONS.md)
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         Info("replayd_build", "replayd build information", registry=r).info(_build())
         self.events_read = Counter("replayd_events_read", "Entries returned by XRANGE/XREAD", ["stream"], registry=r)
         self.handler_events = Counter(
@@ -139,7 +152,7 @@ class JobCollector(Collector):
             "replayd_rebuild_target_timestamp_seconds", "Head snapshot the rebuild runs to", labels=["replay"]
         )
         heads_done: set[str] = set()
-        for job in self.jobs.values():
+        for job in list(self.jobs.values()):  # scraped from the HTTP thread while the loop adds jobs
             self._collect_job(job, checkpoint, head, lag, lag_entries, progress, heads_done)
             current = job_state(job)
             for name in STATES:
@@ -160,20 +173,22 @@ class JobCollector(Collector):
         progress: GaugeMetricFamily,
         heads_done: set[str],
     ) -> None:
-        for stream in job.streams:
-            position = job.position.get(stream)
+        position_of, head_of = dict(job.position), dict(job.head)  # copies: the loop thread updates them
+        lag_of, beat_of = dict(job.lag_entries), dict(job.last_progress)
+        for stream in list(job.streams):
+            position = position_of.get(stream)
             if position is not None:
                 checkpoint.add_metric([stream, job.replay], position[0] / 1000)
-            top = job.head.get(stream)
+            top = head_of.get(stream)
             if top is not None and stream not in heads_done:
                 head.add_metric([stream], top[0] / 1000)
                 heads_done.add(stream)
             if top is not None and position is not None:
                 lag.add_metric([stream, job.replay], max(top[0] - position[0], 0) / 1000)
-            if stream in job.lag_entries:
-                lag_entries.add_metric([stream, job.replay], job.lag_entries[stream])
-            if stream in job.last_progress:
-                progress.add_metric([stream, job.replay], job.last_progress[stream])
+            if stream in lag_of:
+                lag_entries.add_metric([stream, job.replay], lag_of[stream])
+            if stream in beat_of:
+                progress.add_metric([stream, job.replay], beat_of[stream])
 
 
 def job_state(job: JobView) -> str:
@@ -182,8 +197,9 @@ def job_state(job: JobView) -> str:
     if status in ("completed", "failed", "stopped"):
         return "stopped"
     if status == "live" or status == "catching_up":
-        lagging = any((head := job.head.get(s)) is not None and head > job.position.get(s, (0, 0)) for s in job.streams)
-        beat = max(job.last_progress.values(), default=0.0)
+        heads, positions = dict(job.head), dict(job.position)  # copies: the loop thread updates them
+        lagging = any((head := heads.get(s)) is not None and head > positions.get(s, (0, 0)) for s in job.streams)
+        beat = max(dict(job.last_progress).values(), default=0.0)
         if lagging and beat and time.time() - beat > STALL_AFTER_S:
             return "stalled"
     return status if status in STATES else "starting"

@@ -36,7 +36,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class Tx:
     """replayd's own command buffer: commands are queued here and packed once per batch into the
-    MULTI/EXEC that also moves the checkpoint, so effects and checkpoint commit together."""
+    atomic commit (one Lua script) that also moves the checkpoint: effects and checkpoint commit together."""
 
     __slots__ = ("commands",)
 
@@ -118,7 +118,7 @@ class Context:
     replaying: bool = True
     """True while history is replayed; False for live events a following job receives."""
     tx: Tx = field(default_factory=Tx)
-    """Writes queued here run in the same MULTI/EXEC as the checkpoint of the batch."""
+    """Writes queued here run in the same atomic commit as the checkpoint of the batch."""
 
     def key(self, *parts: object) -> str:
         """A key in the projection's namespace: `ctx.key("order", 42)` -> `projection:<name>:order:42`."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -23,6 +25,8 @@ def import_from_string(spec: str) -> Any:
     module_name, sep, attrs = spec.partition(":")
     if not sep or not module_name or not attrs:
         raise ConfigError(f"plugin {spec!r}: expected 'package.module:attribute'")
+    if os.getcwd() not in sys.path:  # as uvicorn's --app-dir ".": plugins next to the config are importable
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,19 +118,36 @@ def cli_has_workers() -> bool:
 def run_cli(args: list[str]) -> tuple[float, int]:
     """Run the CLI; return its wall time (interpreter start-up included) and its own peak RSS in KiB.
 
-    `os.wait4` gives the rusage of exactly this child (and the children it waited for, e.g. forked workers).
+    The peak is the child's VmHWM, polled from /proc while it runs: rusage's ru_maxrss would also count the
+    pages the child shared with this (large) benchmark process between fork and exec.
     """
     start = time.perf_counter()
     proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    peak = [0]
+    watcher = threading.Thread(target=_watch_hwm, args=(proc.pid, peak), daemon=True)
+    watcher.start()
+    _out, err = proc.communicate()
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    proc.stderr.close()
+    watcher.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
-    return seconds, usage.ru_maxrss
+    return seconds, peak[0]
+
+
+def _watch_hwm(pid: int, peak: list[int]) -> None:
+    """Keep the highest VmHWM (KiB) of `pid` (and its children, for --workers) until it exits."""
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            text = status.read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                peak[0] = max(peak[0], int(line.split()[1]))
+        if "State:\tZ" in text:
+            return
+        time.sleep(0.02)
 
 
 async def _reset(cfg: RedisConfig, job: str) -> None:
