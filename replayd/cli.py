@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="field predicate, e.g. 'data.total>1000' (repeatable, all must hold)",
     )
     replay.add_argument("--filter", metavar="MOD:FUNC", help="plugin predicate")
+    replay.add_argument("--on-gap", choices=["fail", "warn", "skip"], help="stream trimmed past the checkpoint")
+    replay.add_argument("--allow-reset", action="store_true", help="start over when the checkpoint was lost")
     replay.add_argument(
         "--metrics-port",
         type=_port,
@@ -272,6 +274,10 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         "where": args.where,
         "filter": args.filter,
     }
+    if args.on_gap:
+        one_shot["on_gap"] = args.on_gap
+    if args.allow_reset:
+        one_shot["allow_reset"] = True
     spec = job_from_args(args, settings, one_shot=one_shot)
     async with _client(settings) as client:
         metrics = Metrics()
@@ -410,7 +416,8 @@ async def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
             return 0 if fields else 1
         if args.action == "reset":
             _confirm(args, f"delete {key}: job {args.job} replays from its start position next run")
-            await client.unlink(key)
+            progress = [k async for k in client.scan_iter(match=job_key(args.job, "progress") + "*")]
+            await client.unlink(key, *progress)  # an intended reset: not to be mistaken for a lost checkpoint
             print(f"reset {key}")
             return 0
         if not args.stream or not args.to:

@@ -102,6 +102,10 @@ class JobSpec(_Section):
     progress_interval_s: float = Field(1.0, gt=0)
     shard: str | None = None
     """`i/N`: this process handles partitions p with p mod N == i (replicas, `--workers`)."""
+    on_gap: Literal["fail", "warn", "skip"] = "fail"
+    """A stream trimmed past, or gone back behind, the checkpoint: stop (exit 65), or log and go on."""
+    allow_reset: bool = False
+    """Start over when the checkpoint vanished while the job's progress remains (refused otherwise)."""
 
     @field_validator("start")
     @classmethod

@@ -22,9 +22,10 @@ from replayd.codec import Codec, Poison
 from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key, seq_field
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import RETRIABLE, retrying
-from replayd.errors import ReplaydError
+from replayd.errors import DataError, ReplaydError
 from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id
 from replayd.filters import Predicate, build_filter
+from replayd.gaps import find_gap
 from replayd.handlers import Context, Handler, Outcome
 from replayd.handlers.loader import load_handler, load_predicate
 from replayd.lanes import InFlight, Lanes, Slice
@@ -136,6 +137,7 @@ class Engine:
         if not spec.resume:  # an explicit start begins the job anew: old positions (and layout) would mislead
             await self.store.reset()
         await self.store.load()
+        await self._refuse_lost_checkpoint()
         streams = list(spec.streams)
         if spec.entity:
             entity_type, entity_id = spec.entity.split(":", 1)
@@ -148,6 +150,31 @@ class Engine:
         for stream in streams:
             self._plans.append(await self._plan(stream, now_ms))
         self.metrics.add_job(self.view)
+
+    async def _refuse_lost_checkpoint(self) -> None:
+        """A job that has run (its progress hash is there) but whose checkpoint is gone would silently start
+        over from its start position: refuse that unless asked to (FAULTS.md T30)."""
+        spec = self.spec
+        if not spec.resume or spec.allow_reset or self.store.fields:
+            return
+        if await self.redis.hget(self.progress.key, "checkpointed"):
+            for stream in spec.streams:
+                self.metrics.gaps.labels(stream, "checkpoint_missing").inc()
+            raise DataError(
+                f"job {spec.name} has committed before ({self.progress.key} says so) but {self.store.key} is gone "
+                "(evicted, deleted or a Redis restored without it): refusing to start over from "
+                f"{spec.start}. Set allow_reset = true (or --allow-reset) to replay from there."
+            )
+
+    async def _check_gap(self, stream: str, position: Id) -> None:
+        gap = await find_gap(self.redis, stream, position)
+        if gap is None:
+            return
+        self.metrics.gaps.labels(stream, gap.kind).inc()
+        if self.spec.on_gap == "fail":
+            raise DataError(f"{gap.message} (job {self.spec.name}; on_gap = 'warn' or 'skip' goes on)")
+        log = logger.warning if self.spec.on_gap == "warn" else logger.info
+        log("%s; going on from there (on_gap = %s)", gap.message, self.spec.on_gap)
 
     def _without_entity(self) -> Predicate | None:
         spec = self.spec
@@ -165,6 +192,8 @@ class Engine:
         resume = self.store.resume(stream) if spec.resume else None
         if resume is None:
             resume = Resume(_resolve_start(spec.start_bound, now_ms), {})
+        else:
+            await self._check_gap(stream, resume.after)
         if end is None:  # following: what is in the stream now is history, unless an earlier run said so
             replay_until = self.store.replay_until(stream)
             if replay_until is None:
@@ -196,6 +225,7 @@ class Engine:
 
     def _on_commit(self, floors: dict[str, Id]) -> None:
         if floors:
+            self.stats.checkpointed = True
             self.stats.position.update(floors)
             now = time.time()
             for stream in floors:

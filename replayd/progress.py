@@ -46,6 +46,8 @@ class Stats:
     """Per stream: the end bound, or the head at start for a following job (None: empty stream)."""
     position: dict[str, Id] = field(default_factory=dict)
     """Per stream: the committed floor."""
+    checkpointed: bool = False
+    """A checkpoint was committed in this run (so a vanished checkpoint later means a lost one)."""
     caught_up_at: float | None = None
     completed_at: float | None = None
     rate: float = 0.0
@@ -86,6 +88,8 @@ class Stats:
         for stream in self.streams:
             fields[f"position:{stream}"] = format_id(self.position[stream]) if stream in self.position else ""
             fields[f"target:{stream}"] = _fmt(self.target.get(stream))
+        if self.checkpointed:
+            fields["checkpointed"] = "1"
         if self.caught_up_at is not None:
             fields["caught_up_at"] = repr(self.caught_up_at)
         if self.completed_at is not None:

@@ -1,0 +1,51 @@
+"""Gaps and divergence: what a stream lost, or forgot, since a job's checkpoint was written.
+
+- trimmed: entries after the checkpoint were removed (XTRIM/MAXLEN) before the job read them. Redis 7 says so
+  exactly (`max-deleted-entry-id` beyond the checkpoint while the first entry is too); on 6.2 the first entry
+  being beyond a non-zero checkpoint is taken as a gap (it cannot tell a trim that stopped just there).
+- diverged: the checkpoint is above the stream's `last-generated-id` (a failover to a lagging replica, a torn
+  AOF, a recreated stream): new entries would reuse IDs at or below the checkpoint and be skipped silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from replayd.events import ZERO, Id, format_id, parse_id
+
+
+class Gap(NamedTuple):
+    """A data-loss signal for one stream."""
+
+    kind: str
+    """`trimmed` or `diverged` (the `kind` label of replayd_gap_detected_total)."""
+    message: str
+    """What happened, naming the stream, the checkpoint and the head."""
+
+
+async def find_gap(redis: Redis, stream: str, position: Id) -> Gap | None:
+    """Compare a checkpoint with what the stream still holds; None when nothing was lost."""
+    if position == ZERO:
+        return None
+    try:
+        info: dict[str, Any] = await redis.xinfo_stream(stream)
+    except ResponseError:  # no such key
+        return Gap("diverged", f"stream {stream} is gone but the checkpoint is at {format_id(position)}")
+    last = parse_id(info["last-generated-id"])
+    first_entry = info.get("first-entry")
+    first = parse_id(first_entry[0]) if first_entry else None
+    deleted_text = info.get("max-deleted-entry-id")
+    max_deleted = parse_id(deleted_text) if deleted_text is not None else None
+    where = f"stream {stream}: checkpoint {format_id(position)}, last-generated-id {format_id(last)}"
+    if position > last:
+        return Gap("diverged", f"{where}: the stream went back behind the checkpoint (failover to a lagging "
+                   "replica, restored backup or recreated stream); new entries would be skipped")  # fmt: skip
+    trimmed_past = (first is None and last > position) or (first is not None and first > position)
+    if trimmed_past and (max_deleted is None or max_deleted > position):
+        first_text = format_id(first) if first else "none (empty)"
+        return Gap("trimmed", f"{where}, first entry {first_text}: entries after the checkpoint were trimmed "
+                   "before they were replayed")  # fmt: skip
+    return None
