@@ -48,6 +48,8 @@ class RedisConfig(_Section):
     connect_timeout_s: float = Field(5.0, gt=0)
     block_ms: int = Field(2000, ge=0)
     max_connections: int = Field(64, ge=2)
+    unavailable_timeout_s: float = Field(60.0, gt=0)
+    """How long Redis may stay unreachable (retries with backoff and jitter) before replayd exits 69."""
 
     @model_validator(mode="after")
     def _block_below_timeout(self) -> RedisConfig:

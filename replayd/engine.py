@@ -59,14 +59,14 @@ class Engine:
         *,
         redis_cfg: RedisConfig | None = None,
         handler: Handler | None = None,
-        unavailable_budget_s: float = 60.0,
+        unavailable_budget_s: float | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.spec = spec
         self.redis = redis
         self.redis_cfg = redis_cfg or RedisConfig()
         self.handler = handler or load_handler(spec.handler)
-        self.budget_s = unavailable_budget_s
+        self.budget_s = unavailable_budget_s or self.redis_cfg.unavailable_timeout_s
         # handlers read through a client with redis-py's usual reply parsing, on the same pool
         self.handler_redis = Redis(connection_pool=redis.connection_pool)
         self.shard = spec.shard_of
