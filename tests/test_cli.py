@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,11 +135,15 @@ def test_environment_wins_over_the_file(tmp_path: Path, redis_url: str, history:
     assert done.returncode == 0, done.stderr
 
 
-def test_unreachable_redis_exits_69_and_hides_the_password() -> None:
+def test_unreachable_redis_exits_69_after_retrying_and_hides_the_password() -> None:
+    started = time.monotonic()
     done = replayd(
-        "replay", "--redis-url", "redis://user:hunter2@127.0.0.1:1/0", "--stream", "s", "--handler", "order_summary"
-    )
+        "replay", "--redis-url", "redis://user:hunter2@127.0.0.1:1/0", "--stream", "s", "--handler", "order_summary",
+        env={"REPLAYD_REDIS__UNAVAILABLE_TIMEOUT_S": "2"},
+    )  # fmt: skip
     assert done.returncode == 69
+    assert 1 < time.monotonic() - started < 30  # retried with backoff for the budget, then gave up
+    assert "unavailable" in done.stderr
     assert "hunter2" not in done.stderr + done.stdout
 
 
