@@ -1,8 +1,9 @@
 """Gaps and divergence: what a stream lost, or forgot, since a job's checkpoint was written.
 
-- trimmed: entries after the checkpoint were removed (XTRIM/MAXLEN) before the job read them. Redis 7 says so
-  exactly (`max-deleted-entry-id` beyond the checkpoint while the first entry is too); on 6.2 the first entry
-  being beyond a non-zero checkpoint is taken as a gap (it cannot tell a trim that stopped just there).
+- trimmed: entries after the checkpoint were removed (XTRIM/MAXLEN, or XDEL) before the job read them: the
+  stream's first entry is beyond a non-zero checkpoint (or the stream is empty though IDs were generated past
+  it). Neither Redis 6.2 nor 7 can tell a trim that stopped exactly at the checkpoint entry (7.0's
+  `max-deleted-entry-id` only follows XDEL), so that case reads as a gap too; `on_gap` decides.
 - diverged: the checkpoint is above the stream's `last-generated-id` (a failover to a lagging replica, a torn
   AOF, a recreated stream): new entries would reuse IDs at or below the checkpoint and be skipped silently.
 """
@@ -37,8 +38,6 @@ async def find_gap(redis: Redis, stream: str, position: Id) -> Gap | None:
     last = parse_id(info["last-generated-id"])
     first_entry = info.get("first-entry")
     first = parse_id(first_entry[0]) if first_entry else None
-    deleted_text = info.get("max-deleted-entry-id")
-    max_deleted = parse_id(deleted_text) if deleted_text is not None else None
     where = f"stream {stream}: checkpoint {format_id(position)}, last-generated-id {format_id(last)}"
     if position > last:
         return Gap("diverged", f"{where}: the stream went back behind the checkpoint (failover to a lagging "
