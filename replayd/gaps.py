@@ -42,8 +42,7 @@ async def find_gap(redis: Redis, stream: str, position: Id) -> Gap | None:
     if position > last:
         return Gap("diverged", f"{where}: the stream went back behind the checkpoint (failover to a lagging "
                    "replica, restored backup or recreated stream); new entries would be skipped")  # fmt: skip
-    trimmed_past = (first is None and last > position) or (first is not None and first > position)
-    if trimmed_past and (max_deleted is None or max_deleted > position):
+    if (first is None and last > position) or (first is not None and first > position):
         first_text = format_id(first) if first else "none (empty)"
         return Gap("trimmed", f"{where}, first entry {first_text}: entries after the checkpoint were trimmed "
                    "before they were replayed")  # fmt: skip
