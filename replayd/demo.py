@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 import anyio
 from redis.asyncio import Redis
@@ -31,7 +32,8 @@ async def run_demo(args: argparse.Namespace, settings: Settings) -> None:
         if args.redis_url or os.environ.get("REPLAYD_REDIS__URL"):
             cfg = settings.redis
         else:
-            server = stack.enter_context(EmbeddedRedis())
+            # data kept in ./.replayd/redis (AOF), so a second `make run` resumes from the checkpoint
+            server = stack.enter_context(EmbeddedRedis(Path(".replayd/redis"), appendonly=True))
             _say(f"started an embedded redis-server ({server.binary}) on {server.url}")
             cfg = settings.redis.model_copy(update={"url": RedisConfig(url=server.url).url})
         _say(f"using Redis at {redact(cfg.url.get_secret_value())}")
@@ -66,7 +68,10 @@ async def _rebuild(cfg: RedisConfig) -> None:
 
 async def _follow(cfg: RedisConfig, settings: Settings, reader: Redis, rate: float) -> None:
     job = JobSpec(name="order_summary", streams=[STREAM], handler="order_summary", end="follow")
-    daemon_settings = settings.model_copy(update={"redis": cfg, "jobs": [job]})
+    http = settings.http
+    if "REPLAYD_HTTP__PORT" not in os.environ:  # a free port on loopback: the demo must not clash with anything
+        http = http.model_copy(update={"host": "127.0.0.1", "port": 0})
+    daemon_settings = settings.model_copy(update={"redis": cfg, "jobs": [job], "http": http})
     daemon = Daemon(daemon_settings)
     _say(f"following {STREAM} live; a producer appends ~{rate:g} orders/s. Ctrl-C to stop.")
     async with anyio.create_task_group() as tg:
@@ -74,7 +79,7 @@ async def _follow(cfg: RedisConfig, settings: Settings, reader: Redis, rate: flo
         tg.start_soon(_watch, reader)
         await daemon.run()
         tg.cancel_scope.cancel()
-    _say("stopped; run `replayd status` or `replayd demo` again to resume from the checkpoint")
+    _say("stopped cleanly; the history stays in .replayd/redis for the next `make run`")
 
 
 async def _produce(redis: Redis, rate: float) -> None:

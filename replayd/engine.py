@@ -112,7 +112,13 @@ class Engine:
         )
 
     async def run(self) -> Stats:
-        current_job.set(self.spec.name)  # every log line of this job's tasks carries its name
+        token = current_job.set(self.spec.name)  # every log line of this job's tasks carries its name
+        try:
+            return await self._run()
+        finally:
+            current_job.reset(token)
+
+    async def _run(self) -> Stats:
         await retrying(self._prepare, what="start", budget_s=self.budget_s, metrics=self.metrics)
         ctx = self.new_context()
         await self.handler.startup(ctx)
