@@ -92,7 +92,21 @@ class CheckpointStore:
         )
 
     async def reset(self) -> None:
-        await self.redis.unlink(self.key)
+        """Forget this job's positions; a shard forgets only its own (the others may be running)."""
+        if self.shard.total == 1:
+            await self.redis.unlink(self.key)
+            return
+        own_floor, own_seq = f"#{FLOOR}{self.shard.suffix}", seq_field(self.shard)
+        fields = text_hash(await self.redis.hgetall(self.key))
+        mine = [
+            name
+            for name in fields
+            if name == own_seq
+            or name.endswith(own_floor)
+            or ((tail := name.rpartition("#")[2]).isdigit() and self.shard.owns(int(tail)))
+        ]
+        if mine:
+            await self.redis.hdel(self.key, *mine)
 
 
 def partition_positions(

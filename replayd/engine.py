@@ -74,7 +74,7 @@ class Engine:
         self.stop_requested = anyio.Event()
         self.caught_up = anyio.Event()
         self.store = CheckpointStore(redis, spec.name, spec.partitions, self.shard)
-        self.filter = self._build_filter()
+        self.filter = self._build_filter(spec.entity)
         self.router = Router(
             spec.partitions,
             partition_by=spec.partition_by or self.handler.partition_by,
@@ -100,15 +100,14 @@ class Engine:
     def new_context(self) -> Context:
         return Context(self.spec.name, self.handler_redis, f"projection:{self.handler.name}")
 
-    def _build_filter(self) -> Predicate | None:
+    def _build_filter(self, entity: str | None) -> Predicate | None:
         spec = self.spec
-        handled = self.handler.event_types
         return build_filter(
             types=spec.types,
-            entity=spec.entity,
+            entity=entity,
             where=spec.where,
             plugin=load_predicate(spec.filter) if spec.filter else None,
-            handled=handled,
+            handled=self.handler.event_types,
         )
 
     async def run(self) -> Stats:
@@ -121,9 +120,9 @@ class Engine:
     async def _run(self) -> Stats:
         await retrying(self._prepare, what="start", budget_s=self.budget_s, metrics=self.metrics)
         ctx = self.new_context()
-        await self.handler.startup(ctx)
         self.stats.status = "catching_up"
         try:
+            await self.handler.startup(ctx)
             await self._pipeline()
             self.stats.status = "stopped" if self.stop_requested.is_set() else "completed"
         except BaseException:
@@ -150,7 +149,7 @@ class Engine:
             own = f"events:{entity_type}:{entity_id}"
             if await self.redis.exists(own):  # the article's per-entity stream, when the producer keeps one
                 streams = [own]
-                self.filter = self._without_entity()
+                self.filter = self._build_filter(None)
         self.stats.streams = self.view.streams = streams
         now_ms = await redis_time_ms(self.redis)
         for stream in streams:
@@ -181,15 +180,6 @@ class Engine:
             raise DataError(f"{gap.message} (job {self.spec.name}; on_gap = 'warn' or 'skip' goes on)")
         log = logger.warning if self.spec.on_gap == "warn" else logger.info
         log("%s; going on from there (on_gap = %s)", gap.message, self.spec.on_gap)
-
-    def _without_entity(self) -> Predicate | None:
-        spec = self.spec
-        return build_filter(
-            types=spec.types,
-            where=spec.where,
-            plugin=load_predicate(spec.filter) if spec.filter else None,
-            handled=self.handler.event_types,
-        )
 
     async def _plan(self, stream: str, now_ms: int) -> _Plan:
         spec = self.spec

@@ -100,3 +100,21 @@ def test_workers_restart_a_dead_worker_and_stop_on_sigterm(redis_url: str, sync_
         if supervisor.poll() is None:
             supervisor.kill()
         os.unlink(path)
+
+
+@pytest.mark.anyio
+async def test_shards_starting_over_keep_each_others_checkpoints(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    """`--from beginning --workers 2`: each shard forgets only its own positions, never the other's sequence."""
+    load_history_sync(sync_redis, STREAM, 3000)
+    for i in range(2):  # a first run leaves checkpoints and commit sequences of both shards
+        await Engine(spec(shard=f"{i}/2"), raw_redis, redis_cfg=redis_cfg).run()
+    engines = [Engine(spec(shard=f"{i}/2", resume=False), raw_redis, redis_cfg=redis_cfg) for i in range(2)]
+    async with anyio.create_task_group() as tg:
+        for engine in engines:
+            tg.start_soon(engine.run)
+    assert all(engine.stats.status == "completed" for engine in engines)
+    entries: Any = sync_redis.xrange(STREAM)
+    handled = sum(1 for _, fields in entries if fields[b"event_type"].startswith(b"Order"))
+    assert sum(engine.stats.processed for engine in engines) == handled
