@@ -292,15 +292,20 @@ class Engine:
             await anyio.sleep(interval_s)
 
     async def _count_lag(self, stream: str, limit: int = 1000) -> None:
-        # an exact count is one bounded XRANGE when the job is near the head; beyond `limit` it is left out
-        position = self.stats.position.get(stream, ZERO)
-        ids: list[Any] = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-            "XRANGE", stream, "(" + format_id(position), "+", "COUNT", limit + 1
-        )
-        if len(ids) <= limit:
-            self.view.lag_entries[stream] = len(ids)
-        else:
-            self.view.lag_entries.pop(stream, None)
+        """Entries after the checkpoint (lag) and still kept before it (retention margin, the trim risk).
+
+        Each is one XRANGE bounded by `limit`: exact when small, which is when it matters (a job near the
+        head; a checkpoint near the trim point); beyond `limit` the gauge is left out rather than guessed.
+        """
+        position = format_id(self.stats.position.get(stream, ZERO))
+        for gauge, low, high in ((self.view.lag_entries, "(" + position, "+"), (self.view.retention, "-", position)):
+            entries: list[Any] = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "XRANGE", stream, low, high, "COUNT", limit + 1
+            )
+            if len(entries) <= limit:
+                gauge[stream] = len(entries)
+            else:
+                gauge.pop(stream, None)
 
     async def _read_all(
         self, routes: list[list[MemoryObjectSendStream[Slice]]], committer: Committer, inflight: InFlight

@@ -43,6 +43,7 @@ class JobView:
     position: dict[str, tuple[int, int]]
     head: dict[str, tuple[int, int] | None] = field(default_factory=dict)
     lag_entries: dict[str, int] = field(default_factory=dict)
+    retention: dict[str, int] = field(default_factory=dict)
     last_progress: dict[str, float] = field(default_factory=dict)
     inflight: Callable[[], int] = lambda: 0
     rebuild_target: tuple[int, int] | None = None
@@ -141,6 +142,10 @@ class JobCollector(Collector):
             "replayd_lag_entries", "Entries after the checkpoint (only when counted exactly)",
             labels=["stream", "replay"],
         )  # fmt: skip
+        retention = GaugeMetricFamily(
+            "replayd_retention_margin_entries", "Entries kept at or before the checkpoint (trim risk; when <= 1000)",
+            labels=["stream", "replay"],
+        )  # fmt: skip
         progress = GaugeMetricFamily(
             "replayd_last_progress_timestamp_seconds", "Wall time the checkpoint last moved",
             labels=["stream", "replay"],
@@ -153,7 +158,7 @@ class JobCollector(Collector):
         )
         heads_done: set[str] = set()
         for job in list(self.jobs.values()):  # scraped from the HTTP thread while the loop adds jobs
-            self._collect_job(job, checkpoint, head, lag, lag_entries, progress, heads_done)
+            self._collect_job(job, checkpoint, head, lag, lag_entries, retention, progress, heads_done)
             current = job_state(job)
             for name in STATES:
                 state.add_metric([job.replay, name], 1.0 if name == current else 0.0)
@@ -161,7 +166,7 @@ class JobCollector(Collector):
             rebuilding.add_metric([job.replay], 1.0 if job.rebuild_target and current != "stopped" else 0.0)
             if job.rebuild_target:
                 target.add_metric([job.replay], job.rebuild_target[0] / 1000)
-        return [checkpoint, head, lag, lag_entries, progress, state, inflight, rebuilding, target]
+        return [checkpoint, head, lag, lag_entries, retention, progress, state, inflight, rebuilding, target]
 
     @staticmethod
     def _collect_job(
@@ -170,11 +175,12 @@ class JobCollector(Collector):
         head: GaugeMetricFamily,
         lag: GaugeMetricFamily,
         lag_entries: GaugeMetricFamily,
+        retention: GaugeMetricFamily,
         progress: GaugeMetricFamily,
         heads_done: set[str],
     ) -> None:
         position_of, head_of = dict(job.position), dict(job.head)  # copies: the loop thread updates them
-        lag_of, beat_of = dict(job.lag_entries), dict(job.last_progress)
+        lag_of, beat_of, kept_of = dict(job.lag_entries), dict(job.last_progress), dict(job.retention)
         for stream in list(job.streams):
             position = position_of.get(stream)
             if position is not None:
@@ -187,6 +193,8 @@ class JobCollector(Collector):
                 lag.add_metric([stream, job.replay], max(top[0] - position[0], 0) / 1000)
             if stream in lag_of:
                 lag_entries.add_metric([stream, job.replay], lag_of[stream])
+            if stream in kept_of:
+                retention.add_metric([stream, job.replay], kept_of[stream])
             if stream in beat_of:
                 progress.add_metric([stream, job.replay], beat_of[stream])
 

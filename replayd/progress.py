@@ -131,7 +131,21 @@ class ProgressWriter:
         except RETRIABLE as exc:  # progress is for people watching: never a reason to stop a replay
             logger.warning("progress hash %s not written: %s", self.key, exc)
 
-    async def run(self) -> None:
+    async def run(self, log_every_s: float = 10.0) -> None:
+        """Write every `interval_s`; log a progress line every `log_every_s` while events flow."""
+        logged_at, logged_total = time.monotonic(), self.stats.total
         while True:
             await anyio.sleep(self.interval_s)
             await self.write()
+            now = time.monotonic()
+            if now - logged_at >= log_every_s and self.stats.total != logged_total:
+                self._log(self.stats.total - logged_total, now - logged_at)
+                logged_at, logged_total = now, self.stats.total
+
+    def _log(self, events: int, seconds: float) -> None:
+        stats = self.stats
+        logger.info(
+            "%s: %d events read (%.0f/s), %d processed, %d skipped, %d failed, %.1f%% at %s",
+            stats.status, stats.total, events / seconds, stats.processed, stats.skipped, stats.failed,
+            stats.percent(), ", ".join(f"{s} {format_id(p)}" for s, p in stats.position.items()),
+        )  # fmt: skip
