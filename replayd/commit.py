@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from replayd.connection import RETRIABLE, text, text_hash
+from replayd.connection import RETRIABLE, is_retriable, text, text_hash
 from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError
 from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
 from replayd.metrics import Metrics
@@ -336,8 +336,7 @@ class Committer:
             # the connection's state is unknown (half-read, or cancelled mid-reply): never reuse it
             with anyio.CancelScope(shield=True):
                 await conn.disconnect()
-            if isinstance(exc, RuntimeError) and "closed" in str(exc):
-                # uvloop reports a write on a transport the peer reset as RuntimeError
+            if isinstance(exc, RuntimeError) and is_retriable(exc):
                 raise RedisConnectionError(str(exc)) from exc
             if isinstance(exc, ResponseError):
                 raise ReplaydError(f"Redis refused the commit to {self.key}: {exc}") from exc

@@ -99,6 +99,10 @@ class JobSpec(_Section):
     concurrency: int = Field(16, ge=1)
     ordering: Literal["key", "none"] = "key"
     batch_size: int = Field(1000, ge=1, le=100_000)
+    """The largest read and lane batch; adaptive batching moves between `min_batch_size` and it."""
+    min_batch_size: int = Field(10, ge=1)
+    batch_target_s: float = Field(1.0, gt=0)
+    """A lane batch should take about this long: longer halves the batch size, much shorter doubles it."""
     max_in_flight: int = Field(20_000, ge=1)
     fields: FieldNames = FieldNames()
     progress_interval_s: float = Field(1.0, gt=0)

@@ -26,6 +26,12 @@ RETRIABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 """Errors after which the same idempotent read may simply be sent again."""
 
 
+def is_retriable(exc: BaseException) -> bool:
+    """A lost or failing connection: one of RETRIABLE, or uvloop's RuntimeError for a write on a transport the
+    peer has reset ("unable to perform operation on <TCPTransport closed=True ...>; the handler is closed")."""
+    return isinstance(exc, RETRIABLE) or (isinstance(exc, RuntimeError) and "handler is closed" in str(exc))
+
+
 def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
     """A client on a blocking pool (waits for a free connection instead of failing under load).
 
@@ -71,9 +77,9 @@ async def retrying(
         started = time.monotonic()
         try:
             result = await call()
-        except (*RETRIABLE, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and "closed" not in str(exc):
-                raise  # only uvloop's report of a write on a transport the peer reset is a connection error
+        except Exception as exc:
+            if not is_retriable(exc):
+                raise
             if metrics:
                 metrics.redis_error(what.lower(), exc)
             if time.monotonic() + delay > deadline:

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from replayd.codec import Codec, Poison
 from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key, seq_field
 from replayd.config import JobSpec, RedisConfig
-from replayd.connection import RETRIABLE, retrying
+from replayd.connection import is_retriable, retrying
 from replayd.errors import DataError, ReplaydError
 from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id
 from replayd.filters import Predicate, build_filter
@@ -33,7 +33,7 @@ from replayd.logs import current_job
 from replayd.metrics import JobView, Metrics
 from replayd.progress import ProgressWriter, Stats
 from replayd.router import Router
-from replayd.source import Batch, StreamReader, head, redis_time_ms
+from replayd.source import Batch, BatchSizer, StreamReader, head, redis_time_ms
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class Engine:
         self.progress = ProgressWriter(redis, self.stats, spec.progress_interval_s, self.shard)
         self._plans: list[_Plan] = []
         self.inflight = InFlight(spec.max_in_flight)
+        self.sizer = BatchSizer(spec.batch_size, minimum=spec.min_batch_size, target_s=spec.batch_target_s)
         self.metrics = metrics or Metrics()
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
                             inflight=lambda: self.inflight.count)  # fmt: skip
@@ -261,7 +262,7 @@ class Engine:
             self.new_context,
             committer.commit,
             concurrency=self.spec.concurrency,
-            batch_size=self.spec.batch_size,
+            sizer=self.sizer,
             inflight=inflight,
             on_outcome=self._on_outcome,
             stop=self.stop_requested,
@@ -287,7 +288,9 @@ class Engine:
                     try:
                         self.view.head[stream] = await head(self.redis, stream)
                         await self._count_lag(stream)
-                    except RETRIABLE as exc:
+                    except Exception as exc:
+                        if not is_retriable(exc):
+                            raise
                         logger.debug("head of %s not refreshed: %s", stream, exc)
             await anyio.sleep(interval_s)
 
@@ -319,7 +322,7 @@ class Engine:
                     reader = StreamReader(
                         self.redis,
                         plan.stream,
-                        batch_size=self.spec.batch_size,
+                        sizer=self.sizer,
                         block_ms=self.redis_cfg.block_ms,
                         budget_s=self.budget_s,
                         metrics=self.metrics,

@@ -1,6 +1,6 @@
 """Lanes: one task per partition, in stream order within it; a limiter caps how many run at once.
 
-A lane takes the slices waiting in its bounded inbox (up to `batch_size` events), runs the handler on them,
+A lane takes the slices waiting in its bounded inbox (up to the current batch size), runs the handler on them,
 then hands its `ctx.tx` writes and checkpoints to the committer and waits for the transaction. The reader
 side waits while `max_in_flight` events are routed but not committed, so memory stays bounded.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import NamedTuple
 
 import anyio
@@ -19,6 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from replayd.commit import CommitRequest, Mark
 from replayd.events import Event
 from replayd.handlers import Context, Handler, Outcome
+from replayd.source import BatchSizer
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,8 @@ class Slice(NamedTuple):
 
     events: list[Event]
     """In stream order."""
-    mark: Mark
-    """The read batch's mark, done when all its slices are committed."""
+    mark: Mark | None
+    """The read batch's mark, done when all its slices are committed (None on a piece cut off a slice's front)."""
     replaying: bool
     """History or live."""
 
@@ -66,7 +67,7 @@ class Lanes:
         commit: Callable[[CommitRequest], Awaitable[None]],
         *,
         concurrency: int,
-        batch_size: int,
+        sizer: BatchSizer,
         inflight: InFlight,
         on_outcome: Callable[[str, Outcome, float], None],
         stop: anyio.Event,
@@ -74,7 +75,7 @@ class Lanes:
         self.handler = handler
         self.new_context = new_context
         self.commit = commit
-        self.batch_size = batch_size
+        self.sizer = sizer
         self.inflight = inflight
         self.on_outcome = on_outcome
         self.limiter = anyio.CapacityLimiter(concurrency)
@@ -101,24 +102,26 @@ class Lanes:
             async for first in outbox:
                 slices = [first]
                 size = len(first.events)
-                while size < self.batch_size:
+                while size < self.sizer.size:
                     try:
                         more = outbox.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                     slices.append(more)
                     size += len(more.events)
-                if not await self._process(partition, slices, size):
-                    return
+                for chunk in _chunks(slices, self.sizer):
+                    if not await self._process(partition, chunk):
+                        return
 
-    async def _process(self, partition: int, slices: list[Slice], size: int) -> bool:
+    async def _process(self, partition: int, chunk: list[Slice]) -> bool:
         """Handle and commit one lane batch; False when a handler asked to stop."""
         ctx = self.new_context()
         checkpoints: dict[str, str] = {}
         done: list[Mark] = []
         stopped = False
         async with self.limiter:
-            for piece in slices:
+            began = time.monotonic()
+            for piece in chunk:
                 ctx.replaying = piece.replaying
                 started = time.monotonic()
                 outcome = await self.handler.handle_batch(piece.events, ctx)
@@ -130,10 +133,35 @@ class Lanes:
                     break
                 last = piece.events[-1]
                 checkpoints[f"{last.stream}#{partition}"] = last.stream_id
-                done.append(piece.mark)
+                if piece.mark is not None:
+                    done.append(piece.mark)
+            self.sizer.observe(time.monotonic() - began)
         await self.commit(CommitRequest(ctx.tx.commands, checkpoints, done))
-        self.inflight.release(size)
+        self.inflight.release(sum(len(piece.events) for piece in chunk))
         if stopped:
             logger.info("handler asked to stop at %s", checkpoints)
             self.stop.set()
         return not stopped
+
+
+def _chunks(slices: list[Slice], sizer: BatchSizer) -> Iterator[list[Slice]]:
+    """Lane batches of at most the current batch size (read afresh for each), cutting slices where needed.
+
+    Only the piece that ends a slice carries its mark: a read batch is done when all of it is committed.
+    """
+    chunk: list[Slice] = []
+    room = sizer.size
+    for whole in slices:
+        piece = whole
+        while len(piece.events) > room:
+            chunk.append(Slice(piece.events[:room], None, piece.replaying))
+            yield chunk
+            piece = piece._replace(events=piece.events[room:])
+            chunk, room = [], sizer.size
+        chunk.append(piece)
+        room -= len(piece.events)
+        if room <= 0:
+            yield chunk
+            chunk, room = [], sizer.size
+    if chunk:
+        yield chunk

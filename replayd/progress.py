@@ -16,7 +16,7 @@ import anyio
 from redis.asyncio import Redis
 
 from replayd.commit import job_key
-from replayd.connection import RETRIABLE
+from replayd.connection import is_retriable
 from replayd.events import WHOLE, Id, Shard, format_id
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,10 @@ class ProgressWriter:
         self._last_total, self._last_time = self.stats.total, now
         try:
             await self.redis.hset(self.key, mapping=self.stats.fields())  # type: ignore[arg-type]
-        except RETRIABLE as exc:  # progress is for people watching: never a reason to stop a replay
+        except Exception as exc:
+            if not is_retriable(exc):
+                raise
+            # progress is for people watching: never a reason to stop a replay
             logger.warning("progress hash %s not written: %s", self.key, exc)
 
     async def run(self, log_every_s: float = 10.0) -> None:

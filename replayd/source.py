@@ -30,6 +30,25 @@ class Batch(NamedTuple):
     """Monotonic time of the read (for pacing and latency)."""
 
 
+class BatchSizer:
+    """Adaptive batching: reads start small and double while lane batches finish well within `target_s`, and
+    halve when one takes longer, between `minimum` and `maximum`. A slow handler then commits (and moves the
+    checkpoint) every `target_s` or so, instead of holding a huge batch's checkpoint back."""
+
+    def __init__(self, maximum: int, *, minimum: int, target_s: float) -> None:
+        self.maximum = maximum
+        self.minimum = min(minimum, maximum)
+        self.target_s = target_s
+        self.size = max(self.minimum, min(100, maximum))
+
+    def observe(self, seconds: float) -> None:
+        """Feed the handler time of one lane batch."""
+        if seconds > self.target_s:
+            self.size = max(self.minimum, self.size // 2)
+        elif seconds < self.target_s / 4:
+            self.size = min(self.maximum, self.size * 2)
+
+
 class StreamReader:
     """Reads one stream in order and sends `Batch`es into a zero-buffer channel.
 
@@ -38,11 +57,11 @@ class StreamReader:
     """
 
     def __init__(
-        self, redis: Redis, stream: str, *, batch_size: int, block_ms: int, budget_s: float, metrics: Metrics
+        self, redis: Redis, stream: str, *, sizer: BatchSizer, block_ms: int, budget_s: float, metrics: Metrics
     ) -> None:
         self.redis = redis
         self.stream = stream
-        self.batch_size = batch_size
+        self.sizer = sizer
         self.block_ms = block_ms
         self.budget_s = budget_s
         self.metrics = metrics
@@ -67,7 +86,8 @@ class StreamReader:
     async def _read_range(self, send: MemoryObjectSendStream[Batch], pos: Id, end: Id | None, replaying: bool) -> Id:
         upper = format_id(end) if end is not None else "+"
         while end is None or pos < end:
-            command = ("XRANGE", self.stream, "(" + format_id(pos), upper, "COUNT", self.batch_size)
+            count = self.sizer.size
+            command = ("XRANGE", self.stream, "(" + format_id(pos), upper, "COUNT", count)
             entries: list[Any] = await retrying(
                 partial(self.redis.execute_command, *command),
                 what="XRANGE",
@@ -78,7 +98,7 @@ class StreamReader:
                 pos = parse_id(entries[-1][0])
                 self.position = pos
                 await send.send(Batch(self.stream, entries, pos, replaying, time.monotonic()))
-            if len(entries) < self.batch_size:
+            if len(entries) < count:
                 break
         return pos
 
@@ -87,7 +107,7 @@ class StreamReader:
             command = (
                 "XREAD",
                 "COUNT",
-                self.batch_size,
+                self.sizer.size,
                 "BLOCK",
                 self.block_ms,
                 "STREAMS",
