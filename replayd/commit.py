@@ -82,6 +82,14 @@ class CheckpointStore:
         lowest = min(positions.values())
         return Resume(lowest, {p: cp for p, cp in positions.items() if cp > lowest})
 
+    async def claim(self, token: str) -> str:
+        """Move the commit sequence to `<n+1>:<token>` unconditionally; return it.
+
+        Done once the lease is held and before the checkpoint is read: an instance that lost its lease (paused
+        past the TTL) can then no longer commit, so the checkpoint this one resumes from is final."""
+        seq: bytes | str = await self.redis.eval(_CLAIM_SCRIPT, 1, self.key, seq_field(self.shard), token)
+        return text(seq)
+
     def replay_until(self, stream: str) -> Id | None:
         text = self.fields.get(f"{stream}#replay_until")
         return parse_id(text) if text else None
@@ -221,9 +229,9 @@ class Committer:
         self.timeout_s = timeout_s
         self.shard = shard
         self.seq = seq
-        """The commit sequence this committer last saw: `<n>:<token>`, token unique to this instance."""
+        """The commit sequence this instance last wrote: `<n>:<token>` (from CheckpointStore.claim)."""
         self._seq_field = seq_field(shard)
-        self._token = secrets.token_hex(4)
+        self._token = seq.partition(":")[2] or secrets.token_hex(4)
         self.floors: dict[str, Id] = {}
         self._layout: dict[str, str] = dict(layout or {})
         """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
@@ -350,6 +358,13 @@ def seq_field(shard: Shard) -> str:
     """The checkpoint hash field holding a (job, shard)'s commit sequence."""
     return "seq" + (f":{shard}" if shard.total > 1 else "")
 
+
+_CLAIM_SCRIPT = """
+local n = tonumber(string.match(redis.call('HGET', KEYS[1], ARGV[1]) or '', '^(%d+)')) or 0
+local seq = (n + 1) .. ':' .. ARGV[2]
+redis.call('HSET', KEYS[1], ARGV[1], seq)
+return seq
+"""
 
 # KEYS[1] checkpoint hash; ARGV: seq field, expected seq, new seq, 2k, k checkpoint field/value pairs, then per
 # command its argument count and arguments. pcall, as EXEC does, keeps going past a failing handler command.

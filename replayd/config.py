@@ -110,6 +110,10 @@ class JobSpec(_Section):
     """`i/N`: this process handles partitions p with p mod N == i (replicas, `--workers`)."""
     on_gap: Literal["fail", "warn", "skip"] = "fail"
     """A stream trimmed past, or gone back behind, the checkpoint: stop (exit 65), or log and go on."""
+    on_lease_held: Literal["wait", "exit"] = "wait"
+    """Another instance holds this job's (shard's) lease: wait for it, or exit 75."""
+    lease_ttl_s: float = Field(15.0, gt=0)
+    """How long a lease outlives its owner (a SIGKILLed or paused instance) before another may take it."""
     allow_reset: bool = False
     """Start over when the checkpoint vanished while the job's progress remains (refused otherwise)."""
 

@@ -19,7 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 
 from replayd.codec import Codec, Poison
-from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key, seq_field
+from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import is_retriable, retrying
 from replayd.errors import DataError, ReplaydError
@@ -29,6 +29,7 @@ from replayd.gaps import find_gap
 from replayd.handlers import Context, Handler, Outcome
 from replayd.handlers.loader import load_handler, load_predicate
 from replayd.lanes import InFlight, Lanes, Slice
+from replayd.lease import Lease
 from replayd.logs import current_job
 from replayd.metrics import JobView, Metrics
 from replayd.progress import ProgressWriter, Stats
@@ -84,7 +85,10 @@ class Engine:
         self.watermark = Watermark()
         self.progress = ProgressWriter(redis, self.stats, spec.progress_interval_s, self.shard)
         self._plans: list[_Plan] = []
+        self.seq = ""
         self.inflight = InFlight(spec.max_in_flight)
+        self.lease = Lease(redis, spec.name, self.shard, ttl_ms=int(spec.lease_ttl_s * 1000),
+                           wait=spec.on_lease_held == "wait")  # fmt: skip
         self.sizer = BatchSizer(spec.batch_size, minimum=spec.min_batch_size, target_s=spec.batch_target_s)
         self.metrics = metrics or Metrics()
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
@@ -119,6 +123,18 @@ class Engine:
             current_job.reset(token)
 
     async def _run(self) -> Stats:
+        await retrying(self.lease.acquire, what="lease", budget_s=self.budget_s, metrics=self.metrics)
+        try:
+            return await self._run_leased()
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                try:
+                    await self.lease.release()
+                except Exception as exc:  # noqa: BLE001 - a lease not released expires by itself
+                    logger.warning("lease %s not released (%s): it expires in %.0fs", self.lease.key, exc,
+                                   self.spec.lease_ttl_s)  # fmt: skip
+
+    async def _run_leased(self) -> Stats:
         await retrying(self._prepare, what="start", budget_s=self.budget_s, metrics=self.metrics)
         ctx = self.new_context()
         self.stats.status = "catching_up"
@@ -142,8 +158,11 @@ class Engine:
         self._plans = []
         if not spec.resume:  # an explicit start begins the job anew: old positions (and layout) would mislead
             await self.store.reset()
+        had_checkpoint = bool(await self.redis.exists(self.store.key))
+        self.seq = await self.store.claim(self.lease.token.rpartition(":")[2])
         await self.store.load()
-        await self._refuse_lost_checkpoint()
+        if not had_checkpoint:
+            await self._refuse_lost_checkpoint()
         streams = list(spec.streams)
         if spec.entity:
             entity_type, entity_id = spec.entity.split(":", 1)
@@ -161,7 +180,7 @@ class Engine:
         """A job that has run (its progress hash is there) but whose checkpoint is gone would silently start
         over from its start position: refuse that unless asked to (FAULTS.md T30)."""
         spec = self.spec
-        if not spec.resume or spec.allow_reset or self.store.fields:
+        if not spec.resume or spec.allow_reset:
             return
         if await self.redis.hget(self.progress.key, "checkpointed"):
             for stream in spec.streams:
@@ -253,7 +272,7 @@ class Engine:
             budget_s=self.budget_s,
             timeout_s=self.redis_cfg.socket_timeout_s,
             shard=self.shard,
-            seq=self.store.fields.get(seq_field(self.shard), ""),
+            seq=self.seq,
         )
         inflight = self.inflight
         lanes = Lanes(
@@ -269,6 +288,7 @@ class Engine:
         )
         self._check_caught_up()
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self.lease.keep)
             tg.start_soon(self.progress.run)
             tg.start_soon(self._watch_heads)
             async with anyio.create_task_group() as pipeline:

@@ -36,13 +36,13 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def write_config(tmp_path: Path, redis_url: str, **job: str | int) -> Path:
+def write_config(tmp_path: Path, redis_url: str, **job: str | int | float) -> Path:
     settings = {"name": "orders", "streams": [STREAM], "handler": "order_summary", "end": "follow", **job}
     lines = [
         f'[redis]\nurl = "{redis_url}"\nblock_ms = 100\n',
         "[http]\nenabled = false\n",
         "[[jobs]]",
-        *(f"{k} = {v!r}" if not isinstance(v, list) else f"{k} = {v!r}".replace("'", '"') for k, v in settings.items()),
+        *(f"{k} = {v!r}".replace("'", '"') for k, v in settings.items()),
     ]
     path = tmp_path / "replayd.toml"
     path.write_text("\n".join(lines).replace("'", '"') + "\n")
@@ -113,7 +113,7 @@ def test_sigkill_mid_replay_then_restart_equals_a_clean_rebuild(
 ) -> None:
     """1. 60k events  2. `run` to `now`, SIGKILL at random moments, restart  3. projection == clean rebuild."""
     load_history_sync(sync_redis, STREAM, 60_000)
-    config = write_config(tmp_path, redis_url, end="now", batch_size=200)
+    config = write_config(tmp_path, redis_url, end="now", batch_size=200, lease_ttl_s=1)
     last = last_id(sync_redis)
     rng = random.Random(5)
     killed_mid_replay = 0

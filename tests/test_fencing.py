@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import pytest
@@ -30,15 +31,8 @@ class Counter:
         return Outcome(handled=len(events))
 
 
-@pytest.mark.anyio
-async def test_a_second_instance_of_the_same_job_cannot_commit(
-    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
-) -> None:
-    """1. two engines, same job, started together  2. one is fenced out (FencingError, exit 75)  3. every
-    event's effect exists exactly once: the fenced one committed nothing after the other's first commit."""
-    load_history_sync(sync_redis, "s", 3000)
-    spec = JobSpec(name="twin", streams=["s"], handler="x:y", end="now", batch_size=100)
-    engines = [Engine(spec, raw_redis, redis_cfg=redis_cfg, handler=ObjectHandler(Counter(), "c")) for _ in range(2)]
+async def run_all(engines: list[Engine]) -> dict[int, BaseException | None]:
+    """Run the engines concurrently; what each ended with (None: completed)."""
     outcomes: dict[int, BaseException | None] = {}
 
     async def run(index: int) -> None:
@@ -49,17 +43,68 @@ async def test_a_second_instance_of_the_same_job_cannot_commit(
             outcomes[index] = exc
 
     async with anyio.create_task_group() as tg:
-        for index in range(2):
+        for index in range(len(engines)):
             tg.start_soon(run, index)
-    fenced = [exc for exc in outcomes.values() if exc is not None]
-    assert len(fenced) == 1
-    assert any(isinstance(leaf, FencingError) for leaf in _leaves(fenced[0]))
-    assert int(sync_redis.get("handled") or 0) == 3000  # the fenced instance's script applied nothing
-    winner = next(index for index, exc in outcomes.items() if exc is None)
-    assert engines[winner].stats.status == "completed"
+            await anyio.sleep(0.05)  # the first one takes the lease
+    return outcomes
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
+def counters(raw_redis: Redis, redis_cfg: RedisConfig, n: int, **job: Any) -> list[Engine]:
+    spec = JobSpec(name="twin", streams=["s"], handler="x:y", end="now", batch_size=100, **job)
+    return [Engine(spec, raw_redis, redis_cfg=redis_cfg, handler=ObjectHandler(Counter(), "c")) for _ in range(n)]
+
+
+@pytest.mark.anyio
+async def test_a_second_instance_exits_75_while_the_lease_is_held(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    load_history_sync(sync_redis, "s", 3000)
+    outcomes = await run_all(counters(raw_redis, redis_cfg, 2, on_lease_held="exit"))
+    assert outcomes[0] is None
+    assert any(isinstance(leaf, FencingError) and "held by" in str(leaf) for leaf in _leaves(outcomes[1]))
+    assert int(sync_redis.get("handled") or 0) == 3000
+
+
+@pytest.mark.anyio
+async def test_a_second_instance_waits_for_the_lease_then_resumes(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    load_history_sync(sync_redis, "s", 2000)
+    engines = counters(raw_redis, redis_cfg, 2, lease_ttl_s=0.3)
+    outcomes = await run_all(engines)
+    assert outcomes == {0: None, 1: None}
+    assert engines[1].stats.processed == 0  # it started after the first had committed everything
+    assert int(sync_redis.get("handled") or 0) == 2000
+
+
+@pytest.mark.anyio
+async def test_an_owner_whose_lease_was_taken_over_is_fenced(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    """1. A holds the lease and replays slowly  2. its lease vanishes (a pause past the TTL), B takes it  3. A
+    stops with FencingError, its later commits refused; B finishes  4. every event counted exactly once."""
+    load_history_sync(sync_redis, "s", 3000)
+    first, second = counters(raw_redis, redis_cfg, 2, lease_ttl_s=0.6)
+    outcomes: dict[str, BaseException | None] = {}
+
+    async def run(name: str, engine: Engine) -> None:
+        try:
+            await engine.run()
+            outcomes[name] = None
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcomes[name] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "a", first)
+        await anyio.sleep(0.3)
+        sync_redis.delete("replayd:{twin}:lease")  # as if A had been paused past its TTL
+        tg.start_soon(run, "b", second)
+    assert outcomes["b"] is None
+    assert any(isinstance(leaf, FencingError) for leaf in _leaves(outcomes["a"]))
+    assert int(sync_redis.get("handled") or 0) == 3000
+
+
+def _leaves(exc: BaseException | None) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
+    return [exc] if exc is not None else []

@@ -75,7 +75,7 @@ def test_workers_restart_a_dead_worker_and_stop_on_sigterm(redis_url: str, sync_
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
     config = (
         f'[redis]\nurl = "{redis_url}"\nblock_ms = 100\n[http]\nenabled = false\n'
-        f'[[jobs]]\nname = "orders"\nstreams = ["{STREAM}"]\nhandler = "order_summary"\n'
+        f'[[jobs]]\nname = "orders"\nstreams = ["{STREAM}"]\nhandler = "order_summary"\nlease_ttl_s = 1\n'
     )
     path = f"/tmp/replayd-workers-{os.getpid()}.toml"  # noqa: S108 - a test's own file
     with open(path, "w") as file:
