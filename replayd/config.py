@@ -11,9 +11,10 @@ import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -34,6 +35,15 @@ from replayd.events import Bound, Shard, parse_end, parse_shard, parse_start
 from replayd.filters import parse_where
 
 _toml_path: ContextVar[Path | None] = ContextVar("replayd_toml_path", default=None)
+
+
+def _shard_text(value: str) -> str:
+    parse_shard(value)
+    return value
+
+
+ShardText = Annotated[str, AfterValidator(_shard_text)]
+"""`i/N`, checked when the settings load."""
 
 
 class _Section(BaseModel):
@@ -106,7 +116,7 @@ class JobSpec(_Section):
     max_in_flight: int = Field(20_000, ge=1)
     fields: FieldNames = FieldNames()
     progress_interval_s: float = Field(1.0, gt=0)
-    shard: str | None = None
+    shard: ShardText | None = None
     """`i/N`: this process handles partitions p with p mod N == i (replicas, `--workers`)."""
     on_gap: Literal["fail", "warn", "skip"] = "fail"
     """A stream trimmed past, or gone back behind, the checkpoint: stop (exit 65), or log and go on."""
@@ -121,13 +131,6 @@ class JobSpec(_Section):
     @classmethod
     def _start(cls, value: str) -> str:
         parse_start(value)
-        return value
-
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_shard(value)
         return value
 
     @property
@@ -180,7 +183,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
     shutdown_timeout_s: float = Field(20.0, gt=0)
-    shard: str | None = None
+    shard: ShardText | None = None
     """`i/N` for every job that sets none (also REPLAYD_SHARD): replica i of N."""
     config: str | None = None
     """The config file's path (also `REPLAYD_CONFIG`); read by `load_settings`, kept for display."""
@@ -192,13 +195,6 @@ class Settings(BaseSettings):
         if len(names) != len(set(names)):
             raise ValueError(f"job names must be unique, got {names}")
         return jobs
-
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_shard(value)
-        return value
 
     @model_validator(mode="after")
     def _shard_jobs(self) -> Settings:
