@@ -23,9 +23,11 @@ from replayd.commit import job_key, partition_positions
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import create_redis, text, text_hash
 from replayd.console import summary, with_progress
+from replayd.deadletter import Letters
 from replayd.engine import Engine, rebuild_in_place
-from replayd.errors import ConfigError, ReplaydError, UsageError
+from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
 from replayd.events import format_id, parse_id
+from replayd.handlers.loader import load_handler
 from replayd.logs import setup_logging
 from replayd.metrics import Metrics
 from replayd.progress import Stats
@@ -110,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--json", action="store_true", help="with show: machine-readable output")
     checkpoint.set_defaults(func=cmd_checkpoint)
 
+    dlq = commands.add_parser("dlq", parents=[common], help="inspect and resolve a job's dead letters")
+    dlq.add_argument("action", choices=["list", "show", "retry", "discard"])
+    dlq.add_argument("job")
+    dlq.add_argument("ids", nargs="*", metavar="ID", help="dead-letter entry IDs (show, retry, discard)")
+    dlq.add_argument("--all", action="store_true", help="with discard: every dead letter of the job")
+    dlq.add_argument("--handler", metavar="MOD:ATTR", help="with retry: the handler (default: the job's in --config)")
+    dlq.add_argument("--json", action="store_true", help="machine-readable output")
+    dlq.add_argument("--yes", action="store_true", help="discard without asking")
+    dlq.set_defaults(func=cmd_dlq)
+
     demo = commands.add_parser("demo", parents=[common], help="embedded Redis, sample history, rebuild, follow live")
     demo.add_argument("--events", type=int, default=50_000, help="sample history size (default 50000)")
     demo.add_argument("--rate", type=float, default=20.0, help="live events per second the producer appends")
@@ -192,7 +204,7 @@ def _run_async(
 
 def _report(exc: BaseException) -> int:
     """Turn an error into one line on stderr and an exit code; a traceback only for our own bugs."""
-    error = _leaf(exc)
+    error = most_telling(exc)
     if isinstance(error, ReplaydError):
         print(f"replayd: {error}", file=sys.stderr)
         return error.exit_code
@@ -206,23 +218,6 @@ def _report(exc: BaseException) -> int:
         return 130
     logger.error("internal error", exc_info=error)
     return EX_SOFTWARE
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The most telling error inside (nested) exception groups from task groups: ours first, then any other."""
-    leaves: list[BaseException] = []
-    pending = [exc]
-    while pending:
-        current = pending.pop(0)
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        else:
-            leaves.append(current)
-    for kind in (ReplaydError, Exception, BaseException):
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
-    return exc
 
 
 # --- one-shot jobs ---------------------------------------------------------------------------------------------
@@ -453,6 +448,48 @@ def _confirm(args: argparse.Namespace, what: str) -> None:
         raise UsageError(f"refusing to {what} without --yes")
     if input(f"{what}? [y/N] ").strip().lower() not in ("y", "yes"):
         raise UsageError("cancelled")
+
+
+async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    async with _client(settings) as client:
+        letters = Letters(client, args.job)
+        entries = await letters.entries()
+        if args.action in ("list", "show"):
+            shown = [(i, f) for i, f in entries if args.action == "list" or i in args.ids]
+            if args.json:
+                print(json.dumps([{"dlq_id": i, **f} for i, f in shown], indent=2))
+            for entry_id, fields in [] if args.json else shown:
+                print(_letter_line(entry_id, fields) if args.action == "list" else _letter_text(entry_id, fields))
+            return 0 if shown or args.action == "list" else 1
+        if args.action == "discard":
+            ids = [i for i, _ in entries] if args.all else args.ids
+            if not ids:
+                raise UsageError("dlq discard needs entry IDs or --all")
+            _confirm(args, f"discard {len(ids)} dead letter(s) of job {args.job}")
+            print(f"discarded {await letters.discard(ids)} dead letter(s)")
+            return 0
+        handler = load_handler(args.handler or _job_handler(settings, args.job))
+        done, left = await letters.retry(handler, args.ids or None)
+        print(f"retried: {done} handled and removed, {left} left")
+        return 0 if left == 0 else 1
+
+
+def _job_handler(settings: Settings, job: str) -> str:
+    spec = next((j for j in settings.jobs if j.name == job), None)
+    if spec is None:
+        raise UsageError(f"dlq retry: give --handler, or --config with a job named {job!r}")
+    return spec.handler
+
+
+def _letter_line(entry_id: str, fields: dict[str, str]) -> str:
+    return (
+        f"{entry_id}  {fields.get('stream')} {fields.get('id')}  key={fields.get('key') or '-'}  "
+        f"{fields.get('event_type', '(undecodable)')}  {fields.get('error_type')}: {fields.get('error', '')[:80]}"
+    )
+
+
+def _letter_text(entry_id: str, fields: dict[str, str]) -> str:
+    return "\n".join([f"dead letter {entry_id}", *(f"  {name}: {value}" for name, value in fields.items())])
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -120,6 +120,12 @@ class JobSpec(_Section):
     """`i/N`: this process handles partitions p with p mod N == i (replicas, `--workers`)."""
     on_gap: Literal["fail", "warn", "skip"] = "fail"
     """A stream trimmed past, or gone back behind, the checkpoint: stop (exit 65), or log and go on."""
+    on_poison: Literal["stop", "dead-letter", "skip"] | None = None
+    """An event whose handler keeps failing, or an entry that cannot be decoded: `stop` (exit 65, the default of a
+    job with an end), `dead-letter` (the default of a following job), or `skip` (log, count, go on)."""
+    retries: int = Field(3, ge=0)
+    """Attempts after the first for a failing handler, with exponential backoff and jitter."""
+    retry_backoff_s: float = Field(0.1, ge=0)
     on_lease_held: Literal["wait", "exit"] = "wait"
     """Another instance holds this job's (shard's) lease: wait for it, or exit 75."""
     lease_ttl_s: float = Field(15.0, gt=0)
@@ -132,6 +138,10 @@ class JobSpec(_Section):
     def _start(cls, value: str) -> str:
         parse_start(value)
         return value
+
+    @property
+    def poison_policy(self) -> str:
+        return self.on_poison or ("dead-letter" if self.end == "follow" else "stop")
 
     @property
     def shard_of(self) -> Shard:

@@ -21,8 +21,9 @@ from redis.asyncio import Redis
 from replayd.codec import Codec, Poison
 from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key
 from replayd.config import JobSpec, RedisConfig
-from replayd.connection import is_retriable, retrying
-from replayd.errors import DataError, ReplaydError
+from replayd.connection import is_retriable, retrying, text_hash
+from replayd.deadletter import DeadLetters, poison_letter
+from replayd.errors import DataError, ReplaydError, most_telling
 from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id
 from replayd.filters import Predicate, build_filter
 from replayd.gaps import find_gap
@@ -87,6 +88,10 @@ class Engine:
         self._plans: list[_Plan] = []
         self.seq = ""
         self.inflight = InFlight(spec.max_in_flight)
+        self.dead_letters = DeadLetters(
+            spec.name, spec.poison_policy, retries=spec.retries, backoff_s=spec.retry_backoff_s,
+            key_of=self.router.key_of if spec.ordering == "key" else None,
+        )  # fmt: skip
         self.lease = Lease(redis, spec.name, self.shard, ttl_ms=int(spec.lease_ttl_s * 1000),
                            wait=spec.on_lease_held == "wait")  # fmt: skip
         self.sizer = BatchSizer(spec.batch_size, minimum=spec.min_batch_size, target_s=spec.batch_target_s)
@@ -103,7 +108,9 @@ class Engine:
         self.stop_requested.set()
 
     def new_context(self) -> Context:
-        return Context(self.spec.name, self.handler_redis, f"projection:{self.handler.name}")
+        ctx = Context(self.spec.name, self.handler_redis, f"projection:{self.handler.name}")
+        ctx.failures = self.dead_letters
+        return ctx
 
     def _build_filter(self, entity: str | None) -> Predicate | None:
         spec = self.spec
@@ -119,6 +126,11 @@ class Engine:
         token = current_job.set(self.spec.name)  # every log line of this job's tasks carries its name
         try:
             return await self._run()
+        except BaseExceptionGroup as group:  # our own error, not the task groups' wrapping, for callers
+            error = most_telling(group)
+            if isinstance(error, ReplaydError):
+                raise error from None
+            raise
         finally:
             current_job.reset(token)
 
@@ -161,6 +173,9 @@ class Engine:
         had_checkpoint = bool(await self.redis.exists(self.store.key))
         self.seq = await self.store.claim(self.lease.token.rpartition(":")[2])
         await self.store.load()
+        parked = text_hash(await self.redis.hgetall(self.dead_letters.parked_key))
+        self.dead_letters.parked.clear()
+        self.dead_letters.parked.update(parked)
         if not had_checkpoint:
             await self._refuse_lost_checkpoint()
         streams = list(spec.streams)
@@ -251,10 +266,12 @@ class Engine:
     def _on_outcome(self, stream: str, outcome: Outcome, seconds: float) -> None:
         self.stats.processed += outcome.handled
         self.stats.failed += outcome.failed
+        self.stats.dead_lettered += outcome.dead_lettered
         events = self.metrics.handler_events
-        events.labels(stream, self.spec.name, "ok").inc(outcome.handled)
-        if outcome.failed:
-            events.labels(stream, self.spec.name, "failed").inc(outcome.failed)
+        for label, count in (("ok", outcome.handled), ("failed", outcome.failed), ("retried", outcome.retried),
+                             ("dead_lettered", outcome.dead_lettered)):  # fmt: skip
+            if count:
+                events.labels(stream, self.spec.name, label).inc(count)
         self.metrics.handler_batch.labels(self.spec.name).observe(seconds)
 
     async def _pipeline(self) -> None:
@@ -389,7 +406,7 @@ class Engine:
                     self.metrics.events_read.labels(plan.stream).inc(len(batch.entries))
                     self.metrics.read_batch.labels(plan.stream).observe(len(batch.entries))
                     if poison:
-                        self._account_poison(poison)
+                        await self._handle_poison(poison)
                     kept = [e for e in events if self.filter(e)] if self.filter else events
                     foreign = self.router.foreign
                     parts = self.router.split(kept, skip)
@@ -404,6 +421,22 @@ class Engine:
         finally:
             for sender in senders:
                 sender.close()
+
+    async def _handle_poison(self, poison: list[Poison]) -> None:
+        """Undecodable entries under the job's policy: stop (exit 65), dead-letter, or skip (log and count)."""
+        self._account_poison(poison)
+        policy = self.spec.poison_policy
+        if policy == "stop":
+            first = poison[0]
+            raise DataError(
+                f"entry {first.stream} {first.stream_id} cannot be decoded ({first.error}); on_poison = stop: "
+                "the work before it is committed (on_poison = 'dead-letter' or 'skip' goes on)"
+            )
+        if policy == "dead-letter":
+            for entry in poison:
+                fields = poison_letter(entry.stream, entry.stream_id, entry.fields, entry.error)
+                await self.redis.xadd(self.dead_letters.key, fields)  # type: ignore[arg-type]
+            self.stats.dead_lettered += len(poison)
 
     async def _dispatch(
         self,

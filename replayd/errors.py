@@ -63,3 +63,20 @@ class FencingError(ReplaydError):
 
 class StopReplay(Exception):
     """Raised by a handler to end the run once the work done so far is committed."""
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The errors inside (nested) exception groups from task groups, in order."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]
+
+
+def most_telling(error: BaseException) -> BaseException:
+    """Ours first, then any other Exception, then whatever it is: the one error worth reporting."""
+    found = leaves(error)
+    for kind in (ReplaydError, Exception, BaseException):
+        for leaf in found:
+            if isinstance(leaf, kind):
+                return leaf
+    return error

@@ -17,6 +17,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from replayd.commit import CommitRequest, Mark
+from replayd.errors import DataError
 from replayd.events import Event
 from replayd.handlers import Context, Handler, Outcome
 from replayd.source import BatchSizer
@@ -119,6 +120,7 @@ class Lanes:
         checkpoints: dict[str, str] = {}
         done: list[Mark] = []
         stopped = False
+        failure: Event | None = None
         async with self.limiter:
             began = time.monotonic()
             for piece in chunk:
@@ -126,6 +128,12 @@ class Lanes:
                 started = time.monotonic()
                 outcome = await self.handler.handle_batch(piece.events, ctx)
                 self.on_outcome(piece.events[0].stream, outcome, time.monotonic() - started)
+                if outcome.failed_at is not None:  # policy `stop`: commit what came before, then fail the job
+                    failure = piece.events[outcome.failed_at]
+                    if outcome.failed_at:
+                        before = piece.events[outcome.failed_at - 1]
+                        checkpoints[f"{before.stream}#{partition}"] = before.stream_id
+                    break
                 if outcome.stopped_at is not None:
                     last = piece.events[outcome.stopped_at]
                     checkpoints[f"{last.stream}#{partition}"] = last.stream_id
@@ -138,6 +146,12 @@ class Lanes:
             self.sizer.observe(time.monotonic() - began)
         await self.commit(CommitRequest(ctx.tx.commands, checkpoints, done))
         self.inflight.release(sum(len(piece.events) for piece in chunk))
+        if failure is not None:
+            raise DataError(
+                f"handler failed for good on {failure.stream} {failure.stream_id} (event {failure.event_id}, "
+                f"{failure.event_type}); on_poison = stop: the work before it is committed "
+                "(on_poison = 'dead-letter' or 'skip' goes on)"
+            )
         if stopped:
             logger.info("handler asked to stop at %s", checkpoints)
             self.stop.set()

@@ -40,6 +40,8 @@ class Stats:
     """Events whose handler raised, plus poison entries."""
     poison: int = 0
     """Entries that could not be decoded."""
+    dead_lettered: int = 0
+    """Events and entries written to the dead-letter stream."""
     start: dict[str, Id] = field(default_factory=dict)
     """Per stream: the position the run started after."""
     target: dict[str, Id | None] = field(default_factory=dict)
@@ -79,6 +81,7 @@ class Stats:
             "skipped_events": str(self.skipped),
             "failed_events": str(self.failed),
             "poison_events": str(self.poison),
+            "dead_lettered_events": str(self.dead_lettered),
             "events_per_second": f"{self.rate:.1f}",
             "current_stream_id": format_id(self.position[first]) if first in self.position else "",
             "target_id": _fmt(self.target.get(first)),

@@ -24,6 +24,10 @@ class Router:
         self._cache: dict[str, int] = {}
         """Partition of recently seen keys: most streams have far fewer keys than events."""
 
+    def key_of(self, event: Event) -> str:
+        """The partition key: events of one key are handled in stream order."""
+        return self._key(event)
+
     def partition(self, event: Event) -> int:
         key = self._key(event)
         p = self._cache.get(key)

@@ -28,3 +28,8 @@ class SlowRecorder:
 def blocking(event: Event) -> None:
     """A sync handler that is slow: it runs in a worker thread."""
     time.sleep(0.5)
+
+
+def mark_seen(event: Event, ctx: Context) -> None:
+    """Marks each event it handles, in the commit (`dlq retry` tests)."""
+    ctx.tx.set(f"seen:{event.stream_id}", 1)

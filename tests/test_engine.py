@@ -309,11 +309,11 @@ async def test_entries_deleted_mid_range_are_skipped(
     assert checkpoint(sync_redis)["orders#*"] == ids[18]
 
 
-async def test_poison_entries_are_counted_and_passed(
+async def test_poison_entries_are_counted_and_passed_under_skip(
     sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
 ) -> None:
     ids = add(sync_redis, [entry(), {"event_type": "X", "data": "{broken"}, entry()])
-    stats, rec = await run(spec(), raw_redis, redis_cfg)
+    stats, rec = await run(spec(on_poison="skip"), raw_redis, redis_cfg)
     assert sorted(rec.ids) == [ids[0], ids[2]]
     assert (stats.poison, stats.failed, stats.processed) == (1, 1, 2)
     assert checkpoint(sync_redis)["orders#*"] == ids[2]
@@ -369,12 +369,12 @@ async def test_small_max_in_flight_still_completes(
 # --- handler failures and StopReplay
 
 
-async def test_a_failing_event_is_counted_and_its_writes_are_dropped(
+async def test_a_failing_event_is_counted_and_its_writes_are_dropped_under_skip(
     sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
 ) -> None:
     ids = add(sync_redis, orders(40))
     rec = Recorder(write=True, fail_on=lambda e: e.data["seq"] % 10 == 3)
-    stats, _ = await run(spec(partition_by="customer_id"), raw_redis, redis_cfg, rec)
+    stats, _ = await run(spec(partition_by="customer_id", on_poison="skip", retries=0), raw_redis, redis_cfg, rec)
     failing = {ids[i] for i in (3, 13, 23, 33)}
     assert (stats.processed, stats.failed, stats.status) == (36, 4, "completed")
     assert set(rec.ids) == set(ids) - failing

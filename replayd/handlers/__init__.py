@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import chain
 from typing import Any, ClassVar, Protocol, TypeVar
 
+import anyio
 import anyio.to_thread
 from redis.asyncio import Redis
 
@@ -119,6 +120,8 @@ class Context:
     """True while history is replayed; False for live events a following job receives."""
     tx: Tx = field(default_factory=Tx)
     """Writes queued here run in the same atomic commit as the checkpoint of the batch."""
+    failures: FailurePolicy | None = None
+    """What a handler error leads to (None: log, count, go on)."""
 
     def key(self, *parts: object) -> str:
         """A key in the projection's namespace: `ctx.key("order", 42)` -> `projection:<name>:order:42`."""
@@ -161,6 +164,12 @@ class Outcome:
     """Events whose handler raised (their queued writes are dropped)."""
     stopped_at: int | None = None
     """Index of the event that raised StopReplay: it and those before it count, later ones are not handled."""
+    failed_at: int | None = None
+    """Index of the event that failed for good under the `stop` policy: those before it count, it and later do not."""
+    retried: int = 0
+    """Attempts repeated after a handler error."""
+    dead_lettered: int = 0
+    """Events written to the dead-letter stream (failed for good, or parked behind one that did)."""
 
 
 def on(*event_types: str, replay: bool = True) -> Callable[[F], F]:
@@ -227,51 +236,72 @@ class Projection:
         return await _each(events, ctx, self._dispatch)
 
 
+class FailurePolicy(Protocol):
+    """What happens when a handler raises on an event (replayd.deadletter implements it)."""
+
+    retries: int
+    """Attempts after the first, with exponential backoff and jitter."""
+
+    def backoff_s(self, attempt: int) -> float:
+        """How long to wait before attempt `attempt` (2, 3, ...)."""
+
+    def parked_behind(self, event: Event) -> str | None:
+        """The dead letter this event's key waits behind (ordering `key`), or None."""
+
+    def give_up(self, event: Event, error: BaseException | str, attempts: int, tx: Tx) -> str:
+        """The event failed for good: `stop` (the batch ends before it), `dead_lettered` (queued on `tx`), or
+        `skipped`."""
+
+
 async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Context], Any]) -> Outcome:
-    """Handle events one by one; an event that raises is logged, counted and its queued writes dropped."""
+    """Handle events one by one, in order; a StopReplay, or a failure under the `stop` policy, ends the batch."""
     outcome = Outcome()
-    tx = ctx.tx
     for index, event in enumerate(events):
-        mark = len(tx.commands)
+        verdict = await _one(event, ctx, call, outcome)
+        if verdict == "stopped":
+            outcome.stopped_at = index
+            break
+        if verdict == "stop":
+            outcome.failed_at = index
+            break
+    return outcome
+
+
+async def _one(event: Event, ctx: Context, call: Callable[[Event, Context], Any], outcome: Outcome) -> str:
+    """One event: retried as the policy says (its queued writes dropped after each failed attempt)."""
+    tx, policy = ctx.tx, ctx.failures
+    if policy is not None and (behind := policy.parked_behind(event)) is not None:
+        return _count(outcome, policy.give_up(event, f"parked behind dead letter {behind} of its key", 0, tx))
+    mark, attempt = len(tx.commands), 1
+    while True:
         try:
             result = call(event, ctx)
             if result is not None and inspect.isawaitable(result):
                 await result
         except StopReplay:
-            outcome.stopped_at = index
-        except Exception:  # noqa: BLE001 - any handler error is counted and logged; the replay goes on
-            _failed(outcome, event, ctx, mark)
-            continue
+            outcome.handled += 1
+            return "stopped"
+        except Exception as exc:
+            tx._rollback(mark)
+            if policy is not None and attempt <= policy.retries:
+                attempt += 1
+                outcome.retried += 1
+                await anyio.sleep(policy.backoff_s(attempt))
+                continue
+            logger.exception(
+                "handler failed on %s %s (event %s, %s) after %d attempt(s)",
+                event.stream, event.stream_id, event.event_id, event.event_type, attempt,
+            )  # fmt: skip
+            outcome.failed += 1
+            return _count(outcome, policy.give_up(event, exc, attempt, tx) if policy else "skipped")
         outcome.handled += 1
-        if outcome.stopped_at is not None:
-            break
-    return outcome
+        return "handled"
 
 
-def each_blocking(events: Sequence[Event], ctx: Context, call: Callable[[Event, Context], Any]) -> Outcome:
-    """`_each` for blocking code, run in a worker thread: one thread hop per lane batch, not per event."""
-    outcome = Outcome()
-    for index, event in enumerate(events):
-        mark = len(ctx.tx)
-        try:
-            call(event, ctx)
-        except StopReplay:
-            outcome.stopped_at = index
-        except Exception:  # noqa: BLE001 - any handler error is counted and logged; the replay goes on
-            _failed(outcome, event, ctx, mark)
-            continue
-        outcome.handled += 1
-        if outcome.stopped_at is not None:
-            break
-    return outcome
-
-
-def _failed(outcome: Outcome, event: Event, ctx: Context, mark: int) -> None:
-    ctx.tx._rollback(mark)
-    outcome.failed += 1
-    logger.exception(
-        "handler failed on %s %s (event %s, %s)", event.stream, event.stream_id, event.event_id, event.event_type
-    )
+def _count(outcome: Outcome, verdict: str) -> str:
+    if verdict == "dead_lettered":
+        outcome.dead_lettered += 1
+    return verdict
 
 
 class FunctionHandler:
@@ -298,7 +328,11 @@ class FunctionHandler:
     async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
         if self._async:
             return await _each(events, ctx, self._call)
-        return await anyio.to_thread.run_sync(each_blocking, events, ctx, self._call)
+        return await _each(events, ctx, self._in_thread)
+
+    def _in_thread(self, event: Event, ctx: Context) -> Awaitable[Any]:
+        # blocking code runs in a worker thread, so the event loop (and every other lane) goes on meanwhile
+        return anyio.to_thread.run_sync(self._call, event, ctx)
 
 
 class ObjectHandler:
