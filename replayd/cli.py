@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--json", action="store_true", help="with show: machine-readable output")
     checkpoint.set_defaults(func=cmd_checkpoint)
 
+    for verb, what in (("pause", "stop routing new events (what is routed drains and commits)"),
+                       ("resume", "go on after a pause")):  # fmt: skip
+        control = commands.add_parser(verb, parents=[common], help=f"{what}: through the job's progress hash")
+        control.add_argument("job")
+        control.set_defaults(func=cmd_pause)
+
     dlq = commands.add_parser("dlq", parents=[common], help="inspect and resolve a job's dead letters")
     dlq.add_argument("action", choices=["list", "show", "retry", "discard"])
     dlq.add_argument("job")
@@ -448,6 +454,20 @@ def _confirm(args: argparse.Namespace, what: str) -> None:
         raise UsageError(f"refusing to {what} without --yes")
     if input(f"{what}? [y/N] ").strip().lower() not in ("y", "yes"):
         raise UsageError("cancelled")
+
+
+async def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
+    async with _client(settings) as client:
+        keys = [key async for key in client.scan_iter(match=job_key(args.job, "progress") + "*")]
+        if not keys:
+            raise UsageError(f"no job {args.job!r} in Redis (it has no progress hash)")
+        for key in keys:
+            if args.command == "pause":
+                await client.hset(key, "paused", "1")
+            else:
+                await client.hdel(key, "paused")
+    print(f"{args.command}d {args.job}" + (f" ({len(keys)} shards)" if len(keys) > 1 else ""))
+    return 0
 
 
 async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:

@@ -74,6 +74,8 @@ class Engine:
         self.shard = spec.shard_of
         self.stats = Stats(spec.name, list(spec.streams))
         self.stop_requested = anyio.Event()
+        self._running = anyio.Event()
+        self._running.set()
         self.caught_up = anyio.Event()
         self.store = CheckpointStore(redis, spec.name, spec.partitions, self.shard)
         self.filter = self._build_filter(spec.entity)
@@ -106,6 +108,7 @@ class Engine:
     def stop(self) -> None:
         """Stop reading; what is routed drains and commits, then `run` returns."""
         self.stop_requested.set()
+        self._running.set()  # a paused job stops too
 
     def new_context(self) -> Context:
         ctx = Context(self.spec.name, self.handler_redis, f"projection:{self.handler.name}")
@@ -373,8 +376,30 @@ class Engine:
     async def _watch(self, scope: anyio.CancelScope) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._announce_caught_up)
+            tg.start_soon(self._follow_pause)
             await self.stop_requested.wait()
             scope.cancel()
+
+    async def _follow_pause(self, every_s: float = 0.5) -> None:
+        """`replayd pause JOB` sets `paused` in the progress hash: routing waits (what is routed still drains and
+        commits) until `replayd resume JOB` clears it."""
+        resumed_status = self.stats.status
+        while True:
+            await anyio.sleep(every_s)
+            try:
+                paused = await self.redis.hget(self.progress.key, "paused") is not None
+            except Exception as exc:
+                if not is_retriable(exc):
+                    raise
+                continue
+            if paused and self._running.is_set():
+                resumed_status, self.stats.status = self.stats.status, "paused"
+                self._running = anyio.Event()
+                logger.info("job %s paused", self.spec.name)
+            elif not paused and not self._running.is_set():
+                self.stats.status = resumed_status
+                self._running.set()
+                logger.info("job %s resumed", self.spec.name)
 
     async def _announce_caught_up(self) -> None:
         await self.caught_up.wait()
@@ -417,6 +442,7 @@ class Engine:
                         self.metrics.handler_events.labels(plan.stream, self.spec.name, "skipped").inc(skipped)
                     if skip and batch.last_id >= skip_until:
                         skip = None
+                    await self._running.wait()  # set unless the job is paused
                     await self._dispatch(batch, parts, routed, senders, committer, inflight)
         finally:
             for sender in senders:

@@ -27,7 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-STATES = ("starting", "catching_up", "live", "stalled", "draining", "stopped")
+STATES = ("starting", "catching_up", "live", "stalled", "paused", "draining", "stopped")
 OUTCOMES = ("ok", "retried", "failed", "tombstone", "dead_lettered", "skipped")
 STALL_AFTER_S = 300.0
 """A job with lag whose checkpoint has not moved for this long is `stalled` (Burrow's idle vs stalled)."""

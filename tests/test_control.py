@@ -1,0 +1,62 @@
+"""Replay control: pause and resume a running job through its progress hash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import anyio
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from replayd.config import JobSpec, RedisConfig
+from replayd.engine import Engine
+from replayd.handlers import ObjectHandler
+from tests.plugins import Recorder
+
+
+async def eventually(condition: Callable[[], bool], within: float = 10) -> None:
+    with anyio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 - polling state another process writes
+            await anyio.sleep(0.05)
+
+
+def replayd(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
+    command = [sys.executable, "-m", "replayd", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+@pytest.mark.anyio
+async def test_pause_holds_new_events_and_resume_lets_them_through(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis, redis_url: str
+) -> None:
+    """1. a following job is live  2. `replayd pause`: status paused, new events wait  3. `replayd resume`: they
+    are handled, in order."""
+    sync_redis.xadd("s", {"event_type": "E", "data": '{"i": 0}'})
+    handler = Recorder()
+    spec = JobSpec(name="ctl", streams=["s"], handler="x:y", end="follow", progress_interval_s=0.05)
+    engine = Engine(spec, raw_redis, redis_cfg=redis_cfg, handler=ObjectHandler(handler, "r"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await eventually(lambda: engine.stats.status == "live" and len(handler.events) == 1)
+        paused = await anyio.to_thread.run_sync(replayd, "pause", "ctl", "--redis-url", redis_url)
+        assert paused.returncode == 0, paused.stderr
+        await eventually(lambda: sync_redis.hget("replayd:{ctl}:progress", "status") == b"paused")
+        for i in range(1, 4):
+            sync_redis.xadd("s", {"event_type": "E", "data": f'{{"i": {i}}}'})
+        await anyio.sleep(0.8)
+        assert len(handler.events) == 1
+        resumed = await anyio.to_thread.run_sync(replayd, "resume", "ctl", "--redis-url", redis_url)
+        assert resumed.returncode == 0, resumed.stderr
+        await eventually(lambda: len(handler.events) == 4)
+        assert [e.data["i"] for e in handler.events] == [0, 1, 2, 3]
+        assert engine.stats.status == "live"
+        engine.stop()
+    started = time.monotonic()
+    assert replayd("pause", "nope", "--redis-url", redis_url).returncode == 2
+    assert time.monotonic() - started < 30
