@@ -30,6 +30,7 @@ from replayd.events import format_id, parse_id
 from replayd.handlers.loader import load_handler
 from replayd.logs import setup_logging
 from replayd.metrics import Metrics
+from replayd.plan import plan
 from replayd.progress import Stats
 from replayd.workers import Supervisor, without_workers
 
@@ -59,29 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
-    replay = commands.add_parser("replay", parents=[common, scale], help="one-shot replay of a range into a handler")
-    _job_arguments(replay)
-    replay.add_argument(
+    selection = argparse.ArgumentParser(add_help=False)
+    _job_arguments(selection)
+    selection.add_argument(
         "--from",
         dest="start",
         metavar="X",
         help="beginning | checkpoint | ID (inclusive) | ISO time | age like 24h "
         "(default: checkpoint with --job, else beginning)",
     )
-    replay.add_argument("--after", metavar="ID", help="start after this entry ID (exclusive)")
-    replay.add_argument("--to", dest="end", default="now", metavar="Y", help="now | follow | ID | ISO time | age")
-    replay.add_argument("--types", metavar="A,B", help="only these event types")
-    replay.add_argument("--entity", metavar="TYPE:ID", help="only this entity's events")
-    replay.add_argument(
+    selection.add_argument("--after", metavar="ID", help="start after this entry ID (exclusive)")
+    selection.add_argument("--to", dest="end", default="now", metavar="Y", help="now | follow | ID | ISO time | age")
+    selection.add_argument("--types", metavar="A,B", help="only these event types")
+    selection.add_argument("--entity", metavar="TYPE:ID", help="only this entity's events")
+    selection.add_argument(
         "--where",
         action="append",
         default=[],
         metavar="EXPR",
         help="field predicate, e.g. 'data.total>1000' (repeatable, all must hold)",
     )
-    replay.add_argument("--filter", metavar="MOD:FUNC", help="plugin predicate")
-    replay.add_argument("--on-gap", choices=["fail", "warn", "skip"], help="stream trimmed past the checkpoint")
-    replay.add_argument("--allow-reset", action="store_true", help="start over when the checkpoint was lost")
+    selection.add_argument("--filter", metavar="MOD:FUNC", help="plugin predicate")
+    selection.add_argument("--on-gap", choices=["fail", "warn", "skip"], help="stream trimmed past the checkpoint")
+    selection.add_argument("--allow-reset", action="store_true", help="start over when the checkpoint was lost")
+
+    replay = commands.add_parser(
+        "replay", parents=[common, scale, selection], help="one-shot replay of a range into a handler"
+    )
     replay.add_argument(
         "--metrics-port",
         type=_port,
@@ -92,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-host", default="127.0.0.1", metavar="HOST", help="address for --metrics-port (default 127.0.0.1)"
     )
     replay.set_defaults(func=cmd_replay)
+
+    plan = commands.add_parser(
+        "plan", parents=[common, selection], help="what a replay would read and do, before anything runs"
+    )
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=cmd_plan)
 
     rebuild = commands.add_parser("rebuild", parents=[common], help="clear a projection and rebuild it from history")
     _job_arguments(rebuild)
@@ -261,7 +272,7 @@ def _default_name(handler: str) -> str:
     return "replay-" + handler.rsplit(":", 1)[-1].replace(".", "_")
 
 
-async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+def _replay_spec(args: argparse.Namespace, settings: Settings) -> JobSpec:
     if args.start and args.after:
         raise UsageError("--from and --after are exclusive")
     start = args.start or ("checkpoint" if args.job else "beginning")
@@ -279,7 +290,36 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         one_shot["on_gap"] = args.on_gap
     if args.allow_reset:
         one_shot["allow_reset"] = True
-    spec = job_from_args(args, settings, one_shot=one_shot)
+    return job_from_args(args, settings, one_shot=one_shot)
+
+
+async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    spec = _replay_spec(args, settings)
+    async with _client(settings) as client:
+        report = await plan(Engine(spec, client, redis_cfg=settings.redis))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    rate = report["measured_rate_events_per_s"]
+    print(f"job {report['job']}: handler {report['handler']}, {report['partitions']} partitions")
+    for stream, about in report["streams"].items():
+        how = "exactly" if about["exact"] else "estimated"
+        start = "its checkpoint" if about["resumes_from_checkpoint"] else about["after"]
+        print(f"  {stream}: after {start} to {about['to']}: {about['entries']:,} entries ({how})")
+        for kind, count in about["types"].items():
+            print(f"    {kind}: {count:,}")
+    print(
+        f"  duration: ~{report['estimated_seconds']} s at the last measured {rate:,.0f} events/s"
+        if rate
+        else "  duration: no measured rate yet (the job has not completed a run)"
+    )
+    effects = report["side_effects_skipped_while_replaying"]
+    print(f"  side effects skipped while replaying: {', '.join(effects) if effects else 'none'}")
+    return 0
+
+
+async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    spec = _replay_spec(args, settings)
     async with _client(settings) as client:
         metrics = Metrics()
         engine = Engine(spec, client, redis_cfg=settings.redis, metrics=metrics)

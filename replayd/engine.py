@@ -222,10 +222,10 @@ class Engine:
     async def _plan(self, stream: str, now_ms: int) -> _Plan:
         spec = self.spec
         last = await head(self.redis, stream)
-        end = _resolve_end(spec.end_bound, last, now_ms)
+        end = resolve_end(spec.end_bound, last, now_ms)
         resume = self.store.resume(stream) if spec.resume else None
         if resume is None:
-            resume = Resume(_resolve_start(spec.start_bound, now_ms), {})
+            resume = Resume(resolve_start(spec.start_bound, now_ms), {})
         else:
             await self._check_gap(stream, resume.after)
         if end is None:  # following: what is in the stream now is history, unless an earlier run said so
@@ -495,7 +495,7 @@ class Engine:
             )
 
 
-def _resolve_end(bound: Bound, last: Id | None, now_ms: int) -> Id | None:
+def resolve_end(bound: Bound, last: Id | None, now_ms: int) -> Id | None:
     """The inclusive end ID, or None to follow."""
     if bound.kind == "follow":
         return None
@@ -506,7 +506,7 @@ def _resolve_end(bound: Bound, last: Id | None, now_ms: int) -> Id | None:
     return bound.id
 
 
-def _resolve_start(bound: Bound, now_ms: int) -> Id:
+def resolve_start(bound: Bound, now_ms: int) -> Id:
     """The exclusive start ID."""
     if bound.kind == "age":
         return age_to_id(bound.age_ms, now_ms, end=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 from replayd.config import JobSpec, RedisConfig
 from replayd.engine import Engine
 from replayd.handlers import ObjectHandler
+from replayd.plan import plan
 from tests.plugins import Recorder
 
 
@@ -60,3 +62,34 @@ async def test_pause_holds_new_events_and_resume_lets_them_through(
     started = time.monotonic()
     assert replayd("pause", "nope", "--redis-url", redis_url).returncode == 2
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.anyio
+async def test_plan_counts_entries_by_type_and_changes_nothing(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis, redis_url: str
+) -> None:
+    for i in range(30):
+        sync_redis.xadd("s", {"event_type": "A" if i % 3 else "B", "data": "{}"})
+    before = sorted(sync_redis.keys())
+    done = await anyio.to_thread.run_sync(
+        replayd, "plan", "--redis-url", redis_url, "--stream", "s", "--handler", "order_summary", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["streams"]["s"]["entries"] == 30
+    assert report["streams"]["s"]["types"] == {"A": 20, "B": 10}
+    assert report["streams"]["s"]["exact"] is True
+    assert sorted(sync_redis.keys()) == before  # read-only
+
+
+@pytest.mark.anyio
+async def test_plan_extrapolates_beyond_the_exact_bound(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    for i in range(1, 401):
+        sync_redis.xadd("s", {"event_type": "A"}, id=f"{i}-0")
+    spec = JobSpec(name="p", streams=["s"], handler="order_summary", end="now")
+    report = await plan(Engine(spec, raw_redis, redis_cfg=redis_cfg), exact_up_to=100, page=50)
+    about = report["streams"]["s"]
+    assert about["exact"] is False
+    assert 300 <= about["entries"] <= 500

@@ -1,0 +1,88 @@
+"""`replayd plan`: what a replay would do, worked out before anything runs, and read-only.
+
+Per stream: the ID range, how many entries and of which types (counted exactly up to a bound, estimated
+beyond it from the part counted), the duration at the job's last measured rate, and which handler methods are
+side effects that a replay skips (`@on(..., replay=False)`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from replayd.commit import CheckpointStore
+from replayd.connection import text_hash
+from replayd.engine import Engine, resolve_end, resolve_start
+from replayd.events import ZERO, Id, format_id, parse_id
+from replayd.handlers import Projection
+from replayd.source import head, redis_time_ms
+
+
+async def plan(engine: Engine, *, exact_up_to: int = 100_000, page: int = 5000) -> dict[str, Any]:
+    spec, redis = engine.spec, engine.redis
+    store = CheckpointStore(redis, spec.name, spec.partitions, engine.shard)
+    await store.load()
+    now_ms = await redis_time_ms(redis)
+    streams = {}
+    for stream in spec.streams:
+        last = await head(redis, stream)
+        end = resolve_end(spec.end_bound, last, now_ms)
+        resume = store.resume(stream) if spec.resume else None
+        after = resume.after if resume else resolve_start(spec.start_bound, now_ms)
+        upper = end if end is not None else (last or ZERO)
+        counted = await _count(redis, stream, after, upper, spec.fields.event_type.encode(), exact_up_to, page)
+        streams[stream] = {
+            "after": format_id(after),
+            "to": "follow" if end is None else format_id(upper),
+            "resumes_from_checkpoint": resume is not None,
+            **counted,
+        }
+    progress = text_hash(await redis.hgetall(engine.progress.key))
+    rate = float(progress["events_per_second"]) if progress.get("status") == "completed" else None
+    total = sum(s["entries"] for s in streams.values())
+    return {
+        "job": spec.name,
+        "handler": spec.handler,
+        "partitions": spec.partitions,
+        "streams": streams,
+        "entries": total,
+        "measured_rate_events_per_s": rate,
+        "estimated_seconds": round(total / rate, 1) if rate else None,
+        "side_effects_skipped_while_replaying": _side_effects(engine),
+    }
+
+
+async def _count(
+    redis: Redis, stream: str, after: Id, upper: Id, type_field: bytes, exact_up_to: int, page: int
+) -> dict[str, Any]:
+    """Entries in (after, upper] by type: exact up to `exact_up_to`, then extrapolated by entry-ID time."""
+    types: dict[str, int] = {}
+    counted, pos = 0, after
+    while pos < upper and counted < exact_up_to:
+        entries: list[Any] = await redis.execute_command(  # type: ignore[no-untyped-call]
+            "XRANGE", stream, "(" + format_id(pos), format_id(upper), "COUNT", page
+        )
+        if not entries:
+            break
+        for _, flat in entries:
+            kind = next((flat[i + 1] for i in range(0, len(flat), 2) if flat[i] == type_field), b"unknown")
+            types[kind.decode(errors="replace")] = types.get(kind.decode(errors="replace"), 0) + 1
+        counted += len(entries)
+        pos = parse_id(entries[-1][0])
+        if len(entries) < page:
+            pos = upper
+    exact = pos >= upper
+    scale = 1.0 if exact else (upper[0] - after[0]) / max(pos[0] - after[0], 1)
+    return {
+        "entries": round(counted * scale),
+        "exact": exact,
+        "types": {kind: round(n * scale) for kind, n in sorted(types.items(), key=lambda item: -item[1])},
+    }
+
+
+def _side_effects(engine: Engine) -> list[str]:
+    handler = engine.handler
+    if not isinstance(handler, Projection):
+        return []
+    return [f"{attr} ({kind})" for kind, (attr, replay) in handler._routes.items() if not replay]
