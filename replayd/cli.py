@@ -327,7 +327,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
             stats = await with_progress(engine.stats, engine.run())
         else:
             stats = await _serving_metrics(args, settings, metrics, with_progress(engine.stats, engine.run()))
-    print(summary("replayed", stats))
+    print(summary("replayed", stats), file=sys.stderr)  # stdout belongs to handlers that write data (jsonl_dump)
     return 0
 
 
@@ -354,7 +354,7 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     async with _client(settings) as client:
         engine = Engine(spec, client, redis_cfg=settings.redis)
         stats = await with_progress(engine.stats, rebuild_in_place(engine))
-    print(summary(f"rebuilt projection:{engine.handler.name} from", stats))
+    print(summary(f"rebuilt projection:{engine.handler.name} from", stats), file=sys.stderr)
     return 0
 
 

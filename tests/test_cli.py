@@ -40,7 +40,7 @@ def history(sync_redis: redis.Redis) -> int:
 def test_replay_prints_a_summary_and_exits_0(redis_url: str, history: int) -> None:
     done = replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary")
     assert done.returncode == 0, done.stderr
-    assert "replayed 2,000 events" in done.stdout
+    assert "replayed 2,000 events" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -73,7 +73,7 @@ def test_checkpoint_set_and_reset_need_yes(redis_url: str, history: int, sync_re
     moved = replayd("checkpoint", "set", "j2", "--stream", STREAM, "--to", first, "--yes", "--redis-url", redis_url)
     assert moved.returncode == 0, moved.stderr
     again = replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary", "--job", "j2")
-    assert "replayed 1,999 events" in again.stdout
+    assert "replayed 1,999 events" in again.stderr
     assert replayd("checkpoint", "reset", "j2", "--yes", "--redis-url", redis_url).returncode == 0
     assert not sync_redis.exists("replayd:{j2}:checkpoint")
 
