@@ -156,6 +156,8 @@ class Mark:
     stream: str
     last_id: Id
     remaining: int
+    commands: list[tuple[Any, ...]] = field(default_factory=list)
+    """Writes that belong with the floor moving past this batch (dead letters of its undecodable entries)."""
 
 
 class Watermark:
@@ -174,12 +176,15 @@ class Watermark:
         self._marks.setdefault(stream, deque()).append(mark)
         return mark
 
-    def advance(self) -> dict[str, Id]:
-        """Pop the done prefix of each stream; return the streams whose floor moved, with the new floor."""
+    def advance(self, commands: list[tuple[Any, ...]]) -> dict[str, Id]:
+        """Pop the done prefix of each stream; return the streams whose floor moved, with the new floor, and
+        append the popped batches' own writes to `commands` (they commit with the floor that passes them)."""
         moved: dict[str, Id] = {}
         for stream, marks in self._marks.items():
             while marks and marks[0].remaining <= 0:
-                moved[stream] = marks.popleft().last_id
+                mark = marks.popleft()
+                moved[stream] = mark.last_id
+                commands.extend(mark.commands)
         return moved
 
     def pending(self) -> int:
@@ -263,7 +268,7 @@ class Committer:
             fields.update(request.checkpoints)
             for mark in request.marks:
                 mark.remaining -= 1
-        floors = self.watermark.advance()
+        floors = self.watermark.advance(commands)
         for stream, floor in floors.items():
             fields[floor_field(stream, self.shard)] = format_id(floor)
         if fields and self._layout:

@@ -27,7 +27,7 @@ from replayd.errors import DataError, ReplaydError, most_telling
 from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id
 from replayd.filters import Predicate, build_filter
 from replayd.gaps import find_gap
-from replayd.handlers import Context, Handler, Outcome
+from replayd.handlers import Context, Handler, Outcome, Tx
 from replayd.handlers.loader import load_handler, load_predicate
 from replayd.lanes import InFlight, Lanes, Slice
 from replayd.lease import Lease
@@ -430,8 +430,7 @@ class Engine:
                     stats.total += len(batch.entries)
                     self.metrics.events_read.labels(plan.stream).inc(len(batch.entries))
                     self.metrics.read_batch.labels(plan.stream).observe(len(batch.entries))
-                    if poison:
-                        await self._handle_poison(poison)
+                    letters = self._handle_poison(poison) if poison else []
                     kept = [e for e in events if self.filter(e)] if self.filter else events
                     foreign = self.router.foreign
                     parts = self.router.split(kept, skip)
@@ -443,13 +442,14 @@ class Engine:
                     if skip and batch.last_id >= skip_until:
                         skip = None
                     await self._running.wait()  # set unless the job is paused
-                    await self._dispatch(batch, parts, routed, senders, committer, inflight)
+                    await self._dispatch(batch, parts, routed, senders, committer, inflight, letters)
         finally:
             for sender in senders:
                 sender.close()
 
-    async def _handle_poison(self, poison: list[Poison]) -> None:
-        """Undecodable entries under the job's policy: stop (exit 65), dead-letter, or skip (log and count)."""
+    def _handle_poison(self, poison: list[Poison]) -> list[tuple[Any, ...]]:
+        """Undecodable entries under the job's policy: stop (exit 65), dead-letter, or skip (log and count).
+        Dead letters come back as commands that commit with the floor moving past their batch: exactly once."""
         self._account_poison(poison)
         policy = self.spec.poison_policy
         if policy == "stop":
@@ -458,11 +458,13 @@ class Engine:
                 f"entry {first.stream} {first.stream_id} cannot be decoded ({first.error}); on_poison = stop: "
                 "the work before it is committed (on_poison = 'dead-letter' or 'skip' goes on)"
             )
-        if policy == "dead-letter":
-            for entry in poison:
-                fields = poison_letter(entry.stream, entry.stream_id, entry.fields, entry.error)
-                await self.redis.xadd(self.dead_letters.key, fields)  # type: ignore[arg-type]
-            self.stats.dead_lettered += len(poison)
+        if policy != "dead-letter":
+            return []
+        self.stats.dead_lettered += len(poison)
+        tx = Tx()
+        for entry in poison:
+            tx.xadd(self.dead_letters.key, poison_letter(entry.stream, entry.stream_id, entry.fields, entry.error))
+        return tx.commands
 
     async def _dispatch(
         self,
@@ -472,8 +474,10 @@ class Engine:
         senders: list[MemoryObjectSendStream[Slice]],
         committer: Committer,
         inflight: InFlight,
+        letters: list[tuple[Any, ...]],
     ) -> None:
         mark = self.watermark.add(batch.stream, batch.last_id, len(parts))
+        mark.commands = letters
         if not parts:
             await committer.nudge()
             return

@@ -95,7 +95,10 @@ def parse_end(text: str) -> Bound:
 def _point(text: str, *, end: bool) -> Bound:
     age = _AGE.match(text)
     if age:
-        return Bound("age", age_ms=int(float(age[1]) * _AGE_MS[age[2]]))
+        try:
+            return Bound("age", age_ms=int(float(age[1]) * _AGE_MS[age[2]]))
+        except OverflowError:
+            raise ValueError(f"{text!r}: age too large") from None
     if re.fullmatch(r"\d+(-\d+)?", text):
         id_ = parse_id(text, end=end)
     else:

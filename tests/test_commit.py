@@ -28,16 +28,16 @@ def test_watermark_waits_for_the_oldest_open_batch() -> None:
     b = marks.add("s", (20, 0), slices=2)
     marks.add("s", (30, 0), slices=1)
     b.remaining = 0  # B's slices commit first
-    assert marks.advance() == {}
+    assert marks.advance([]) == {}
     a.remaining = 0
-    assert marks.advance() == {"s": (20, 0)}  # A and B done; C still open
+    assert marks.advance([]) == {"s": (20, 0)}  # A and B done; C still open
     assert marks.pending() == 1
 
 
 def test_watermark_passes_a_batch_with_nothing_routed_at_once() -> None:
     marks = Watermark()
     marks.add("s", (10, 0), slices=0)
-    assert marks.advance() == {"s": (10, 0)}
+    assert marks.advance([]) == {"s": (10, 0)}
     assert marks.pending() == 0
 
 
@@ -45,7 +45,7 @@ def test_watermark_streams_are_independent() -> None:
     marks = Watermark()
     marks.add("a", (10, 0), slices=1)
     marks.add("b", (5, 0), slices=0)
-    assert marks.advance() == {"b": (5, 0)}
+    assert marks.advance([]) == {"b": (5, 0)}
 
 
 # --- CheckpointStore.resume (pure: fields as loaded)
