@@ -15,7 +15,7 @@ run: $(BIN)/replayd  ## embedded Redis, sample history, rebuild with a progress 
 	$(BIN)/replayd demo
 
 test: $(BIN)/replayd  ## the whole suite against real redis-server processes
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(BIN)/replayd
 	$(BIN)/ruff check replayd tests

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from replayd.connection import RETRIABLE, is_retriable, text, text_hash
+from replayd.connection import is_retriable, text, text_hash
 from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError
 from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
 from replayd.metrics import Metrics
@@ -320,7 +320,9 @@ class Committer:
             try:
                 reply = await self._roundtrip(payload)
                 break
-            except RETRIABLE as exc:
+            except Exception as exc:
+                if not is_retriable(exc):
+                    raise
                 if self._metrics:
                     self._metrics.redis_error("checkpoint", exc)
                 if time.monotonic() + delay > deadline:

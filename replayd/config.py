@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -27,6 +30,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -51,15 +55,66 @@ class _Section(BaseModel):
 
 
 class RedisConfig(_Section):
-    """How to reach Redis."""
+    """How to reach Redis: the URL (`redis://`, `rediss://` for TLS, `unix://`), credentials, TLS files."""
 
     url: SecretStr = SecretStr("redis://localhost:6379/0")
+    """May carry the ACL user and password (`redis://user:pass@host:6379/0`); shown redacted everywhere."""
+    username: str | None = None
+    """The ACL user, when the URL names none."""
+    password: SecretStr | None = None
+    """The ACL user's password (or the `requirepass` one), when the URL carries none; `REPLAYD_REDIS__PASSWORD`."""
+    password_file: Path | None = None
+    """A file holding the password (a mounted secret), read once at load; a final newline is dropped."""
+    tls_ca_file: Path | None = None
+    """PEM CA bundle that signed the server's certificate (`rediss://` only; the system CAs when unset)."""
+    tls_cert_file: Path | None = None
+    """PEM client certificate, for a server started with `tls-auth-clients yes`."""
+    tls_key_file: Path | None = None
+    """The client certificate's private key (unencrypted PEM), when not inside `tls_cert_file`."""
+    tls_verify_hostname: bool = True
+    """Check that the server's certificate names the URL's host (the certificate chain is always checked)."""
     socket_timeout_s: float = Field(10.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     block_ms: int = Field(2000, ge=0)
     max_connections: int = Field(64, ge=2)
     unavailable_timeout_s: float = Field(60.0, gt=0)
     """How long Redis may stay unreachable (retries with backoff and jitter) before replayd exits 69."""
+
+    _file_password: SecretStr | None = PrivateAttr(None)
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = value.get_secret_value().partition("://")[0].lower()
+        if scheme not in {"redis", "rediss", "unix"}:
+            # never echo the URL: it may carry a password
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            cls._check_file(value)
+        return value
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            cls._check_file(value)
+            try:
+                ssl.create_default_context(cafile=str(value))
+            except ssl.SSLError as exc:
+                raise ValueError(f"{value} holds no PEM CA certificate ({exc.reason or exc})") from None
+        return value
+
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _tls_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            cls._check_file(value)
+        return value
 
     @model_validator(mode="after")
     def _block_below_timeout(self) -> RedisConfig:
@@ -69,6 +124,62 @@ class RedisConfig(_Section):
                 f"block_ms ({self.block_ms}) must be below socket_timeout_s ({self.socket_timeout_s}) x 1000"
             )
         return self
+
+    @model_validator(mode="after")
+    def _credentials(self) -> RedisConfig:
+        url = urlsplit(self.url.get_secret_value())
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if url.password and (self.password is not None or self.password_file is not None):
+            raise ValueError("the url carries a password: do not set password or password_file as well")
+        if url.username and self.username and unquote(url.username) != self.username:
+            raise ValueError("the url names a user other than username: set the user in one place")
+        if self.password_file is not None:
+            try:
+                text = self.password_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"password_file {self.password_file} cannot be read: {exc}") from None
+            secret = text.removesuffix("\n").removesuffix("\r")
+            if not secret:
+                raise ValueError(f"password_file {self.password_file} is empty")
+            self._file_password = SecretStr(secret)
+        return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> RedisConfig:
+        options = [name for name in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, name)]
+        if not self.tls_verify_hostname:
+            options.append("tls_verify_hostname")
+        scheme = self.url.get_secret_value().partition("://")[0].lower()
+        if options and scheme != "rediss":
+            verb = "needs" if len(options) == 1 else "need"
+            raise ValueError(f"{', '.join(options)} {verb} a rediss:// url (TLS); the url is {scheme}://")
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_key_file needs tls_cert_file (the client certificate)")
+        if self.tls_cert_file is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            key = str(self.tls_key_file) if self.tls_key_file else None
+            try:
+                # an empty password: an encrypted key fails here instead of prompting on the terminal
+                context.load_cert_chain(str(self.tls_cert_file), key, password="")
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"tls_cert_file {self.tls_cert_file}{f' / tls_key_file {key}' if key else ''}: not a PEM "
+                    f"certificate and matching unencrypted private key ({getattr(exc, 'reason', None) or exc})"
+                ) from None
+        return self
+
+    @staticmethod
+    def _check_file(path: Path) -> None:
+        if not path.is_file():
+            raise ValueError(f"file {path} does not exist")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"file {path} is not readable")
+
+    @property
+    def username_and_password(self) -> tuple[str | None, SecretStr | None]:
+        """The credentials the URL does not carry: `username`, and `password` or the content of `password_file`."""
+        return self.username, self.password if self.password is not None else self._file_password
 
 
 class HttpConfig(_Section):
@@ -246,6 +357,8 @@ def load_settings(path: str | None = None, **overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe(exc, file)) from None
+    except SettingsError as exc:  # e.g. REPLAYD_JOBS that is not JSON; the message names the source, not the value
+        raise ConfigError(f"invalid configuration: {exc}") from None
     finally:
         _toml_path.reset(token)
 

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from replayd.config import RedisConfig
-from replayd.errors import SourceError
+from replayd.errors import ConfigError, SourceError
+from replayd.logs import redact_text
 from replayd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -23,23 +33,138 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRIABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-"""Errors after which the same idempotent read may simply be sent again."""
+"""Errors after which the same idempotent read may simply be sent again. Prefer `is_retriable`: `except RETRIABLE`
+also catches redis-py's AuthenticationError (a ConnectionError). `create_redis` clients raise AccessDenied instead."""
 
 
 def is_retriable(exc: BaseException) -> bool:
     """A lost or failing connection: one of RETRIABLE, or uvloop's RuntimeError for a write on a transport the
-    peer has reset ("unable to perform operation on <TCPTransport closed=True ...>; the handler is closed")."""
+    peer has reset ("unable to perform operation on <TCPTransport closed=True ...>; the handler is closed").
+
+    Never a refusal the same attempt would meet again: rejected credentials (redis-py's AuthenticationError is a
+    ConnectionError) or a TLS handshake failing on certificates (see `access_denied`)."""
+    if access_denied(exc) is not None:
+        return False
     return isinstance(exc, RETRIABLE) or (isinstance(exc, RuntimeError) and "handler is closed" in str(exc))
+
+
+class AccessDenied(ConfigError):
+    """Raised when Redis refuses replayd's credentials or a TLS handshake fails on certificates: configuration to
+    fix (exit 78), never retried."""
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 8:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+_CLIENT_CERT_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
+"""TLS alerts (in an SSLError's reason) by which a server rejects the client's certificate, or its absence."""
+
+
+def access_denied(exc: BaseException, where: str = "Redis") -> AccessDenied | None:
+    """The AccessDenied that `exc` (or an error it was raised from) amounts to, else None."""
+    for error in _chain(exc):
+        if isinstance(error, AccessDenied):
+            return error
+        if isinstance(error, AuthenticationError):
+            return AccessDenied(
+                f"{where} refused the credentials ({error}): check the user and password in redis.url, "
+                "redis.username, redis.password (REPLAYD_REDIS__PASSWORD) or redis.password_file"
+            )
+        if isinstance(error, ssl.SSLCertVerificationError):
+            reason = error.verify_message or error.reason or str(error)
+            hint = "set redis.tls_ca_file to the CA that signed the server's certificate"
+            if "mismatch" in str(reason).lower():
+                hint = "connect by a name or address the certificate lists (or set redis.tls_verify_hostname = false)"
+            return AccessDenied(f"TLS: {where} presented a certificate replayd does not accept ({reason}): {hint}")
+        if type(error) is ssl.SSLError and any(alert in str(error.reason) for alert in _CLIENT_CERT_ALERTS):
+            return AccessDenied(
+                f"TLS: {where} rejected replayd's client certificate ({error.reason}): set redis.tls_cert_file and "
+                "redis.tls_key_file to a certificate signed by a CA the server trusts (its tls-ca-cert-file)"
+            )
+    return None
+
+
+class _FailFast(AbstractConnection):
+    """Turns refused credentials or a certificate failure while connecting into AccessDenied: redis-py raises them
+    as ConnectionErrors, which every retry loop (`retrying`, the commit's, redis-py's) would retry for its budget."""
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().connect_check_health(*args, **kwargs)
+        except RedisConnectionError as exc:
+            denied = access_denied(exc, f"Redis at {self._host_error()}")
+            if denied is None:
+                raise
+            raise denied from exc
+
+
+class _TcpConnection(_FailFast, Connection):
+    pass
+
+
+class _TlsConnection(_FailFast, SSLConnection):
+    pass
+
+
+class _UnixConnection(_FailFast, UnixDomainSocketConnection):
+    pass
+
+
+_FAIL_FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _TcpConnection,
+    SSLConnection: _TlsConnection,
+    UnixDomainSocketConnection: _UnixConnection,
+}
+
+
+def connection_options(cfg: RedisConfig) -> dict[str, Any]:
+    """redis-py keyword arguments for what the URL does not say: credentials and, for `rediss://`, TLS.
+
+    For another client of the same Redis: `Redis.from_url(cfg.url.get_secret_value(), **connection_options(cfg))`.
+    """
+    options: dict[str, Any] = {}
+    username, password = cfg.username_and_password
+    if username is not None:
+        options["username"] = username
+    if password is not None:
+        options["password"] = password.get_secret_value()
+    if urlsplit(cfg.url.get_secret_value()).scheme.lower() == "rediss":
+        options["ssl_cert_reqs"] = "required"
+        options["ssl_check_hostname"] = cfg.tls_verify_hostname
+        for option, path in (
+            ("ssl_ca_certs", cfg.tls_ca_file),
+            ("ssl_certfile", cfg.tls_cert_file),
+            ("ssl_keyfile", cfg.tls_key_file),
+        ):
+            if path is not None:
+                options[option] = str(path)
+    return options
 
 
 def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
     """A client on a blocking pool (waits for a free connection instead of failing under load).
 
+    `redis://`, `rediss://` (TLS, with the `tls_*` settings) and `unix://` URLs; credentials from the URL or the
+    settings. Refused credentials and certificate failures raise AccessDenied at once, never retried.
+
     With `raw_streams`, XRANGE/XREVRANGE/XREAD replies stay the lists hiredis builds: redis-py's per-entry
     callbacks would cost more than the decoding itself.
     """
-    pool = BlockingConnectionPool.from_url(
-        cfg.url.get_secret_value(),
+    try:
+        from_url: dict[str, Any] = dict(parse_url(cfg.url.get_secret_value()))
+    except ValueError as exc:  # never echo the URL: it may carry a password
+        raise ConfigError(f"redis.url cannot be used: {redact_text(str(exc))}") from None
+    # as redis-py's from_url: what the URL (and its query string) says wins over keyword arguments
+    kwargs: dict[str, Any] = {**connection_options(cfg), **from_url}
+    kind = kwargs.get("connection_class", Connection)
+    kwargs["connection_class"] = _FAIL_FAST.get(kind, kind)
+    pool = BlockingConnectionPool(
         max_connections=cfg.max_connections,
         timeout=cfg.socket_timeout_s,
         socket_timeout=cfg.socket_timeout_s,
@@ -48,6 +173,7 @@ def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
         # RESP2 on purpose: the raw stream replies the data path parses have one shape on Redis 6.2 and 7,
         # whatever protocol a redis-py release negotiates by default
         protocol=2,
+        **kwargs,
     )
     client = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
     if raw_streams:

@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from replayd.config import RedisConfig, Settings
-from replayd.connection import create_redis, redact
+from replayd.connection import connection_options, create_redis, redact
 from replayd.engine import Engine
 from replayd.http import HttpServer, Readiness, watch_redis
 from replayd.metrics import Metrics
@@ -139,6 +139,7 @@ async def ping_redis(
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),  # one attempt per PING: the next one comes in `interval_s`
         protocol=2,
+        **connection_options(cfg),  # credentials and TLS files that the URL does not carry
     )
     try:
         await watch_redis(readiness, client.ping, interval_s=interval_s, timeout_s=timeout_s)

@@ -1,0 +1,127 @@
+"""TLS fixtures for the security tests: a throwaway CA with server and client certificates (the `openssl` CLI),
+and a redis-server with a TLS port (plus a plain loopback port for setup), stopped by PID."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import redis
+
+from replayd.embedded import find_redis_server, free_port
+
+
+@dataclass(frozen=True)
+class Certs:
+    """PEM files: the CA, a server certificate for 127.0.0.1/localhost, a client certificate; all signed by the CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def openssl() -> str | None:
+    return shutil.which("openssl")
+
+
+def _run(*args: str, cwd: Path) -> None:
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+
+
+def make_certs(directory: Path) -> Certs:
+    """A CA, then a server and a client certificate it signs (EC P-256: quick to generate), valid for 1 day."""
+    binary = openssl()
+    if binary is None:
+        raise RuntimeError("openssl not found on PATH")
+    directory.mkdir(parents=True, exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _run(binary, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+         "-subj", "/CN=replayd test CA", cwd=directory)  # fmt: skip
+    (directory / "server.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    (directory / "client.ext").write_text("extendedKeyUsage = clientAuth\n")
+    for name, subject in (("server", "/CN=localhost"), ("client", "/CN=replayd test client")):
+        _run(binary, "req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject,
+             cwd=directory)  # fmt: skip
+        _run(binary, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext", cwd=directory)  # fmt: skip
+    return Certs(
+        ca=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+    )
+
+
+class TlsRedisServer:
+    """redis-server on loopback: `tls_port` requires TLS with a client certificate the CA signed; `port` is plain
+    (for loading data and ACL setup; a test can drop it with ACL rules if it must)."""
+
+    def __init__(self, directory: Path, certs: Certs) -> None:
+        self.binary = find_redis_server()
+        self.dir = directory
+        self.certs = certs
+        self.port = free_port()
+        self.tls_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def tls_url(self) -> str:
+        return f"rediss://127.0.0.1:{self.tls_port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=10)
+
+    def start(self) -> Self:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.binary, "--port", str(self.port), "--tls-port", str(self.tls_port), "--bind", "127.0.0.1",
+            "--tls-cert-file", str(self.certs.server_cert), "--tls-key-file", str(self.certs.server_key),
+            "--tls-ca-cert-file", str(self.certs.ca), "--tls-auth-clients", "yes",
+            "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--logfile", "redis.log",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with self.client() as client:
+                    client.ping()
+                    return self
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+        log_file = self.dir / "redis.log"
+        tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+        self.stop()
+        raise RuntimeError(f"redis-server {self.binary} did not start with TLS on port {self.tls_port}:\n{tail}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()
