@@ -30,6 +30,7 @@ from replayd.events import format_id, parse_id
 from replayd.handlers.loader import load_handler
 from replayd.logs import setup_logging
 from replayd.metrics import Metrics
+from replayd.pacing import parse_speed
 from replayd.plan import plan
 from replayd.progress import Stats
 from replayd.workers import Supervisor, without_workers
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     selection.add_argument("--filter", metavar="MOD:FUNC", help="plugin predicate")
     selection.add_argument("--on-gap", choices=["fail", "warn", "skip"], help="stream trimmed past the checkpoint")
     selection.add_argument("--allow-reset", action="store_true", help="start over when the checkpoint was lost")
+    selection.add_argument("--rate-limit", type=float, metavar="N", help="read at most N entries per second")
+    selection.add_argument(
+        "--speed", type=_speed, metavar="Kx", help="play back at the events' original pace times K (e.g. 10x)"
+    )
 
     replay = commands.add_parser(
         "replay", parents=[common, scale, selection], help="one-shot replay of a range into a handler"
@@ -147,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=None)
     return parser
+
+
+def _speed(text: str) -> float:
+    try:
+        return parse_speed(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _port(text: str) -> int:
@@ -290,6 +302,10 @@ def _replay_spec(args: argparse.Namespace, settings: Settings) -> JobSpec:
         one_shot["on_gap"] = args.on_gap
     if args.allow_reset:
         one_shot["allow_reset"] = True
+    if args.rate_limit is not None:
+        one_shot["rate_limit"] = args.rate_limit
+    if args.speed is not None:
+        one_shot["speed"] = args.speed
     return job_from_args(args, settings, one_shot=one_shot)
 
 

@@ -231,6 +231,10 @@ class JobSpec(_Section):
     """`i/N`: this process handles partitions p with p mod N == i (replicas, `--workers`)."""
     on_gap: Literal["fail", "warn", "skip"] = "fail"
     """A stream trimmed past, or gone back behind, the checkpoint: stop (exit 65), or log and go on."""
+    rate_limit: float | None = Field(None, gt=0)
+    """Read at most this many entries per second (protects a production Redis)."""
+    speed: float | None = Field(None, gt=0)
+    """Play back at the events' original pace (their `timestamp`) times this factor; batches of 10 for smoothness."""
     on_poison: Literal["stop", "dead-letter", "skip"] | None = None
     """An event whose handler keeps failing, or an entry that cannot be decoded: `stop` (exit 65, the default of a
     job with an end), `dead-letter` (the default of a following job), or `skip` (log, count, go on)."""

@@ -33,6 +33,7 @@ from replayd.lanes import InFlight, Lanes, Slice
 from replayd.lease import Lease
 from replayd.logs import current_job
 from replayd.metrics import JobView, Metrics
+from replayd.pacing import Pacer
 from replayd.progress import ProgressWriter, Stats
 from replayd.router import Router
 from replayd.source import Batch, BatchSizer, StreamReader, head, redis_time_ms
@@ -96,7 +97,10 @@ class Engine:
         )  # fmt: skip
         self.lease = Lease(redis, spec.name, self.shard, ttl_ms=int(spec.lease_ttl_s * 1000),
                            wait=spec.on_lease_held == "wait")  # fmt: skip
-        self.sizer = BatchSizer(spec.batch_size, minimum=spec.min_batch_size, target_s=spec.batch_target_s)
+        # playback at the original pace moves in small steps, so events are not released in bursts
+        most = min(spec.batch_size, 10) if spec.speed else spec.batch_size
+        self.sizer = BatchSizer(most, minimum=min(spec.min_batch_size, most), target_s=spec.batch_target_s)
+        self.pacer = Pacer(spec.rate_limit, spec.speed)
         self.metrics = metrics or Metrics()
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
                             inflight=lambda: self.inflight.count)  # fmt: skip
@@ -442,6 +446,7 @@ class Engine:
                     if skip and batch.last_id >= skip_until:
                         skip = None
                     await self._running.wait()  # set unless the job is paused
+                    await self.pacer.admit(len(batch.entries), kept[0].timestamp if kept else None)
                     await self._dispatch(batch, parts, routed, senders, committer, inflight, letters)
         finally:
             for sender in senders:

@@ -14,6 +14,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from replayd import Context, Event
 from replayd.config import JobSpec, RedisConfig
 from replayd.engine import Engine
 from replayd.handlers import ObjectHandler
@@ -93,3 +94,43 @@ async def test_plan_extrapolates_beyond_the_exact_bound(
     about = report["streams"]["s"]
     assert about["exact"] is False
     assert 300 <= about["entries"] <= 500
+
+
+@pytest.mark.anyio
+async def test_rate_limit_spaces_the_reads(raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis) -> None:
+    for i in range(300):
+        sync_redis.xadd("s", {"event_type": "E", "data": f'{{"i": {i}}}'})
+    spec = JobSpec(name="rl", streams=["s"], handler="x:y", end="now", batch_size=100, min_batch_size=100,
+                   rate_limit=1000)  # fmt: skip
+    engine = Engine(spec, raw_redis, redis_cfg=redis_cfg, handler=ObjectHandler(Recorder(), "r"))
+    started = time.monotonic()
+    await engine.run()
+    assert engine.stats.processed == 300
+    assert time.monotonic() - started >= 0.18  # 300 entries at 1000/s: the 2nd and 3rd batch wait 0.1 s each
+
+
+@pytest.mark.anyio
+async def test_speed_plays_events_back_at_their_original_pace(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    """Producer timestamps 1 s apart, played at 10x: about 0.1 s apart, in order."""
+    for i in range(5):
+        sync_redis.xadd("s", {"event_type": "E", "data": f'{{"i": {i}}}', "timestamp": str(1_700_000_000 + i)})
+    seen: list[float] = []
+
+    class Clock(Recorder):
+        async def handle(self, event: Event, ctx: Context) -> None:
+            seen.append(time.monotonic())
+            await super().handle(event, ctx)
+
+    spec = JobSpec(name="sp", streams=["s"], handler="x:y", end="now", speed=10, min_batch_size=1, batch_size=1)
+    await Engine(spec, raw_redis, redis_cfg=redis_cfg, handler=ObjectHandler(Clock(), "r")).run()
+    assert len(seen) == 5
+    assert seen[-1] - seen[0] >= 0.35
+    assert seen == sorted(seen)
+
+
+def test_speed_must_be_positive(redis_url: str) -> None:
+    done = replayd("replay", "--redis-url", redis_url, "--stream", "s", "--handler", "order_summary", "--speed", "0x")
+    assert done.returncode == 2
+    assert "speed" in done.stderr

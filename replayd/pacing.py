@@ -1,0 +1,42 @@
+"""Pacing: a rate limit in entries per second (to protect a production Redis) and playback at the events'
+original pace, scaled (`--speed 10x`: ten times faster than it happened), from their producer timestamps."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+
+
+class Pacer:
+    """Waits before each read batch is dispatched, as long as the rate limit or the playback speed asks."""
+
+    def __init__(self, rate_limit: float | None, speed: float | None) -> None:
+        self.rate_limit = rate_limit
+        self.speed = speed
+        self._started = time.monotonic()
+        self._admitted = 0
+        self._origin: tuple[float, float] | None = None
+        """(wall time, event timestamp) of the first paced event."""
+
+    async def admit(self, entries: int, first_timestamp: float | None) -> None:
+        now = time.monotonic()
+        wait = 0.0
+        if self.rate_limit:
+            wait = self._started + self._admitted / self.rate_limit - now
+            self._admitted += entries
+        if self.speed and first_timestamp is not None:
+            if self._origin is None:
+                self._origin = (now, first_timestamp)
+            wall, timestamp = self._origin
+            wait = max(wait, wall + (first_timestamp - timestamp) / self.speed - now)
+        if wait > 0:
+            await anyio.sleep(wait)
+
+
+def parse_speed(text: str) -> float:
+    """`10x`, `0.5x` or `10`: how much faster than the events happened."""
+    value = float(text.removesuffix("x"))
+    if value <= 0:
+        raise ValueError(f"speed {text!r} must be above 0")
+    return value
