@@ -96,3 +96,19 @@ async def test_a_run_that_committed_nothing_is_no_lost_checkpoint(
     fill(sync_redis, 5)
     engine = await run(raw_redis, redis_cfg)
     assert engine.stats.processed == 5
+
+
+@pytest.mark.anyio
+async def test_entries_with_future_ids_keep_their_order_and_lag_stays_non_negative(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    """FAULTS T31: a producer writes an explicit ID far in the future, then `*` (Redis continues from it)."""
+    fill(sync_redis, 3)
+    sync_redis.xadd(STREAM, {"event_type": "E", "data": '{"i": 3}'}, id="9999999999999-0")
+    sync_redis.xadd(STREAM, {"event_type": "E", "data": '{"i": 4}'})
+    metrics = Metrics()
+    engine = Engine(job(name="future"), raw_redis, redis_cfg=redis_cfg, metrics=metrics)
+    await engine.run()
+    assert engine.stats.processed == 5
+    lag = metrics.registry.get_sample_value("replayd_lag_seconds", {"stream": STREAM, "replay": "future"})
+    assert lag is not None and lag >= 0
