@@ -142,7 +142,10 @@ class Engine:
             current_job.reset(token)
 
     async def _run(self) -> Stats:
-        await retrying(self.lease.acquire, what="lease", budget_s=self.budget_s, metrics=self.metrics)
+        acquire = partial(self.lease.acquire, self.stop_requested)
+        if not await retrying(acquire, what="lease", budget_s=self.budget_s, metrics=self.metrics):
+            self.stats.status = "stopped"  # asked to stop while waiting for another instance's lease
+            return self.stats
         try:
             return await self._run_leased()
         finally:

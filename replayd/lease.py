@@ -37,9 +37,12 @@ class Lease:
         self.wait = wait
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
-    async def acquire(self) -> None:
+    async def acquire(self, stop: anyio.Event) -> bool:
+        """Take the lease, waiting for it if so configured; False when `stop` is set meanwhile."""
         announced = False
         while not await self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            if stop.is_set():
+                return False
             owner = await self.redis.get(self.key)
             holder = owner.decode() if isinstance(owner, bytes) else owner
             if not self.wait:
@@ -47,8 +50,10 @@ class Lease:
             if not announced:
                 logger.info("waiting for %s, held by %s", self.key, holder)
                 announced = True
-            await anyio.sleep(self.ttl_ms / 3000)
+            with anyio.move_on_after(self.ttl_ms / 3000):
+                await stop.wait()
         logger.info("holding %s", self.key)
+        return True
 
     async def keep(self) -> None:
         while True:

@@ -108,3 +108,18 @@ def _leaves(exc: BaseException | None) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
     return [exc] if exc is not None else []
+
+
+@pytest.mark.anyio
+async def test_stop_while_waiting_for_the_lease_returns_at_once(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    sync_redis.set("replayd:{twin}:lease", "someone-else", px=60_000)
+    (engine,) = counters(raw_redis, redis_cfg, 1)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            await anyio.sleep(0.2)
+            engine.stop()
+    assert engine.stats.status == "stopped"
+    assert sync_redis.get("replayd:{twin}:lease") == b"someone-else"
