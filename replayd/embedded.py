@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -47,11 +48,15 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child on a free loopback port with its own data directory; stopped on exit."""
 
-    def __init__(self, directory: Path | None = None, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path | None = None, *, appendonly: bool = False, extra_args: Sequence[str] = ()
+    ) -> None:
         self.binary = find_redis_server()
         self.dir = directory or Path(tempfile.mkdtemp(prefix="replayd-redis-"))
         self.port = free_port()
         self.appendonly = appendonly
+        self.extra_args = list(extra_args)
+        """More redis-server options (the tests' TLS server)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,6 +68,7 @@ class EmbeddedRedis:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", "--logfile", "redis.log",
+            *self.extra_args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
         deadline = time.monotonic() + 10

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-import redis
-
-from replayd.embedded import find_redis_server, free_port
+from replayd.embedded import free_port
+from tests.servers import RedisServer
 
 
 @dataclass(frozen=True)
@@ -62,66 +58,19 @@ def make_certs(directory: Path) -> Certs:
     )
 
 
-class TlsRedisServer:
+class TlsRedisServer(RedisServer):
     """redis-server on loopback: `tls_port` requires TLS with a client certificate the CA signed; `port` is plain
     (for loading data and ACL setup; a test can drop it with ACL rules if it must)."""
 
     def __init__(self, directory: Path, certs: Certs) -> None:
-        self.binary = find_redis_server()
-        self.dir = directory
-        self.certs = certs
-        self.port = free_port()
         self.tls_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        self.certs = certs
+        super().__init__(directory, extra_args=[
+            "--tls-port", str(self.tls_port), "--tls-cert-file", str(certs.server_cert),
+            "--tls-key-file", str(certs.server_key), "--tls-ca-cert-file", str(certs.ca),
+            "--tls-auth-clients", "yes",
+        ])  # fmt: skip
 
     @property
     def tls_url(self) -> str:
         return f"rediss://127.0.0.1:{self.tls_port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=10)
-
-    def start(self) -> Self:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            self.binary, "--port", str(self.port), "--tls-port", str(self.tls_port), "--bind", "127.0.0.1",
-            "--tls-cert-file", str(self.certs.server_cert), "--tls-key-file", str(self.certs.server_key),
-            "--tls-ca-cert-file", str(self.certs.ca), "--tls-auth-clients", "yes",
-            "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--logfile", "redis.log",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with self.client() as client:
-                    client.ping()
-                    return self
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.02)
-        log_file = self.dir / "redis.log"
-        tail = log_file.read_text()[-2000:] if log_file.exists() else ""
-        self.stop()
-        raise RuntimeError(f"redis-server {self.binary} did not start with TLS on port {self.tls_port}:\n{tail}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object | TracebackType) -> None:
-        self.stop()
