@@ -49,9 +49,14 @@ class EmbeddedRedis:
     """A redis-server child on a free loopback port with its own data directory; stopped on exit."""
 
     def __init__(
-        self, directory: Path | None = None, *, appendonly: bool = False, extra_args: Sequence[str] = ()
+        self,
+        directory: Path | None = None,
+        *,
+        appendonly: bool = False,
+        extra_args: Sequence[str] = (),
+        binary: str | None = None,
     ) -> None:
-        self.binary = find_redis_server()
+        self.binary = binary or find_redis_server()
         self.dir = directory or Path(tempfile.mkdtemp(prefix="replayd-redis-"))
         self.port = free_port()
         self.appendonly = appendonly

@@ -305,15 +305,15 @@ async def test_t17_cut_mid_reply_rereads_and_handles_each_event_once(
 async def test_t18_fragmented_replies_give_identical_results(
     fresh_server: RedisServer, proxy: FaultProxy, cfg: RedisConfig, parser: str
 ) -> None:
-    """1. slice(1): every write in 1-byte pieces, both ways  2. rebuild 1000 events  3. == a clean rebuild."""
+    """1. slice(1): every write in 1-byte pieces, both ways  2. rebuild 300 events  3. == a clean rebuild."""
     with fresh_server.client() as sync:
-        load_history_sync(sync, STREAM, 1000)
+        load_history_sync(sync, STREAM, 300)
     r = create_redis(cfg)
     if parser == "python":
         r.connection_pool.connection_kwargs["parser_class"] = _AsyncRESP2Parser
-    engine = Engine(spec(batch_size=200), r, redis_cfg=cfg)
+    engine = Engine(spec(batch_size=50), r, redis_cfg=cfg)
     try:
-        with anyio.fail_after(45):
+        with anyio.fail_after(90):  # byte-by-byte delivery is slow on a loaded CI machine
             proxy.slice(1)
             await rebuild_in_place(engine)
     finally:
@@ -327,7 +327,7 @@ async def test_t18_fragmented_replies_give_identical_results(
         await rebuild_in_place(Engine(spec(name="clean"), clean, redis_cfg=direct))
         await clean.aclose()
         assert fragmented == projection(sync)
-    assert proxy.stats.bytes_down > 1000 * 100
+    assert proxy.stats.bytes_down > 300 * 100
 
 
 # --- T15: cancel mid-command (CVE-2023-28858/28859 regression) ---------------------------------------------------

