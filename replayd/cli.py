@@ -26,7 +26,7 @@ from replayd.console import summary, with_progress
 from replayd.deadletter import Letters
 from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
-from replayd.events import format_id, parse_id
+from replayd.events import format_id, parse_id, parse_shard
 from replayd.handlers.loader import load_handler
 from replayd.logs import setup_logging
 from replayd.metrics import Metrics
@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-format", choices=["auto", "json", "text"], default=None)
 
     scale = argparse.ArgumentParser(add_help=False)
-    scale.add_argument("--shard", metavar="I/N", help="handle only partitions p with p mod N == I (a replica)")
+    scale.add_argument(
+        "--shard", type=_shard, metavar="I/N", help="handle only partitions p with p mod N == I (a replica)"
+    )
     scale.add_argument("--workers", type=int, metavar="K", help="run K processes as shards 0/K ... K-1/K")
 
     parser = argparse.ArgumentParser(prog="replayd", description="Event replay for Redis Streams.")
@@ -152,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=None)
     return parser
+
+
+def _shard(text: str) -> str:
+    try:
+        parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _speed(text: str) -> float:

@@ -88,6 +88,7 @@ def test_checkpoint_set_and_reset_need_yes(redis_url: str, history: int, sync_re
         (["replay", "--stream", STREAM, "--handler", "order_summary", "--from", "yesterday"], "ISO-8601"),
         (["replay", "--stream", STREAM, "--handler", "order_summary", "--partitions", "0"], "partitions"),
         (["replay", "--no-such-flag"], "unrecognized arguments"),
+        (["replay", "--stream", STREAM, "--handler", "order_summary", "--shard", "3/3"], "0 <= i < N"),
     ],
 )
 def test_usage_errors_exit_2_without_traceback(redis_url: str, args: list[str], message: str) -> None:
