@@ -8,7 +8,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -180,16 +180,6 @@ def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
         for command in ("XRANGE", "XREVRANGE", "XREAD"):
             client.response_callbacks.pop(command, None)
     return client
-
-
-def redact(url: str) -> str:
-    """The URL with its password replaced, for logs and status output."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:" if parts.username else ":"
-    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
 
 
 async def retrying(

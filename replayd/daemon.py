@@ -22,9 +22,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from replayd.config import RedisConfig, Settings
-from replayd.connection import connection_options, create_redis, redact
+from replayd.connection import connection_options, create_redis
 from replayd.engine import Engine
 from replayd.http import HttpServer, Readiness, watch_redis
+from replayd.logs import redact_text
 from replayd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ class Daemon:
 
     async def run(self) -> None:
         logger.info(
-            "replayd starting: %d job(s) on %s", len(self.engines), redact(self.settings.redis.url.get_secret_value())
+            "replayd starting: %d job(s) on %s",
+            len(self.engines),
+            redact_text(self.settings.redis.url.get_secret_value()),
         )
         try:
             async with anyio.create_task_group() as tg:

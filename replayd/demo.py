@@ -13,11 +13,12 @@ import anyio
 from redis.asyncio import Redis
 
 from replayd.config import JobSpec, RedisConfig, Settings
-from replayd.connection import connection_options, create_redis, redact, text_hash
+from replayd.connection import connection_options, create_redis, text_hash
 from replayd.console import summary, with_progress
 from replayd.daemon import Daemon
 from replayd.embedded import EmbeddedRedis
 from replayd.engine import Engine, rebuild_in_place
+from replayd.logs import redact_text
 from replayd.sample import load_history, order_events
 
 STREAM = "events:orders"
@@ -36,7 +37,7 @@ async def run_demo(args: argparse.Namespace, settings: Settings) -> None:
             server = stack.enter_context(EmbeddedRedis(Path(".replayd/redis"), appendonly=True))
             _say(f"started an embedded redis-server ({server.binary}) on {server.url}")
             cfg = settings.redis.model_copy(update={"url": RedisConfig(url=server.url).url})
-        _say(f"using Redis at {redact(cfg.url.get_secret_value())}")
+        _say(f"using Redis at {redact_text(cfg.url.get_secret_value())}")
         reader = Redis.from_url(cfg.url.get_secret_value(), **connection_options(cfg))
         try:
             await _ensure_history(reader, args.events)

@@ -21,9 +21,10 @@ from prometheus_client import generate_latest
 from pydantic import SecretStr
 
 from replayd.config import JobSpec, RedisConfig, load_settings
-from replayd.connection import AccessDenied, create_redis, is_retriable, redact, retrying
+from replayd.connection import AccessDenied, create_redis, is_retriable, retrying
 from replayd.engine import Engine
 from replayd.errors import ConfigError
+from replayd.logs import redact_text
 from replayd.metrics import Metrics
 from replayd.sample import load_history_sync
 from tests.servers import RedisServer
@@ -206,7 +207,7 @@ def test_settings_never_print_secrets(tmp_path: Path, monkeypatch: pytest.Monkey
         load_settings()
     assert WRONG not in str(bad.value)
     assert SECRET not in str(bad.value)
-    assert redact(f"rediss://{USER}:{SECRET}@h:1/0") == f"rediss://{USER}:***@h:1/0"
+    assert redact_text(f"rediss://{USER}:{SECRET}@h:1/0") == f"rediss://{USER}:***@h:1/0"
 
 
 def test_auth_and_certificate_failures_are_not_retriable() -> None:
