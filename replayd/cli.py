@@ -33,6 +33,8 @@ from replayd.metrics import Metrics
 from replayd.pacing import parse_speed
 from replayd.plan import plan
 from replayd.progress import Stats
+from replayd.rebuild import Rebuild
+from replayd.versions import namespace
 from replayd.workers import Supervisor, without_workers
 
 logger = logging.getLogger("replayd")
@@ -111,9 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=cmd_plan)
 
-    rebuild = commands.add_parser("rebuild", parents=[common], help="clear a projection and rebuild it from history")
+    rebuild = commands.add_parser(
+        "rebuild", parents=[common], help="rebuild a projection from history as a new version, then flip readers to it"
+    )
     _job_arguments(rebuild)
-    rebuild.add_argument("--in-place", action="store_true", help="clear and rebuild the live keys (the only mode)")
+    rebuild.add_argument(
+        "--in-place", action="store_true", help="the article's way: clear the live keys, then replay into them"
+    )
+    rebuild.add_argument(
+        "--retain-old",
+        type=float,
+        metavar="S",
+        help="keep the replaced version this long for readers still on it (default: the job's retain_old_s, 60)",
+    )
     rebuild.set_defaults(func=cmd_rebuild)
 
     status = commands.add_parser("status", parents=[common], help="progress and checkpoints of jobs")
@@ -376,11 +388,25 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     one_shot = {"start": "beginning", "after": None, "resume": False, "end": "now"}
     if not args.job and args.handler:
         one_shot["name"] = _default_name(args.handler).removeprefix("replay-")
+    if args.retain_old is not None:
+        one_shot["retain_old_s"] = args.retain_old
     spec = job_from_args(args, settings, one_shot=one_shot)
     async with _client(settings) as client:
-        engine = Engine(spec, client, redis_cfg=settings.redis)
-        stats = await with_progress(engine.stats, rebuild_in_place(engine))
-    print(summary(f"rebuilt projection:{engine.handler.name} from", stats), file=sys.stderr)
+        if args.in_place:
+            engine = Engine(spec, client, redis_cfg=settings.redis)
+            stats = await with_progress(engine.stats, rebuild_in_place(engine))
+            print(summary(f"rebuilt projection:{engine.handler.name} from", stats), file=sys.stderr)
+            return 0
+        rebuild = Rebuild(spec, client, redis_cfg=settings.redis)
+        await rebuild.begin()
+        first = rebuild.engine()
+        stats = await with_progress(first.stats, first.run())
+        await rebuild.catch_up()
+        old = await rebuild.flip(retain_s=spec.retain_old_s)
+        built, replaced = (namespace(rebuild.handler.name, v) for v in (rebuild.version, old))
+        print(summary(f"rebuilt {built} from", stats), file=sys.stderr)
+        retained = f"is kept {spec.retain_old_s:g} s (the live job or the next rebuild deletes it)"
+        print(f"{built} is current; {replaced} {retained if spec.retain_old_s else 'is deleted'}", file=sys.stderr)
     return 0
 
 

@@ -247,6 +247,9 @@ class JobSpec(_Section):
     """How long a lease outlives its owner (a SIGKILLed or paused instance) before another may take it."""
     allow_reset: bool = False
     """Start over when the checkpoint vanished while the job's progress remains (refused otherwise)."""
+    retain_old_s: float = Field(60.0, ge=0)
+    """After a rebuild flips the projection to its new version, readers still on the old one have this long
+    before it is deleted."""
 
     @field_validator("start")
     @classmethod

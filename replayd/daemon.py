@@ -27,6 +27,7 @@ from replayd.engine import Engine
 from replayd.http import HttpServer, Readiness, watch_redis
 from replayd.logs import redact_text
 from replayd.metrics import Metrics
+from replayd.versions import ProjectionFlipped
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ class Daemon:
                         host=http.host, port=http.port, stall_after_s=self.stall_after_s,
                     )  # fmt: skip
                 async with anyio.create_task_group() as jobs:
-                    for engine in self.engines:
-                        jobs.start_soon(engine.run)
+                    for index in range(len(self.engines)):
+                        jobs.start_soon(self._run_job, index)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.move_on_after(2, shield=True):
@@ -93,6 +94,21 @@ class Daemon:
             sum(s.processed for s in totals),
             sum(s.failed for s in totals),
         )
+
+    async def _run_job(self, index: int) -> None:
+        """Run a job; when a rebuild flips its projection to a new version, start it again on that version."""
+        while True:
+            engine = self.engines[index]
+            try:
+                await engine.run()
+            except ProjectionFlipped as flipped:
+                logger.info("%s", flipped)
+            else:
+                return
+            self.engines[index] = Engine(engine.spec, self.redis, redis_cfg=self.settings.redis,
+                                         handler=engine.handler, metrics=self.metrics)  # fmt: skip
+            if self.stopping:
+                return
 
     async def _signals(self, tg: anyio.abc.TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -1,14 +1,13 @@
 """The one engine: source -> codec -> filters -> router -> lanes -> commit -> progress, in one task group.
 
 The daemon and every CLI command call `Engine.run`; `rebuild_in_place` wraps it the way the article's
-ProjectionRebuilder wraps its replayer.
+ProjectionRebuilder wraps its replayer, `replayd.rebuild` for rebuilds beside the live version.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,7 +22,7 @@ from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Wa
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import is_retriable, retrying, text_hash
 from replayd.deadletter import DeadLetters, poison_letter
-from replayd.errors import DataError, ReplaydError, most_telling
+from replayd.errors import DataError, FencingError, ReplaydError, most_telling
 from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id
 from replayd.filters import Predicate, build_filter
 from replayd.gaps import find_gap
@@ -37,6 +36,7 @@ from replayd.pacing import Pacer
 from replayd.progress import ProgressWriter, Stats
 from replayd.router import Router
 from replayd.source import Batch, BatchSizer, StreamReader, head, redis_time_ms
+from replayd.versions import ProjectionFlipped, Versions, namespace, scan_batches
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +64,18 @@ class Engine:
         handler: Handler | None = None,
         unavailable_budget_s: float | None = None,
         metrics: Metrics | None = None,
+        version: int | None = None,
+        ends: dict[str, Id] | None = None,
     ) -> None:
         self.spec = spec
         self.redis = redis
         self.redis_cfg = redis_cfg or RedisConfig()
         self.handler = handler or load_handler(spec.handler)
+        self.pinned = version
+        """The projection version this job writes (a rebuild's); None: the live one, `projection:<name>:current`."""
+        self.version = version or 0
+        self.ends = ends or {}
+        """Per stream: an end ID that overrides the spec's end bound (a rebuild catching up to a paused job)."""
         self.budget_s = unavailable_budget_s or self.redis_cfg.unavailable_timeout_s
         # handlers read through a client with redis-py's usual reply parsing, on the same pool
         self.handler_redis = Redis(connection_pool=redis.connection_pool)
@@ -115,7 +122,7 @@ class Engine:
         self._running.set()  # a paused job stops too
 
     def new_context(self) -> Context:
-        ctx = Context(self.spec.name, self.handler_redis, f"projection:{self.handler.name}")
+        ctx = Context(self.spec.name, self.handler_redis, namespace(self.handler.name, self.version))
         ctx.failures = self.dead_letters
         return ctx
 
@@ -133,13 +140,26 @@ class Engine:
         token = current_job.set(self.spec.name)  # every log line of this job's tasks carries its name
         try:
             return await self._run()
-        except BaseExceptionGroup as group:  # our own error, not the task groups' wrapping, for callers
-            error = most_telling(group)
-            if isinstance(error, ReplaydError):
+        except BaseException as exc:  # our own error, not the task groups' wrapping, for callers
+            error = most_telling(exc)
+            if isinstance(error, FencingError) and await self._flipped():
+                raise ProjectionFlipped(
+                    f"projection {self.handler.name} of job {self.spec.name} was flipped to a new version: "
+                    "starting again on it"
+                ) from None
+            if isinstance(error, ReplaydError) and error is not exc:
                 raise error from None
             raise
         finally:
             current_job.reset(token)
+
+    async def _flipped(self) -> bool:
+        """Whether the live version moved under this job (a rebuild's flip), which also fences it."""
+        if self.pinned is not None or not self.handler.name:
+            return False
+        with anyio.move_on_after(5, shield=True):
+            return await Versions(self.redis, self.handler.name).current() != self.version
+        return False
 
     async def _run(self) -> Stats:
         acquire = partial(self.lease.acquire, self.stop_requested)
@@ -183,6 +203,8 @@ class Engine:
         had_checkpoint = bool(await self.redis.exists(self.store.key))
         self.seq = await self.store.claim(self.lease.token.rpartition(":")[2])
         await self.store.load()
+        if self.pinned is None and self.handler.name:  # read after the claim: a flip since then fences this run
+            self.version = await Versions(self.redis, self.handler.name).current()
         parked = text_hash(await self.redis.hgetall(self.dead_letters.parked_key))
         self.dead_letters.parked.clear()
         self.dead_letters.parked.update(parked)
@@ -229,7 +251,7 @@ class Engine:
     async def _plan(self, stream: str, now_ms: int) -> _Plan:
         spec = self.spec
         last = await head(self.redis, stream)
-        end = resolve_end(spec.end_bound, last, now_ms)
+        end = self.ends[stream] if stream in self.ends else resolve_end(spec.end_bound, last, now_ms)
         resume = self.store.resume(stream) if spec.resume else None
         if resume is None:
             resume = Resume(resolve_start(spec.start_bound, now_ms), {})
@@ -318,6 +340,8 @@ class Engine:
             tg.start_soon(self.lease.keep)
             tg.start_soon(self.progress.run)
             tg.start_soon(self._watch_heads)
+            if self.pinned is None and self.handler.name:
+                tg.start_soon(self._sweep_retired)
             async with anyio.create_task_group() as pipeline:
                 pipeline.start_soon(committer.run, commit_receive)
                 async with commit_send:
@@ -339,6 +363,17 @@ class Engine:
                         if not is_retriable(exc):
                             raise
                         logger.debug("head of %s not refreshed: %s", stream, exc)
+            await anyio.sleep(interval_s)
+
+    async def _sweep_retired(self, interval_s: float = 30.0) -> None:
+        """Delete the projection's replaced versions once their retention passes (if the rebuild did not wait)."""
+        versions = Versions(self.redis, self.handler.name)
+        while True:
+            try:
+                await versions.sweep()
+            except Exception as exc:
+                if not is_retriable(exc):
+                    raise
             await anyio.sleep(interval_s)
 
     async def _count_lag(self, stream: str, limit: int = 1000) -> None:
@@ -400,8 +435,11 @@ class Engine:
                     raise
                 continue
             if paused and self._running.is_set():
-                resumed_status, self.stats.status = self.stats.status, "paused"
+                resumed_status = self.stats.status
                 self._running = anyio.Event()
+                await self.inflight.drained()  # "paused" promises that all it routed is committed
+                self.stats.status = "paused"
+                await self.progress.write()
                 logger.info("job %s paused", self.spec.name)
             elif not paused and not self._running.is_set():
                 self.stats.status = resumed_status
@@ -530,19 +568,9 @@ def resolve_start(bound: Bound, now_ms: int) -> Id:
 async def clear_namespace(redis: Redis, pattern: str, *, batch: int = 500) -> int:
     """Delete the keys matching `pattern` with SCAN + UNLINK (never KEYS, which blocks Redis)."""
     deleted = 0
-    async for keys in _scan_batches(redis, pattern, batch):
+    async for keys in scan_batches(redis, pattern, batch):
         deleted += await redis.unlink(*keys)
     return deleted
-
-
-async def _scan_batches(redis: Redis, pattern: str, batch: int) -> AsyncIterator[list[bytes | str]]:
-    cursor = 0
-    while True:
-        cursor, keys = await redis.scan(cursor=cursor, match=pattern, count=batch)
-        if keys:
-            yield keys
-        if cursor == 0:
-            return
 
 
 async def rebuild_in_place(engine: Engine) -> Stats:

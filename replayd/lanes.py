@@ -56,6 +56,13 @@ class InFlight:
         self.count -= n
         self._changed.set()
 
+    async def drained(self) -> None:
+        """Wait until every routed event is committed."""
+        while self.count:
+            if self._changed.is_set():
+                self._changed = anyio.Event()
+            await self._changed.wait()
+
 
 class Lanes:
     """P lanes fed by `send(partition, slice)`; closes when every router has closed its inboxes."""

@@ -1,0 +1,97 @@
+"""Rebuilds beside the live version: write projection version N+1 from history, catch up, flip the alias.
+
+Readers and the live job keep using version N all along. The rebuild runs as its own job (`<job>@vN+1`, its
+own checkpoint), so a crash resumes it; `replayd.versions` holds the keys and the atomic flip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from redis.asyncio import Redis
+
+from replayd.config import JobSpec, RedisConfig
+from replayd.engine import Engine
+from replayd.events import Id
+from replayd.handlers import Handler
+from replayd.handlers.loader import load_handler
+from replayd.metrics import Metrics
+from replayd.progress import Stats
+from replayd.versions import Versions, build_job, namespace
+
+logger = logging.getLogger(__name__)
+
+
+class Rebuild:
+    """One rebuild of the projection of a live job `spec` into a new version."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        redis: Redis,
+        *,
+        redis_cfg: RedisConfig | None = None,
+        handler: Handler | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.spec = spec
+        self.redis = redis
+        self.redis_cfg = redis_cfg
+        self.handler = handler or load_handler(spec.handler)
+        self.metrics = metrics
+        self.versions = Versions(redis, self.handler.name)
+        self.version = 0
+        """The version being written (set by `begin`)."""
+        self.stats: list[Stats] = []
+
+    async def begin(self) -> int:
+        """Pick the version to write (an interrupted rebuild's, else current + 1), after deleting the versions
+        whose retention has passed."""
+        await self.versions.sweep()
+        self.version = await self.versions.begin()
+        logger.info("rebuilding %s as v%d", self.handler.name, self.version)
+        return self.version
+
+    def engine(self, ends: dict[str, Id] | None = None) -> Engine:
+        """A run of the rebuild job: from its own checkpoint (or the beginning) to now, or to `ends`."""
+        spec = self.spec.model_copy(
+            update={"name": build_job(self.spec.name, self.version), "start": "beginning", "after": None,
+                    "resume": True, "end": "now", "shard": None}
+        )  # fmt: skip
+        engine = Engine(spec, self.redis, redis_cfg=self.redis_cfg, handler=self.handler, metrics=self.metrics,
+                        version=self.version, ends=ends)  # fmt: skip
+        self.stats.append(engine.stats)
+        return engine
+
+    async def catch_up(self, *, rounds: int = 5) -> None:
+        """Run again to the head until a round reads less than a batch: the live job, which goes on after the
+        flip from the rebuild's positions, then has little to redo."""
+        for _ in range(rounds):
+            stats = await self.engine().run()
+            if stats.total < self.spec.batch_size:
+                return
+
+    async def flip(self, *, retain_s: float) -> int:
+        """Make the new version current; return the one it replaced. That one is deleted once `retain_s` has
+        passed, by the live job (it sweeps every 30 s) or the next rebuild; at once when `retain_s` is 0."""
+        old = await self.versions.flip(self.version, self.spec.name, retain_s=retain_s)
+        total = sum(s.total for s in self.stats)
+        await self.redis.hset(
+            f"projection:{self.handler.name}:meta",
+            mapping={"rebuilt_at": repr(time.time()), "total_events": total, "version": self.version,
+                     "processed_events": sum(s.processed for s in self.stats)},
+        )  # fmt: skip
+        logger.info("%s is current (it replaced %s)", namespace(self.handler.name, self.version),
+                    namespace(self.handler.name, old))  # fmt: skip
+        if not retain_s:
+            await self.versions.sweep()
+        return old
+
+    async def run(self, *, retain_s: float) -> Stats:
+        """The whole rebuild: build, catch up, flip; with no retention, delete the old version at once."""
+        await self.begin()
+        first = await self.engine().run()
+        await self.catch_up()
+        await self.flip(retain_s=retain_s)
+        return first

@@ -1,0 +1,225 @@
+"""Blue/green rebuilds: a new version is written beside the live one, then one atomic step flips the alias.
+
+The oracle is the article's own rebuild of the same stream on a second server.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from replayd.config import JobSpec, RedisConfig, Settings
+from replayd.daemon import Daemon
+from replayd.engine import Engine, rebuild_in_place
+from replayd.rebuild import Rebuild
+from replayd.sample import load_history_sync, order_events
+from replayd.versions import ProjectionFlipped, acurrent_namespace, current_namespace
+from tests.article import order_summary_rebuilder
+from tests.helpers import as_text, snapshot, stream_ids, wait_until
+from tests.servers import RedisServer
+
+STREAM = "events:orders"
+NAME = "order_summary"
+pytestmark = pytest.mark.anyio
+
+
+def job(**overrides: Any) -> JobSpec:
+    values: dict[str, Any] = {"name": "orders", "streams": [STREAM], "handler": NAME, "progress_interval_s": 0.1}
+    return JobSpec(**{**values, **overrides})
+
+
+def version_of(r: redis.Redis, version: int) -> dict[str, tuple[str, Any]]:
+    """The keys of one version, named relative to it (meta, alias and other versions left out)."""
+    prefix = f"projection:{NAME}:" + (f"v{version}:" if version else "")
+    keys = snapshot(r, prefix + "*")
+    relative = {key[len(prefix) :]: value for key, value in keys.items()}
+    if not version:
+        relative = {k: v for k, v in relative.items() if k.split(":")[0] in ("order", "customer")}
+    return relative
+
+
+def append(r: redis.Redis, entries: list[dict[str, str]]) -> None:
+    pipe = r.pipeline(transaction=False)
+    for fields in entries:
+        pipe.xadd(STREAM, fields)  # type: ignore[arg-type]
+    pipe.execute()
+
+
+@pytest.fixture
+def oracle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("oracle")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def article_rebuild(r: redis.Redis, oracle_server: RedisServer) -> dict[str, tuple[str, Any]]:
+    """The article's rebuild of `r`'s whole stream, on a copy of it in a server of its own."""
+    with oracle_server.client() as copy:
+        copy.flushall()
+        pipe = copy.pipeline(transaction=False)
+        for entry_id, fields in r.xrange(STREAM):  # type: ignore[union-attr]
+            pipe.xadd(STREAM, fields, id=entry_id)
+        pipe.execute()
+        order_summary_rebuilder(copy, STREAM).rebuild(NAME)
+        return version_of(copy, 0)
+
+
+async def test_rebuild_writes_a_new_version_then_flips_and_deletes_the_old(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis, oracle_server: RedisServer
+) -> None:
+    load_history_sync(sync_redis, STREAM, 3000)
+    await rebuild_in_place(Engine(job(end="now"), raw_redis, redis_cfg=redis_cfg))  # the article's layout: v0
+    expected = article_rebuild(sync_redis, oracle_server)
+    assert version_of(sync_redis, 0) == expected
+
+    rebuild = Rebuild(job(), raw_redis, redis_cfg=redis_cfg)
+    await rebuild.run(retain_s=0)
+
+    assert sync_redis.get(f"projection:{NAME}:current") == b"1"
+    assert current_namespace(sync_redis, NAME) == f"projection:{NAME}:v1"
+    assert version_of(sync_redis, 1) == expected
+    assert version_of(sync_redis, 0) == {}, "the replaced version is deleted once its retention passed"
+    assert sync_redis.hget(f"projection:{NAME}:meta", "version") == b"1"
+    assert not sync_redis.exists("replayd:{orders@v1}:checkpoint", f"projection:{NAME}:next")
+    # the live job resumes from the rebuild's position, on the new version
+    live = Engine(job(end="now"), raw_redis, redis_cfg=redis_cfg)
+    stats = await live.run()
+    assert (stats.total, live.version) == (0, 1)
+
+
+async def test_readers_never_miss_a_key_during_a_rebuild(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    load_history_sync(sync_redis, STREAM, 5000)
+    await Rebuild(job(), raw_redis, redis_cfg=redis_cfg).run(retain_s=0)  # v1 is live
+    orders = [as_text(k).rsplit(":", 1)[1] for k in sync_redis.scan_iter(f"projection:{NAME}:v1:order:*")][:50]
+    seen: set[str] = set()
+    missing: list[str] = []
+    done = anyio.Event()
+
+    async def reader() -> None:
+        while not done.is_set():
+            ns = await acurrent_namespace(raw_redis, NAME)
+            seen.add(ns)
+            keys = [f"{ns}:order:{order}" for order in orders]
+            missing.extend([key for key in keys if not await raw_redis.exists(key)])
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await Rebuild(job(), raw_redis, redis_cfg=redis_cfg).run(retain_s=1)
+        await anyio.sleep(0.2)
+        done.set()
+    assert missing == []
+    assert seen == {f"projection:{NAME}:v1", f"projection:{NAME}:v2"}
+
+
+async def test_the_live_job_goes_on_on_the_new_version(
+    redis_server: RedisServer, raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis,
+    oracle_server: RedisServer,
+) -> None:  # fmt: skip
+    history = list(order_events(5000))  # one history: order IDs are unique and shipped follows created
+    append(sync_redis, history[:4000])
+    settings = Settings(redis=redis_cfg, http={"enabled": False}, jobs=[job(end="follow")])
+    daemon = Daemon(settings, handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        with anyio.fail_after(20):
+            await daemon.engines[0].caught_up.wait()
+        append(sync_redis, history[4000:4500])  # live events while the rebuild runs
+        await Rebuild(job(), raw_redis, redis_cfg=redis_cfg).run(retain_s=0)
+        append(sync_redis, history[4500:])  # live events after the flip
+        last = tuple(map(int, stream_ids(sync_redis, STREAM)[-1].split("-")))
+        await wait_until(
+            lambda: daemon.engines[0].version == 1 and daemon.engines[0].stats.position.get(STREAM, (0, 0)) >= last
+        )
+        daemon.stop()
+    assert version_of(sync_redis, 1) == article_rebuild(sync_redis, oracle_server)
+
+
+async def test_a_commit_for_the_old_version_is_refused_after_the_flip(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    """A live engine writing v0 while the flip happens: its next commit is fenced, and it says why."""
+    load_history_sync(sync_redis, STREAM, 1000)
+    live = Engine(job(end="follow"), raw_redis, redis_cfg=redis_cfg)
+    flipped = anyio.Event()
+
+    async def run_live() -> None:
+        with pytest.raises(ProjectionFlipped):
+            await live.run()
+        flipped.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_live)
+            await live.caught_up.wait()
+            await Rebuild(job(), raw_redis, redis_cfg=redis_cfg).run(retain_s=60)
+            load_history_sync(sync_redis, STREAM, 10, seed=8)
+            await flipped.wait()
+    assert version_of(sync_redis, 0), "the old version is kept for its retention"
+
+
+def replayd(*args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
+    command = [sys.executable, "-m", "replayd", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_a_killed_rebuild_leaves_one_whole_version_current_and_resumes(
+    redis_url: str, sync_redis: redis.Redis, oracle_server: RedisServer
+) -> None:
+    load_history_sync(sync_redis, STREAM, 20_000)
+    args = ("rebuild", "--redis-url", redis_url, "--stream", STREAM, "--handler", NAME, "--retain-old", "0",
+            "--batch-size", "200")  # fmt: skip
+    assert finish(replayd(*args))[0] == 0
+    expected = article_rebuild(sync_redis, oracle_server)
+    rng = random.Random(5)
+    for version, moment in ((2, "building"), (3, "building"), (4, "flipped")):
+        proc = replayd(*args)
+        building = f"replayd:{{orders@v{version}}}:checkpoint"
+        if moment == "building":  # killed mid-build, at a random point after its first commit
+            wait_for(lambda: bool(sync_redis.exists(building)) or proc.poll() is not None)  # noqa: B023
+            time.sleep(rng.uniform(0, 0.3))
+        else:  # killed right after the flip, before the old version is deleted
+            wait_for(lambda: sync_redis.get(f"projection:{NAME}:current") == str(version).encode())  # noqa: B023
+        proc.send_signal(signal.SIGKILL)
+        finish(proc)
+        resumable = sync_redis.exists(building)
+        current = int(sync_redis.get(f"projection:{NAME}:current") or 0)
+        assert current in (version - 1, version), "the alias names the old version or the new one"
+        assert version_of(sync_redis, current) == expected, f"v{current} is whole"
+        if current == version - 1:  # killed before the flip: the next run resumes this version's rebuild
+            assert sync_redis.get(f"projection:{NAME}:next") == str(version).encode()
+            code, err = finish(replayd(*args))
+            assert code == 0, err
+            if resumable:
+                assert "from 20,000 events" not in err, "it resumed from its own checkpoint"
+        assert version_of(sync_redis, version) == expected
+        assert int(sync_redis.get(f"projection:{NAME}:current") or 0) == version
