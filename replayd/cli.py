@@ -7,6 +7,7 @@ elsewhere, 78 config. User mistakes get one clear line on stderr, never a traceb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from replayd import __version__
-from replayd.commit import job_key, partition_positions
+from replayd.commit import job_key, stream_positions
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import create_redis, text, text_hash
 from replayd.console import summary, with_progress
@@ -34,6 +35,7 @@ from replayd.pacing import parse_speed
 from replayd.plan import plan
 from replayd.progress import Stats
 from replayd.rebuild import Rebuild
+from replayd.verify import verify
 from replayd.versions import namespace
 from replayd.workers import Supervisor, without_workers
 
@@ -127,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the replaced version this long for readers still on it (default: the job's retain_old_s, 60)",
     )
     rebuild.set_defaults(func=cmd_rebuild)
+
+    verify = commands.add_parser(
+        "verify", parents=[common], help="rebuild into a shadow version and diff it against the current one"
+    )
+    _job_arguments(verify)
+    verify.add_argument("--keep", action="store_true", help="keep the shadow version (the next rebuild flips to it)")
+    verify.add_argument("--show", type=int, default=10, metavar="N", help="print the first N differences")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.set_defaults(func=cmd_verify)
 
     status = commands.add_parser("status", parents=[common], help="progress and checkpoints of jobs")
     status.add_argument("job", nargs="?", help="one job (default: all jobs found in Redis)")
@@ -384,10 +395,14 @@ async def _serving_metrics(
     return stats
 
 
+def _rebuild_name(args: argparse.Namespace) -> dict[str, str]:
+    """An ad-hoc rebuild works on the projection's own job (named after the handler), not a `replay-` one."""
+    return {"name": _default_name(args.handler).removeprefix("replay-")} if not args.job and args.handler else {}
+
+
 async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    one_shot = {"start": "beginning", "after": None, "resume": False, "end": "now"}
-    if not args.job and args.handler:
-        one_shot["name"] = _default_name(args.handler).removeprefix("replay-")
+    one_shot: dict[str, Any] = {"start": "beginning", "after": None, "resume": False, "end": "now"}
+    one_shot |= _rebuild_name(args)
     if args.retain_old is not None:
         one_shot["retain_old_s"] = args.retain_old
     spec = job_from_args(args, settings, one_shot=one_shot)
@@ -408,6 +423,22 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
         retained = f"is kept {spec.retain_old_s:g} s (the live job or the next rebuild deletes it)"
         print(f"{built} is current; {replaced} {retained if spec.retain_old_s else 'is deleted'}", file=sys.stderr)
     return 0
+
+
+async def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    spec = job_from_args(args, settings, one_shot=_rebuild_name(args))
+    async with _client(settings) as client:
+        rebuild = Rebuild(spec, client, redis_cfg=settings.redis)
+        diff = await verify(rebuild, keep=args.keep, show=args.show)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(diff) | {"equal": diff.equal}, indent=2))
+    else:
+        print(diff.summary())
+        for line in diff.examples:
+            print(f"  {line}")
+        if args.keep:
+            print(f"kept {diff.right}: `replayd rebuild` with the same arguments flips to it")
+    return 0 if diff.equal else 1
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -481,19 +512,11 @@ async def _job_state(client: Redis, job: str) -> dict[str, Any]:
         name = text(key).removeprefix(job_key(job, "progress")).removeprefix(":") or "all"
         shards[name] = text_hash(await client.hgetall(key))
     progress = shards.pop("all", {})
-    return {"progress": progress, "shards": shards, "checkpoint": checkpoint, "positions": positions(checkpoint)}
+    return {"progress": progress, "shards": shards, "checkpoint": checkpoint, "positions": _positions(checkpoint)}
 
 
-def positions(checkpoint: dict[str, str]) -> dict[str, str]:
-    """Per stream: the position a restart resumes after (the lowest over all partitions and shards)."""
-    partitions = int(checkpoint.get("partitions") or 1)
-    streams = {field.rpartition("#")[0] for field in checkpoint if "#" in field}
-    result = {}
-    for stream in sorted(streams):
-        per_partition = partition_positions(checkpoint, stream, partitions)
-        if per_partition:
-            result[stream] = format_id(min(per_partition.values()))
-    return result
+def _positions(checkpoint: dict[str, str]) -> dict[str, str]:
+    return {stream: format_id(position) for stream, position in stream_positions(checkpoint).items()}
 
 
 async def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
@@ -502,7 +525,7 @@ async def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
         fields = text_hash(await client.hgetall(key))
         if args.action == "show":
             if args.json:
-                print(json.dumps({"checkpoint": fields, "positions": positions(fields)}, indent=2, sort_keys=True))
+                print(json.dumps({"checkpoint": fields, "positions": _positions(fields)}, indent=2, sort_keys=True))
             else:
                 for field, value in sorted(fields.items()):
                     print(f"{field}\t{value}")

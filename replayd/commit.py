@@ -145,6 +145,18 @@ def partition_positions(
     }
 
 
+def stream_positions(checkpoint: dict[str, str]) -> dict[str, Id]:
+    """Per stream: the position a restart resumes after (the lowest over all partitions and shards)."""
+    partitions = int(checkpoint.get("partitions") or 1)
+    streams = {field.rpartition("#")[0] for field in checkpoint if "#" in field}
+    result = {}
+    for stream in sorted(streams):
+        per_partition = partition_positions(checkpoint, stream, partitions)
+        if per_partition:
+            result[stream] = min(per_partition.values())
+    return result
+
+
 def floor_field(stream: str, shard: Shard) -> str:
     return f"{stream}#{FLOOR}{shard.suffix}"
 

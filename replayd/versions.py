@@ -109,21 +109,25 @@ class Versions:
             swept.append(version)
         return swept
 
-    async def delete(self, version: int, *, batch: int = 500, keys_per_s: float = 20_000) -> int:
-        """UNLINK a version's keys, SCAN batch by batch and at most `keys_per_s`, so Redis stays responsive."""
-        prefix = namespace(self.name, version) + ":"
+    async def delete(self, version: int, *, keys_per_s: float = 20_000) -> int:
+        """UNLINK a version's keys, a SCAN batch at a time and at most `keys_per_s`, so Redis stays responsive."""
         deleted = 0
-        async for keys in scan_batches(self.redis, prefix + "*", batch):
-            if not version:  # the unversioned namespace holds the other versions and the alias too
-                keys = [key for key in keys if not _versioned_or_reserved(text(key)[len(prefix) :])]
-            if keys:
-                deleted += await self.redis.unlink(*keys)
-                await anyio.sleep(len(keys) / keys_per_s)
+        prefix = namespace(self.name, version) + ":"
+        async for names in version_keys(self.redis, self.name, version):
+            deleted += await self.redis.unlink(*(prefix + name for name in names))
+            await anyio.sleep(len(names) / keys_per_s)
         return deleted
 
 
-def _versioned_or_reserved(rest: str) -> bool:
-    return rest in RESERVED or _VERSIONED.match(rest) is not None
+async def version_keys(redis: Redis, name: str, version: int, batch: int = 500) -> AsyncIterator[list[str]]:
+    """The keys of one version, named relative to its namespace, a SCAN batch at a time."""
+    prefix = namespace(name, version) + ":"
+    async for keys in scan_batches(redis, prefix + "*", batch):
+        names = [text(key)[len(prefix) :] for key in keys]
+        if not version:  # the unversioned namespace holds the other versions and the alias too
+            names = [rest for rest in names if rest not in RESERVED and not _VERSIONED.match(rest)]
+        if names:
+            yield names
 
 
 async def scan_batches(redis: Redis, pattern: str, batch: int = 500) -> AsyncIterator[list[bytes | str]]:

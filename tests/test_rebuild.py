@@ -5,6 +5,7 @@ The oracle is the article's own rebuild of the same stream on a second server.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 import redis
 from redis.asyncio import Redis
@@ -223,3 +225,82 @@ def test_a_killed_rebuild_leaves_one_whole_version_current_and_resumes(
                 assert "from 20,000 events" not in err, "it resumed from its own checkpoint"
         assert version_of(sync_redis, version) == expected
         assert int(sync_redis.get(f"projection:{NAME}:current") or 0) == version
+
+
+# --- verify ----------------------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = replayd(*args)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def test_verify_finds_a_rebuild_equal_and_discards_its_shadow(redis_url: str, sync_redis: redis.Redis) -> None:
+    load_history_sync(sync_redis, STREAM, 3000)
+    where = ("--redis-url", redis_url, "--stream", STREAM, "--handler", NAME)
+    assert run_cli("rebuild", *where, "--in-place")[0] == 0
+    code, out, err = run_cli("verify", *where)
+    assert code == 0, err
+    assert f"projection:{NAME} (current) against projection:{NAME}:v1 (rebuilt)" in out
+    assert "0 only in current, 0 only in rebuilt, 0 different" in out
+    assert not list(sync_redis.scan_iter(f"projection:{NAME}:v1:*")), "the shadow is gone"
+    assert not sync_redis.exists(f"projection:{NAME}:next", "replayd:{order_summary@v1}:checkpoint")
+
+
+def test_verify_reports_each_kind_of_difference_and_exits_1(redis_url: str, sync_redis: redis.Redis) -> None:
+    load_history_sync(sync_redis, STREAM, 3000)
+    where = ("--redis-url", redis_url, "--stream", STREAM, "--handler", NAME)
+    assert run_cli("rebuild", *where, "--retain-old", "0")[0] == 0  # v1 current
+    sync_redis.hset(f"projection:{NAME}:v1:order:ord_1", "status", "lost")
+    sync_redis.delete(f"projection:{NAME}:v1:order:ord_2")
+    sync_redis.set(f"projection:{NAME}:v1:stray", "1")
+    code, out, _ = run_cli("verify", *where, "--json", "--keep")
+    report = json.loads(out)
+    assert code == 1
+    assert (report["only_left"], report["only_right"], report["different"]) == (1, 1, 1)
+    assert "only in projection:order_summary:v1: stray" in report["examples"]
+    assert "only in projection:order_summary:v2: order:ord_2" in report["examples"]
+    assert any(line.startswith("different: order:ord_1: status: lost vs ") for line in report["examples"])
+    # the kept shadow is what the next rebuild finishes and flips to
+    assert run_cli("rebuild", *where, "--retain-old", "0")[0] == 0
+    assert sync_redis.get(f"projection:{NAME}:current") == b"2"
+    assert run_cli("verify", *where)[0] == 0
+
+
+async def test_verify_pauses_a_running_job_and_compares_at_its_position(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis, redis_url: str
+) -> None:
+    history = list(order_events(6000))
+    append(sync_redis, history[:3000])
+    settings = Settings(redis=redis_cfg, http={"enabled": False}, jobs=[job(end="follow")])
+    daemon = Daemon(settings, handle_signals=False)
+    where = ("--redis-url", redis_url, "--stream", STREAM, "--handler", NAME, "--job", "orders")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        with anyio.fail_after(20):
+            await daemon.engines[0].caught_up.wait()
+
+        async def produce() -> None:  # live events all along the verification
+            for start in range(3000, 6000, 100):
+                append(sync_redis, history[start : start + 100])
+                await anyio.sleep(0.05)
+
+        statuses: set[str] = set()
+
+        async def watch() -> None:
+            while True:
+                statuses.add(daemon.engines[0].stats.status)
+                await anyio.sleep(0.01)
+
+        tg.start_soon(produce)
+        tg.start_soon(watch)
+        code, out, err = await anyio.to_thread.run_sync(run_cli, "verify", *where)
+        assert "paused" in statuses
+        assert code == 0, out + err
+        assert "0 only in current, 0 only in rebuilt, 0 different" in out
+        last = tuple(map(int, stream_ids(sync_redis, STREAM)[-1].split("-")))
+        await wait_until(lambda: daemon.engines[0].stats.position.get(STREAM, (0, 0)) >= last, within=30)
+        assert daemon.engines[0].stats.status == "live", "resumed after the comparison"
+        daemon.stop()
+        tg.cancel_scope.cancel()
