@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from replayd import __version__
-from replayd.commit import job_key, stream_positions
+from replayd.commit import Tally, job_key, stream_positions
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import create_redis, text, text_hash
 from replayd.console import summary, with_progress
@@ -32,11 +32,11 @@ from replayd.handlers.loader import load_handler
 from replayd.logs import setup_logging
 from replayd.metrics import Metrics
 from replayd.pacing import parse_speed
-from replayd.plan import plan
+from replayd.plan import dry_run, dry_run_spec, plan
 from replayd.progress import Stats
 from replayd.rebuild import Rebuild
 from replayd.verify import verify
-from replayd.versions import namespace
+from replayd.versions import Versions, namespace
 from replayd.workers import Supervisor, without_workers
 
 logger = logging.getLogger("replayd")
@@ -44,6 +44,7 @@ logger = logging.getLogger("replayd")
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CONFIG = 78
+DRY_RUN = "run filters and handlers but discard their writes; report what they would write"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--metrics-host", default="127.0.0.1", metavar="HOST", help="address for --metrics-port (default 127.0.0.1)"
     )
+    replay.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     replay.set_defaults(func=cmd_replay)
 
     plan = commands.add_parser(
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument(
         "--in-place", action="store_true", help="the article's way: clear the live keys, then replay into them"
     )
+    rebuild.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     rebuild.add_argument(
         "--retain-old",
         type=float,
@@ -369,6 +372,8 @@ async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     spec = _replay_spec(args, settings)
+    if args.dry_run:
+        return await _dry_run(spec, settings)
     async with _client(settings) as client:
         metrics = Metrics()
         engine = Engine(spec, client, redis_cfg=settings.redis, metrics=metrics)
@@ -406,6 +411,8 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     if args.retain_old is not None:
         one_shot["retain_old_s"] = args.retain_old
     spec = job_from_args(args, settings, one_shot=one_shot)
+    if args.dry_run:
+        return await _dry_run(spec, settings, next_version=not args.in_place)
     async with _client(settings) as client:
         if args.in_place:
             engine = Engine(spec, client, redis_cfg=settings.redis)
@@ -439,6 +446,21 @@ async def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         if args.keep:
             print(f"kept {diff.right}: `replayd rebuild` with the same arguments flips to it")
     return 0 if diff.equal else 1
+
+
+async def _dry_run(spec: JobSpec, settings: Settings, *, next_version: bool = False) -> int:
+    tally, handler = Tally(), load_handler(spec.handler)
+    async with _client(settings) as client:
+        # what a rebuild would write is the version after the current one
+        version = await Versions(client, handler.name).current() + 1 if next_version else None
+        trial = Engine(dry_run_spec(spec), client, redis_cfg=settings.redis, handler=handler, version=version,
+                       discard=tally)  # fmt: skip
+        stats = await with_progress(trial.stats, dry_run(trial, spec.name))
+    print(summary("dry run: read", stats), file=sys.stderr)
+    print("nothing was written; the handlers would have written:" if tally.commands else "no writes")
+    for line in tally.lines():
+        print(f"  {line}")
+    return 0
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:

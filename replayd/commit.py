@@ -17,7 +17,7 @@ import logging
 import random
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -203,6 +203,33 @@ class Watermark:
         return sum(len(marks) for marks in self._marks.values())
 
 
+class Tally:
+    """What commits would have written, by key pattern (the key with its last part as `*`): a dry run's report."""
+
+    def __init__(self, *, distinct_up_to: int = 1_000_000) -> None:
+        self.commands: dict[str, Counter[str]] = {}
+        self.keys: dict[str, set[str]] = {}
+        self._room = distinct_up_to
+
+    def add(self, commands: list[tuple[Any, ...]]) -> None:
+        for command in commands:
+            key = text(command[1]) if len(command) > 1 else ""
+            pattern = key.rpartition(":")[0] + ":*" if ":" in key else key
+            self.commands.setdefault(pattern, Counter())[text(command[0]).upper()] += 1
+            keys = self.keys.setdefault(pattern, set())
+            if self._room and key not in keys:  # a bounded count: past the bound it reads "at least"
+                keys.add(key)
+                self._room -= 1
+
+    def lines(self) -> list[str]:
+        more = "+" if not self._room else ""
+        return [
+            f"{pattern}: {sum(counts.values()):,} commands ({', '.join(f'{n} {c:,}' for n, c in counts.items())}) "
+            f"on {len(self.keys[pattern]):,}{more} keys"
+            for pattern, counts in sorted(self.commands.items())
+        ]
+
+
 @dataclass(eq=False)
 class CommitRequest:
     """A lane batch's writes and checkpoint fields, waiting for its transaction."""
@@ -234,6 +261,7 @@ class Committer:
         timeout_s: float = 10.0,
         shard: Shard = WHOLE,
         seq: str = "",
+        discard: Tally | None = None,
     ) -> None:
         self.redis = redis
         self.key = job_key(job, "checkpoint")
@@ -250,6 +278,8 @@ class Committer:
         self._seq_field = seq_field(shard)
         self._token = seq.partition(":")[2] or secrets.token_hex(4)
         self.floors: dict[str, Id] = {}
+        self.discard = discard
+        """A dry run: handler writes are tallied here and dropped; only the (throwaway) checkpoint moves."""
         self._layout: dict[str, str] = dict(layout or {})
         """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
 
@@ -281,6 +311,9 @@ class Committer:
             for mark in request.marks:
                 mark.remaining -= 1
         floors = self.watermark.advance(commands)
+        if self.discard is not None:
+            self.discard.add(commands)
+            commands = []
         for stream, floor in floors.items():
             fields[floor_field(stream, self.shard)] = format_id(floor)
         if fields and self._layout:

@@ -18,7 +18,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import Redis
 
 from replayd.codec import Codec, Poison
-from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark, job_key
+from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Tally, Watermark, job_key
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import is_retriable, retrying, text_hash
 from replayd.deadletter import DeadLetters, poison_letter
@@ -66,6 +66,7 @@ class Engine:
         metrics: Metrics | None = None,
         version: int | None = None,
         ends: dict[str, Id] | None = None,
+        discard: Tally | None = None,
     ) -> None:
         self.spec = spec
         self.redis = redis
@@ -75,6 +76,8 @@ class Engine:
         """The projection version this job writes (a rebuild's); None: the live one, `projection:<name>:current`."""
         self.version = version or 0
         self.ends = ends or {}
+        self.discard = discard
+        """A dry run: the handlers' writes are tallied here instead of committed."""
         """Per stream: an end ID that overrides the spec's end bound (a rebuild catching up to a paused job)."""
         self.budget_s = unavailable_budget_s or self.redis_cfg.unavailable_timeout_s
         # handlers read through a client with redis-py's usual reply parsing, on the same pool
@@ -322,6 +325,7 @@ class Engine:
             timeout_s=self.redis_cfg.socket_timeout_s,
             shard=self.shard,
             seq=self.seq,
+            discard=self.discard,
         )
         inflight = self.inflight
         lanes = Lanes(

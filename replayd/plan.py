@@ -1,22 +1,55 @@
-"""`replayd plan`: what a replay would do, worked out before anything runs, and read-only.
+"""What a replay would do, before it is done.
 
-Per stream: the ID range, how many entries and of which types (counted exactly up to a bound, estimated
-beyond it from the part counted), the duration at the job's last measured rate, and which handler methods are
-side effects that a replay skips (`@on(..., replay=False)`).
+`plan` works it out without running anything, read-only. Per stream: the ID range, how many entries and of
+which types (counted exactly up to a bound, estimated beyond it from the part counted), the duration at the
+job's last measured rate, and which handler methods are side effects that a replay skips
+(`@on(..., replay=False)`).
+
+`dry_run` (`--dry-run`) runs the replay itself, filters and handlers included, with the handlers' writes
+tallied by key pattern and discarded.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
+import anyio
 from redis.asyncio import Redis
 
-from replayd.commit import CheckpointStore
+from replayd.commit import CheckpointStore, job_key
+from replayd.config import JobSpec
 from replayd.connection import text_hash
 from replayd.engine import Engine, resolve_end, resolve_start
 from replayd.events import ZERO, Id, format_id, parse_id
 from replayd.handlers import Projection
+from replayd.progress import Stats
 from replayd.source import head, redis_time_ms
+
+
+def dry_run_spec(spec: JobSpec) -> JobSpec:
+    """A throwaway copy of a job for a dry run: its own keys, and an end (a following job's is now)."""
+    return spec.model_copy(
+        update={
+            "name": f"{spec.name}.dry-run-{secrets.token_hex(3)}",
+            "end": "now" if spec.end == "follow" else spec.end,
+        }
+    )
+
+
+async def dry_run(trial: Engine, job: str) -> Stats:
+    """Run `trial` (an engine on a `dry_run_spec` copy of `job`, with a Tally to discard into) from `job`'s
+    checkpoint; delete the copy's own keys after."""
+    redis, name = trial.redis, trial.spec.name
+    positions = {k: v for k, v in text_hash(await redis.hgetall(job_key(job, "checkpoint"))).items()
+                 if not k.startswith("seq")}  # fmt: skip
+    if trial.spec.resume and positions:
+        await redis.hset(job_key(name, "checkpoint"), mapping=positions)  # type: ignore[arg-type]
+    try:
+        return await trial.run()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.unlink(*[job_key(name, kind) for kind in ("checkpoint", "progress", "lease", "parked")])
 
 
 async def plan(engine: Engine, *, exact_up_to: int = 100_000, page: int = 5000) -> dict[str, Any]:

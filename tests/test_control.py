@@ -19,6 +19,7 @@ from replayd.config import JobSpec, RedisConfig
 from replayd.engine import Engine
 from replayd.handlers import ObjectHandler
 from replayd.plan import plan
+from tests.helpers import as_text
 from tests.plugins import Recorder
 
 
@@ -81,6 +82,23 @@ async def test_plan_counts_entries_by_type_and_changes_nothing(
     assert report["streams"]["s"]["types"] == {"A": 20, "B": 10}
     assert report["streams"]["s"]["exact"] is True
     assert sorted(sync_redis.keys()) == before  # read-only
+
+
+def test_dry_run_runs_the_handlers_from_the_checkpoint_and_writes_nothing(
+    sync_redis: redis.Redis, redis_url: str
+) -> None:
+    ids = [sync_redis.xadd("s", {"event_type": "OrderShipped", "data": json.dumps({"order_id": f"o{i % 3}"})})
+           for i in range(10)]  # fmt: skip
+    where = ("--redis-url", redis_url, "--stream", "s", "--handler", "order_summary", "--job", "j")
+    assert replayd("replay", *where, "--to", as_text(ids[3])).returncode == 0  # the job's checkpoint: 4 done
+    state = {k: sync_redis.dump(k) for k in sync_redis.keys()}
+    done = replayd("replay", *where, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "dry run: read 6 events" in done.stderr
+    assert "projection:order_summary:order:*: 6 commands (HSET 6) on 3 keys" in done.stdout
+    assert {k: sync_redis.dump(k) for k in sync_redis.keys()} == state, "nothing written, nothing left behind"
+    rebuild = replayd("rebuild", *where, "--dry-run")
+    assert "projection:order_summary:v1:order:*: 10 commands (HSET 10) on 3 keys" in rebuild.stdout
 
 
 @pytest.mark.anyio
