@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from replayd import __version__
 from replayd.commit import job_key, partition_positions
 from replayd.config import JobSpec, Settings, describe, load_settings
-from replayd.connection import Client, create_redis, text, text_hash
+from replayd.connection import Client, create_redis, is_retriable, text, text_hash
 from replayd.console import summary, with_progress
 from replayd.deadletter import Letters
 from replayd.engine import Engine, rebuild_in_place
@@ -249,7 +249,9 @@ def _report(exc: BaseException) -> int:
     if isinstance(error, redis.exceptions.AuthenticationError | redis.exceptions.NoPermissionError):
         print(f"replayd: Redis refused the credentials or an ACL permission: {error}", file=sys.stderr)
         return EX_CONFIG
-    if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError):
+    if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError) or (
+        isinstance(error, redis.exceptions.RedisClusterException) and is_retriable(error)
+    ):
         print(f"replayd: cannot reach Redis: {error}", file=sys.stderr)
         return EX_UNAVAILABLE
     if isinstance(error, KeyboardInterrupt):

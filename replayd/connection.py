@@ -18,7 +18,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
     parse_url,
 )
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, ClusterDownError, RedisClusterException, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -47,6 +47,11 @@ def is_retriable(exc: BaseException) -> bool:
     ConnectionError) or a TLS handshake failing on certificates (see `access_denied`)."""
     if access_denied(exc) is not None:
         return False
+    if isinstance(exc, RedisClusterException):
+        # the cluster client wraps "no node reachable" around the connection error; slots not served yet pass
+        return isinstance(exc, SlotNotCoveredError) or (exc.__cause__ is not None and is_retriable(exc.__cause__))
+    if isinstance(exc, ClusterDownError):  # a cluster reconfiguring (a failover): it comes back
+        return True
     return isinstance(exc, RETRIABLE) or (isinstance(exc, RuntimeError) and "handler is closed" in str(exc))
 
 

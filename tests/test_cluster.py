@@ -20,6 +20,7 @@ from replayd.cli import run_cli
 from replayd.commit import job_key, slot_of
 from replayd.config import JobSpec, RedisConfig, load_settings
 from replayd.connection import Client, create_redis
+from replayd.embedded import free_port
 from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import ConfigError
 from replayd.events import Event
@@ -194,3 +195,10 @@ def test_replay_refusal_status_and_checkpoint_from_the_command_line(
     capsys.readouterr()
     assert run_cli(["status", "order_summary", *url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["order_summary"]["positions"] == {STREAM: "1-0"}
+
+
+def test_an_unreachable_cluster_exits_69_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["status", "--redis-url", f"redis+cluster://127.0.0.1:{free_port()}"]) == 69
+    err = capsys.readouterr().err
+    assert err.startswith("replayd: cannot reach Redis")
+    assert "Traceback" not in err
