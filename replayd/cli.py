@@ -17,12 +17,11 @@ from typing import Any
 import anyio
 import redis.exceptions
 from pydantic import ValidationError
-from redis.asyncio import Redis
 
 from replayd import __version__
 from replayd.commit import Tally, job_key, stream_positions
 from replayd.config import JobSpec, Settings, describe, load_settings
-from replayd.connection import create_redis, text, text_hash
+from replayd.connection import Client, create_redis, is_retriable, text, text_hash
 from replayd.console import summary, with_progress
 from replayd.deadletter import Letters
 from replayd.engine import Engine, rebuild_in_place
@@ -276,7 +275,9 @@ def _report(exc: BaseException) -> int:
     if isinstance(error, redis.exceptions.AuthenticationError | redis.exceptions.NoPermissionError):
         print(f"replayd: Redis refused the credentials or an ACL permission: {error}", file=sys.stderr)
         return EX_CONFIG
-    if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError):
+    if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError) or (
+        isinstance(error, redis.exceptions.RedisClusterException) and is_retriable(error)
+    ):
         print(f"replayd: cannot reach Redis: {error}", file=sys.stderr)
         return EX_UNAVAILABLE
     if isinstance(error, KeyboardInterrupt):
@@ -478,7 +479,7 @@ class _client:
     def __init__(self, settings: Settings) -> None:
         self.redis = create_redis(settings.redis)
 
-    async def __aenter__(self) -> Redis:
+    async def __aenter__(self) -> Client:
         return self.redis
 
     async def __aexit__(self, *exc: object) -> None:
@@ -519,7 +520,7 @@ def _progress_line(progress: dict[str, str]) -> str:
     )
 
 
-async def _job_names(client: Redis) -> list[str]:
+async def _job_names(client: Client) -> list[str]:
     names = set()
     async for key in client.scan_iter(match="replayd:{*}:*", count=500):
         text = key.decode() if isinstance(key, bytes) else key
@@ -527,7 +528,7 @@ async def _job_names(client: Redis) -> list[str]:
     return sorted(names)
 
 
-async def _job_state(client: Redis, job: str) -> dict[str, Any]:
+async def _job_state(client: Client, job: str) -> dict[str, Any]:
     checkpoint = text_hash(await client.hgetall(job_key(job, "checkpoint")))
     shards = {}
     async for key in client.scan_iter(match=job_key(job, "progress") + "*", count=100):
@@ -610,25 +611,32 @@ async def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     async with _client(settings) as client:
         letters = Letters(client, args.job)
-        entries = await letters.entries()
-        if args.action in ("list", "show"):
-            shown = [(i, f) for i, f in entries if args.action == "list" or i in args.ids]
-            if args.json:
-                print(json.dumps([{"dlq_id": i, **f} for i, f in shown], indent=2))
-            for entry_id, fields in [] if args.json else shown:
-                print(_letter_line(entry_id, fields) if args.action == "list" else _letter_text(entry_id, fields))
-            return 0 if shown or args.action == "list" else 1
-        if args.action == "discard":
-            ids = [i for i, _ in entries] if args.all else args.ids
-            if not ids:
-                raise UsageError("dlq discard needs entry IDs or --all")
-            _confirm(args, f"discard {len(ids)} dead letter(s) of job {args.job}")
-            print(f"discarded {await letters.discard(ids)} dead letter(s)")
-            return 0
-        handler = load_handler(args.handler or _job_handler(settings, args.job))
-        done, left = await letters.retry(handler, args.ids or None)
-        print(f"retried: {done} handled and removed, {left} left")
-        return 0 if left == 0 else 1
+        try:
+            return await _dlq(args, settings, letters)
+        finally:
+            await letters.aclose()
+
+
+async def _dlq(args: argparse.Namespace, settings: Settings, letters: Letters) -> int:
+    entries = await letters.entries()
+    if args.action in ("list", "show"):
+        shown = [(i, f) for i, f in entries if args.action == "list" or i in args.ids]
+        if args.json:
+            print(json.dumps([{"dlq_id": i, **f} for i, f in shown], indent=2))
+        for entry_id, fields in [] if args.json else shown:
+            print(_letter_line(entry_id, fields) if args.action == "list" else _letter_text(entry_id, fields))
+        return 0 if shown or args.action == "list" else 1
+    if args.action == "discard":
+        ids = [i for i, _ in entries] if args.all else args.ids
+        if not ids:
+            raise UsageError("dlq discard needs entry IDs or --all")
+        _confirm(args, f"discard {len(ids)} dead letter(s) of job {args.job}")
+        print(f"discarded {await letters.discard(ids)} dead letter(s)")
+        return 0
+    handler = load_handler(args.handler or _job_handler(settings, args.job))
+    done, left = await letters.retry(handler, args.ids or None)
+    print(f"retried: {done} handled and removed, {left} left")
+    return 0 if left == 0 else 1
 
 
 def _job_handler(settings: Settings, job: str) -> str:

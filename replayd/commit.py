@@ -20,16 +20,18 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 import anyio
 import hiredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from replayd.connection import is_retriable, text, text_hash
+from replayd.connection import Client, is_retriable, text, text_hash
 from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError
 from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
 from replayd.metrics import Metrics
@@ -56,7 +58,7 @@ class Resume(NamedTuple):
 class CheckpointStore:
     """Reads and resets the checkpoint hash of a job. Writes happen only in `Committer` transactions."""
 
-    def __init__(self, redis: Redis, job: str, partitions: int, shard: Shard = WHOLE) -> None:
+    def __init__(self, redis: Client, job: str, partitions: int, shard: Shard = WHOLE) -> None:
         self.redis = redis
         self.key = job_key(job, "checkpoint")
         self.partitions = partitions
@@ -249,7 +251,7 @@ class Committer:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         job: str,
         watermark: Watermark,
         send: MemoryObjectSendStream[CommitRequest],
@@ -282,6 +284,9 @@ class Committer:
         """A dry run: handler writes are tallied here and dropped; only the (throwaway) checkpoint moves."""
         self._layout: dict[str, str] = dict(layout or {})
         """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
+        self._cluster = redis if isinstance(redis, RedisCluster) else None
+        self._slot = slot_of(self.key)
+        """Under Redis Cluster, the slot of the job's keys: every key a commit writes must be in it."""
 
     async def commit(self, request: CommitRequest) -> None:
         await self._send.send(request)
@@ -311,9 +316,7 @@ class Committer:
             for mark in request.marks:
                 mark.remaining -= 1
         floors = self.watermark.advance(commands)
-        if self.discard is not None:
-            self.discard.add(commands)
-            commands = []
+        commands = await self._screen(commands)
         for stream, floor in floors.items():
             fields[floor_field(stream, self.shard)] = format_id(floor)
         if fields and self._layout:
@@ -358,12 +361,16 @@ class Committer:
         for command in commands:
             argv.append(len(command))
             argv.extend(command)
-        payload = hiredis.pack_command(tuple(argv))
+        send = (
+            partial(self._roundtrip, self.redis, hiredis.pack_command(tuple(argv)))
+            if isinstance(self.redis, Redis)
+            else partial(self._cluster_roundtrip, self.redis, argv)
+        )
         deadline = time.monotonic() + self.budget_s
         delay = 0.05
         while True:
             try:
-                reply = await self._roundtrip(payload)
+                reply = await send()
                 break
             except Exception as exc:
                 if not is_retriable(exc):
@@ -385,8 +392,46 @@ class Committer:
         for error in errors:
             logger.error("a handler's command failed in the commit of %s: %s", self.key, text(error))
 
-    async def _roundtrip(self, payload: bytes) -> Any:
-        pool = self.redis.connection_pool
+    async def _screen(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The commands to send: none in a dry run (they are tallied), and under Redis Cluster only when every
+        key is in the job's slot."""
+        if self.discard is not None:
+            self.discard.add(commands)
+            return []
+        if self._cluster is not None and commands:
+            await self._check_slot(self._cluster, commands)
+        return commands
+
+    async def _check_slot(self, cluster: RedisCluster, commands: list[tuple[Any, ...]]) -> None:
+        """Refuse a commit that would write outside the job's slot: Redis Cluster runs a script on one node, and
+        a key of another slot would be refused there, or (Redis < 7) written on a node that does not serve it.
+        Nothing of the commit is sent; the job stops (exit 78) instead of splitting the transaction."""
+        for command in commands:
+            name = str(command[0]).upper()
+            if name in _FIRST_KEY_ONLY:
+                keys: Sequence[Any] = command[1:2]
+            else:  # any other command a handler queued: its keys as the server's command table says
+                keys = await cluster.commands_parser.get_keys(*command) or ()
+            for key in keys:
+                if slot_of(key) != self._slot:
+                    raise ConfigError(
+                        f"job {self._job}: a commit writes {text(key)!r} (slot {slot_of(key)}), outside the slot of "
+                        f"the job's keys ({self.key}, slot {self._slot}). Under Redis Cluster a commit is one script "
+                        "in one slot: name the job after its projection (ctx.key keys are tagged "
+                        "projection:{<projection>}:...), or give the key the job's hash tag "
+                        f"{{{self._job}}}. Nothing of this commit was written."
+                    )
+
+    async def _cluster_roundtrip(self, cluster: RedisCluster, argv: list[Any]) -> Any:
+        """The commit script on the node serving the job's slot (redis-py follows MOVED/ASK redirections)."""
+        try:
+            with anyio.fail_after(self.timeout_s):  # a TimeoutError (OSError): retried like a lost connection
+                return await cluster.execute_command(*argv)
+        except ResponseError as exc:
+            raise ReplaydError(f"Redis refused the commit to {self.key}: {exc}") from exc
+
+    async def _roundtrip(self, redis: Redis, payload: bytes) -> Any:
+        pool = redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             with anyio.fail_after(self.timeout_s):  # a TimeoutError (OSError): retried like a lost connection
@@ -404,6 +449,17 @@ class Committer:
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.release(conn)
+
+
+_FIRST_KEY_ONLY = frozenset(
+    {"HSET", "HINCRBY", "HINCRBYFLOAT", "HDEL", "SET", "INCRBY", "SADD", "SREM", "RPUSH", "ZADD", "EXPIRE", "XADD"}
+)
+"""Commands `ctx.tx` queues whose one key is their first argument (the others ask the command table)."""
+
+
+def slot_of(key: str | bytes) -> int:
+    """The Redis Cluster hash slot of `key` (its `{tag}`, when it has one, decides)."""
+    return key_slot(key.encode() if isinstance(key, str) else key)
 
 
 def seq_field(shard: Shard) -> str:

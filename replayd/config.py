@@ -54,11 +54,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_SCHEMES = {"redis", "rediss", "unix", "redis+cluster", "rediss+cluster"}
+
+
 class RedisConfig(_Section):
     """How to reach Redis: the URL (`redis://`, `rediss://` for TLS, `unix://`), credentials, TLS files."""
 
     url: SecretStr = SecretStr("redis://localhost:6379/0")
-    """May carry the ACL user and password (`redis://user:pass@host:6379/0`); shown redacted everywhere."""
+    """May carry the ACL user and password (`redis://user:pass@host:6379/0`); shown redacted everywhere.
+    `redis+cluster://` and `rediss+cluster://` name one node of a Redis Cluster (as `cluster = true` does)."""
+    cluster: bool = False
+    """The URL names one node of a Redis Cluster: use the cluster client (job keys share one slot per job)."""
     username: str | None = None
     """The ACL user, when the URL names none."""
     password: SecretStr | None = None
@@ -86,10 +92,34 @@ class RedisConfig(_Section):
     @classmethod
     def _url_scheme(cls, value: SecretStr) -> SecretStr:
         scheme = value.get_secret_value().partition("://")[0].lower()
-        if scheme not in {"redis", "rediss", "unix"}:
+        if scheme not in _SCHEMES:
             # never echo the URL: it may carry a password
-            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+            raise ValueError(
+                "must start with redis://, rediss:// (TLS), unix://, redis+cluster:// or rediss+cluster://"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _cluster_over_tcp(self) -> RedisConfig:
+        if self.is_cluster and self.scheme == "unix":
+            raise ValueError("a Redis Cluster is reached over TCP: use a redis:// or rediss:// url with cluster = true")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """The URL's scheme without `+cluster`: `redis`, `rediss` or `unix`."""
+        return self.url.get_secret_value().partition("://")[0].lower().removesuffix("+cluster")
+
+    @property
+    def is_cluster(self) -> bool:
+        """`cluster = true`, or a `redis+cluster://` / `rediss+cluster://` URL."""
+        return self.cluster or self.url.get_secret_value().partition("://")[0].lower().endswith("+cluster")
+
+    def node_url(self) -> str:
+        """The URL as redis-py reads it: `+cluster` dropped from the scheme (it names one node of the cluster)."""
+        url = self.url.get_secret_value()
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme.lower().removesuffix('+cluster')}{sep}{rest}"
 
     @field_validator("password_file")
     @classmethod
@@ -150,7 +180,7 @@ class RedisConfig(_Section):
         options = [name for name in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, name)]
         if not self.tls_verify_hostname:
             options.append("tls_verify_hostname")
-        scheme = self.url.get_secret_value().partition("://")[0].lower()
+        scheme = self.scheme
         if options and scheme != "rediss":
             verb = "needs" if len(options) == 1 else "need"
             raise ValueError(f"{', '.join(options)} {verb} a rediss:// url (TLS); the url is {scheme}://")

@@ -8,10 +8,9 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import anyio
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -19,7 +18,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
     parse_url,
 )
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, ClusterDownError, RedisClusterException, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,6 +30,9 @@ from replayd.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+Client = Redis | RedisCluster
+"""The data path's client: one server, or a Redis Cluster (`redis.cluster = true`)."""
 
 RETRIABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 """Errors after which the same idempotent read may simply be sent again. Prefer `is_retriable`: `except RETRIABLE`
@@ -45,6 +47,11 @@ def is_retriable(exc: BaseException) -> bool:
     ConnectionError) or a TLS handshake failing on certificates (see `access_denied`)."""
     if access_denied(exc) is not None:
         return False
+    if isinstance(exc, RedisClusterException):
+        # the cluster client wraps "no node reachable" around the connection error; slots not served yet pass
+        return isinstance(exc, SlotNotCoveredError) or (exc.__cause__ is not None and is_retriable(exc.__cause__))
+    if isinstance(exc, ClusterDownError):  # a cluster reconfiguring (a failover): it comes back
+        return True
     return isinstance(exc, RETRIABLE) or (isinstance(exc, RuntimeError) and "handler is closed" in str(exc))
 
 
@@ -134,7 +141,7 @@ def connection_options(cfg: RedisConfig) -> dict[str, Any]:
         options["username"] = username
     if password is not None:
         options["password"] = password.get_secret_value()
-    if urlsplit(cfg.url.get_secret_value()).scheme.lower() == "rediss":
+    if cfg.scheme == "rediss":
         options["ssl_cert_reqs"] = "required"
         options["ssl_check_hostname"] = cfg.tls_verify_hostname
         for option, path in (
@@ -147,8 +154,9 @@ def connection_options(cfg: RedisConfig) -> dict[str, Any]:
     return options
 
 
-def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
-    """A client on a blocking pool (waits for a free connection instead of failing under load).
+def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Client:
+    """A client on a blocking pool (waits for a free connection instead of failing under load), or, for
+    `cluster = true` and `redis+cluster://` URLs, a Redis Cluster client (`ClusterClient`).
 
     `redis://`, `rediss://` (TLS, with the `tls_*` settings) and `unix://` URLs; credentials from the URL or the
     settings. Refused credentials and certificate failures raise AccessDenied at once, never retried.
@@ -156,15 +164,28 @@ def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
     With `raw_streams`, XRANGE/XREVRANGE/XREAD replies stay the lists hiredis builds: redis-py's per-entry
     callbacks would cost more than the decoding itself.
     """
+    client: Client = ClusterClient(cfg) if cfg.is_cluster else Redis.from_pool(_pool(cfg))  # owns its pool
+    if raw_streams:
+        for command in ("XRANGE", "XREVRANGE", "XREAD"):
+            client.response_callbacks.pop(command, None)
+    return client
+
+
+def _url_options(cfg: RedisConfig) -> dict[str, Any]:
+    """What the URL says (and credentials and TLS options it does not), with fail-fast connection classes."""
     try:
-        from_url: dict[str, Any] = dict(parse_url(cfg.url.get_secret_value()))
+        from_url: dict[str, Any] = dict(parse_url(cfg.node_url()))
     except ValueError as exc:  # never echo the URL: it may carry a password
         raise ConfigError(f"redis.url cannot be used: {redact_text(str(exc))}") from None
     # as redis-py's from_url: what the URL (and its query string) says wins over keyword arguments
     kwargs: dict[str, Any] = {**connection_options(cfg), **from_url}
     kind = kwargs.get("connection_class", Connection)
     kwargs["connection_class"] = _FAIL_FAST.get(kind, kind)
-    pool = BlockingConnectionPool(
+    return kwargs
+
+
+def _pool(cfg: RedisConfig) -> BlockingConnectionPool:
+    return BlockingConnectionPool(
         max_connections=cfg.max_connections,
         timeout=cfg.socket_timeout_s,
         socket_timeout=cfg.socket_timeout_s,
@@ -173,13 +194,57 @@ def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
         # RESP2 on purpose: the raw stream replies the data path parses have one shape on Redis 6.2 and 7,
         # whatever protocol a redis-py release negotiates by default
         protocol=2,
-        **kwargs,
+        **_url_options(cfg),
     )
-    client = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
-    if raw_streams:
-        for command in ("XRANGE", "XREVRANGE", "XREAD"):
-            client.response_callbacks.pop(command, None)
-    return client
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's asyncio cluster client, built from replayd's settings: commands are routed by key slot.
+
+    Its per-node pools do not block when full (redis-py raises MaxConnectionsError, a ConnectionError that
+    `retrying` backs off from); `max_connections` is per node.
+    """
+
+    def __init__(self, cfg: RedisConfig) -> None:
+        kwargs = _url_options(cfg)
+        if kwargs.pop("db", 0):
+            raise ConfigError("redis.url names a database other than 0: a Redis Cluster has only database 0")
+        connection_class = kwargs.pop("connection_class")
+        if issubclass(connection_class, SSLConnection):
+            kwargs["ssl"] = True
+        options: dict[str, Any] = {
+            "max_connections": cfg.max_connections,
+            "socket_timeout": cfg.socket_timeout_s,
+            "socket_connect_timeout": cfg.connect_timeout_s,
+            "health_check_interval": 30,
+            "protocol": 2,  # as for one server: one shape of raw stream replies
+        }
+        super().__init__(**{**options, **kwargs})
+        # RedisCluster takes no connection class; its nodes copy these options (refused credentials fail fast)
+        self.connection_kwargs["connection_class"] = connection_class
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = connection_class
+        self.cfg = cfg
+
+    def reads_client(self) -> ClusterClient:
+        """Another client of the same cluster with redis-py's usual reply parsing (for handlers' reads)."""
+        return ClusterClient(self.cfg)
+
+
+def reads_client(client: Client) -> Client:
+    """A client with redis-py's usual reply parsing beside the data path's raw one: on the same pool for one
+    server; for a cluster, a client of its own that the caller closes (`close_reads_client`)."""
+    if isinstance(client, ClusterClient):
+        return client.reads_client()
+    if isinstance(client, RedisCluster):
+        return client
+    return Redis(connection_pool=client.connection_pool)
+
+
+async def close_reads_client(reads: Client, client: Client) -> None:
+    """Close what `reads_client(client)` opened (a view on `client`'s pool needs nothing)."""
+    if isinstance(reads, RedisCluster) and reads is not client:
+        await reads.aclose()
 
 
 async def retrying(

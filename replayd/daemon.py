@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from replayd.config import RedisConfig, Settings
-from replayd.connection import connection_options, create_redis
+from replayd.connection import Client, connection_options, create_redis
 from replayd.engine import Engine
 from replayd.http import HttpServer, Readiness, watch_redis
 from replayd.logs import redact_text
@@ -40,7 +40,7 @@ class Daemon:
         settings: Settings,
         *,
         handle_signals: bool = True,
-        redis: Redis | None = None,
+        redis: Client | None = None,
         metrics: Metrics | None = None,
         stall_after_s: float = 10.0,
     ) -> None:
@@ -151,9 +151,10 @@ async def start_http(
 async def ping_redis(
     readiness: Readiness, cfg: RedisConfig, *, interval_s: float = 5.0, timeout_s: float = 2.0
 ) -> None:
-    """`watch_redis` on a client of its own: a busy data-path pool must not read as "Redis unreachable"."""
+    """`watch_redis` on a client of its own: a busy data-path pool must not read as "Redis unreachable".
+    On a cluster it PINGs the node the URL names."""
     client = Redis.from_url(
-        cfg.url.get_secret_value(),
+        cfg.node_url(),
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),  # one attempt per PING: the next one comes in `interval_s`

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
 from replayd.commit import job_key
-from replayd.connection import text, text_hash
+from replayd.connection import Client, close_reads_client, reads_client, text, text_hash
 from replayd.events import Event
-from replayd.handlers import Context, Handler, Tx
+from replayd.handlers import Context, Handler, Tx, projection_prefix
 
 
 class DeadLetters:
@@ -113,8 +113,10 @@ def letter_event(fields: dict[str, str]) -> Event:
 class Letters:
     """The dead-letter stream of a job, for `replayd dlq`: list, retry in order, discard."""
 
-    def __init__(self, redis: Redis, job: str) -> None:
-        self.redis = Redis(connection_pool=redis.connection_pool)  # redis-py's usual reply parsing
+    def __init__(self, redis: Client, job: str) -> None:
+        self.client = redis
+        self.redis = reads_client(redis)  # redis-py's usual reply parsing
+        self.cluster = isinstance(redis, RedisCluster)
         self.job = job
         self.key = job_key(job, "dlq")
         self.parked_key = job_key(job, "parked")
@@ -136,7 +138,7 @@ class Letters:
         for letter_id, fields in letters:
             if "raw" in fields or fields.get("key") in blocked:
                 continue
-            ctx = Context(self.job, self.redis, f"projection:{handler.name}", replaying=True)
+            ctx = Context(self.job, self.redis, projection_prefix(handler.name, cluster=self.cluster), replaying=True)
             outcome = await handler.handle_batch([letter_event(fields)], ctx)
             if outcome.handled != 1:
                 blocked.add(fields.get("key"))
@@ -149,6 +151,10 @@ class Letters:
             done += 1
         await self._unpark()
         return done, len(letters) - done
+
+    async def aclose(self) -> None:
+        """Close the reads client (one of its own on a cluster)."""
+        await close_reads_client(self.redis, self.client)
 
     async def _unpark(self) -> None:
         """A key is parked while it has letters; drop the others from the parked hash."""

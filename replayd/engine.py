@@ -15,18 +15,18 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
 from replayd.codec import Codec, Poison
-from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Tally, Watermark, job_key
+from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Tally, Watermark, job_key, slot_of
 from replayd.config import JobSpec, RedisConfig
-from replayd.connection import is_retriable, retrying, text_hash
+from replayd.connection import Client, close_reads_client, is_retriable, reads_client, retrying, text_hash
 from replayd.deadletter import DeadLetters, poison_letter
-from replayd.errors import DataError, FencingError, ReplaydError, most_telling
+from replayd.errors import ConfigError, DataError, FencingError, ReplaydError, most_telling
 from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id
 from replayd.filters import Predicate, build_filter
 from replayd.gaps import find_gap
-from replayd.handlers import Context, Handler, Outcome, Tx
+from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import load_handler, load_predicate
 from replayd.lanes import InFlight, Lanes, Slice
 from replayd.lease import Lease
@@ -36,7 +36,7 @@ from replayd.pacing import Pacer
 from replayd.progress import ProgressWriter, Stats
 from replayd.router import Router
 from replayd.source import Batch, BatchSizer, StreamReader, head, redis_time_ms
-from replayd.versions import ProjectionFlipped, Versions, namespace, scan_batches
+from replayd.versions import ProjectionFlipped, Versions
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Engine:
     def __init__(
         self,
         spec: JobSpec,
-        redis: Redis,
+        redis: Client,
         *,
         redis_cfg: RedisConfig | None = None,
         handler: Handler | None = None,
@@ -76,12 +76,15 @@ class Engine:
         """The projection version this job writes (a rebuild's); None: the live one, `projection:<name>:current`."""
         self.version = version or 0
         self.ends = ends or {}
+        """Per stream: an end ID that overrides the spec's end bound (a rebuild catching up to a paused job)."""
         self.discard = discard
         """A dry run: the handlers' writes are tallied here instead of committed."""
-        """Per stream: an end ID that overrides the spec's end bound (a rebuild catching up to a paused job)."""
         self.budget_s = unavailable_budget_s or self.redis_cfg.unavailable_timeout_s
-        # handlers read through a client with redis-py's usual reply parsing, on the same pool
-        self.handler_redis = Redis(connection_pool=redis.connection_pool)
+        self.cluster = isinstance(redis, RedisCluster)
+        self.namespace = projection_prefix(self.handler.name, cluster=self.cluster)
+        self._refuse_split_commits()
+        # handlers read through a client with redis-py's usual reply parsing (on the same pool for one server)
+        self.handler_redis = reads_client(redis)
         self.shard = spec.shard_of
         self.stats = Stats(spec.name, list(spec.streams))
         self.stop_requested = anyio.Event()
@@ -124,8 +127,25 @@ class Engine:
         self.stop_requested.set()
         self._running.set()  # a paused job stops too
 
+    def _refuse_split_commits(self) -> None:
+        """Under Redis Cluster a commit is one script on one node: the projection's keys (`projection:{<name>}:...`)
+        must be in the slot of the job's keys (`replayd:{<job>}:...`), which holds when the job is named after its
+        projection. Handlers that declare `writes_projection = False` are checked per commit instead."""
+        if not self.cluster or not getattr(self.handler, "writes_projection", True):
+            return
+        name, job = self.handler.name, self.spec.name
+        if slot_of(self.namespace) != slot_of(job_key(job, "checkpoint")):
+            raise ConfigError(
+                f"job {job!r}: on a Redis Cluster, projection {name}'s keys ({self.namespace}:...) and the job's "
+                f"keys (replayd:{{{job}}}:...) are in different hash slots, so its writes cannot commit atomically "
+                f"with its checkpoint. Name the job after its projection: name = {name!r} in [[jobs]], or "
+                f"--job {name} for replay and rebuild."
+            )
+
     def new_context(self) -> Context:
-        ctx = Context(self.spec.name, self.handler_redis, namespace(self.handler.name, self.version))
+        ctx = Context(
+            self.spec.name, self.handler_redis, f"{self.namespace}:v{self.version}" if self.version else self.namespace
+        )
         ctx.failures = self.dead_letters
         return ctx
 
@@ -155,6 +175,8 @@ class Engine:
             raise
         finally:
             current_job.reset(token)
+            with anyio.move_on_after(2, shield=True):
+                await close_reads_client(self.handler_redis, self.redis)
 
     async def _flipped(self) -> bool:
         """Whether the live version moved under this job (a rebuild's flip), which also fences it."""
@@ -388,9 +410,7 @@ class Engine:
         """
         position = format_id(self.stats.position.get(stream, ZERO))
         for gauge, low, high in ((self.view.lag_entries, "(" + position, "+"), (self.view.retention, "-", position)):
-            entries: list[Any] = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-                "XRANGE", stream, low, high, "COUNT", limit + 1
-            )
+            entries: list[Any] = await self.redis.execute_command("XRANGE", stream, low, high, "COUNT", limit + 1)
             if len(entries) <= limit:
                 gauge[stream] = len(entries)
             else:
@@ -569,25 +589,31 @@ def resolve_start(bound: Bound, now_ms: int) -> Id:
     return ZERO  # beginning, or checkpoint of a job that has none yet
 
 
-async def clear_namespace(redis: Redis, pattern: str, *, batch: int = 500) -> int:
-    """Delete the keys matching `pattern` with SCAN + UNLINK (never KEYS, which blocks Redis)."""
+async def clear_namespace(redis: Client, pattern: str, *, batch: int = 500) -> int:
+    """Delete the keys matching `pattern` with SCAN + UNLINK (never KEYS, which blocks Redis). On a cluster the
+    SCAN runs on every primary and the UNLINKs are split by slot (redis-py's cluster client does both)."""
     deleted = 0
-    async for keys in scan_batches(redis, pattern, batch):
+    keys: list[bytes | str] = []
+    async for key in redis.scan_iter(match=pattern, count=batch):
+        keys.append(key)
+        if len(keys) >= batch:
+            deleted += await redis.unlink(*keys)
+            keys = []
+    if keys:
         deleted += await redis.unlink(*keys)
     return deleted
 
 
 async def rebuild_in_place(engine: Engine) -> Stats:
     """The article's rebuild: clear the projection's keys and the job's state, replay everything, write meta."""
-    name = engine.handler.name
-    if not name:
+    if not engine.handler.name:
         raise ReplaydError("rebuild needs a projection with a name (its keys live under projection:<name>:)")
     redis = engine.redis
-    await clear_namespace(redis, f"projection:{name}:*")
+    await clear_namespace(redis, f"{engine.namespace}:*")
     await redis.unlink(job_key(engine.spec.name, "checkpoint"), engine.progress.key)
     stats = await engine.run()
     await redis.hset(
-        f"projection:{name}:meta",
+        f"{engine.namespace}:meta",
         mapping={"rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed},
     )
     return stats

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from replayd.connection import Client
 from replayd.events import ZERO, Id, format_id, parse_id
 
 
@@ -27,7 +27,7 @@ class Gap(NamedTuple):
     """What happened, naming the stream, the checkpoint and the head."""
 
 
-async def find_gap(redis: Redis, stream: str, position: Id) -> Gap | None:
+async def find_gap(redis: Client, stream: str, position: Id) -> Gap | None:
     """Compare a checkpoint with what the stream still holds; None when nothing was lost."""
     if position == ZERO:
         return None

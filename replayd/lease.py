@@ -10,9 +10,9 @@ import secrets
 import socket
 
 import anyio
-from redis.asyncio import Redis
 
 from replayd.commit import job_key
+from replayd.connection import Client
 from replayd.errors import FencingError
 from replayd.events import WHOLE, Shard
 
@@ -30,7 +30,7 @@ class Lease:
     """Held from `acquire` to `release`; `keep` renews it every third of its TTL and raises FencingError
     the moment it finds the lease gone to someone else (a pause longer than the TTL)."""
 
-    def __init__(self, redis: Redis, job: str, shard: Shard, *, ttl_ms: int, wait: bool) -> None:
+    def __init__(self, redis: Client, job: str, shard: Shard, *, ttl_ms: int, wait: bool) -> None:
         self.redis = redis
         self.key = lease_key(job, shard)
         self.ttl_ms = ttl_ms

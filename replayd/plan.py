@@ -15,11 +15,10 @@ import secrets
 from typing import Any
 
 import anyio
-from redis.asyncio import Redis
 
 from replayd.commit import CheckpointStore, job_key
 from replayd.config import JobSpec
-from replayd.connection import text_hash
+from replayd.connection import Client, text_hash
 from replayd.engine import Engine, resolve_end, resolve_start
 from replayd.events import ZERO, Id, format_id, parse_id
 from replayd.handlers import Projection
@@ -87,13 +86,13 @@ async def plan(engine: Engine, *, exact_up_to: int = 100_000, page: int = 5000) 
 
 
 async def _count(
-    redis: Redis, stream: str, after: Id, upper: Id, type_field: bytes, exact_up_to: int, page: int
+    redis: Client, stream: str, after: Id, upper: Id, type_field: bytes, exact_up_to: int, page: int
 ) -> dict[str, Any]:
     """Entries in (after, upper] by type: exact up to `exact_up_to`, then extrapolated by entry-ID time."""
     types: dict[str, int] = {}
     counted, pos = 0, after
     while pos < upper and counted < exact_up_to:
-        entries: list[Any] = await redis.execute_command(  # type: ignore[no-untyped-call]
+        entries: list[Any] = await redis.execute_command(
             "XRANGE", stream, "(" + format_id(pos), format_id(upper), "COUNT", page
         )
         if not entries:

@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 import anyio
-from redis.asyncio import Redis
 
 from replayd.commit import job_key
-from replayd.connection import is_retriable
+from replayd.connection import Client, is_retriable
 from replayd.events import WHOLE, Id, Shard, format_id
 
 logger = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ def _fmt(id_: Id | None) -> str:
 class ProgressWriter:
     """Writes `Stats` to the progress hash every `interval_s` (never per event) and on demand."""
 
-    def __init__(self, redis: Redis, stats: Stats, interval_s: float, shard: Shard = WHOLE) -> None:
+    def __init__(self, redis: Client, stats: Stats, interval_s: float, shard: Shard = WHOLE) -> None:
         self.redis = redis
         self.stats = stats
         self.interval_s = interval_s

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import time
 
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
 from replayd.config import JobSpec, RedisConfig
+from replayd.connection import Client
 from replayd.engine import Engine
+from replayd.errors import ConfigError
 from replayd.events import Id
 from replayd.handlers import Handler
 from replayd.handlers.loader import load_handler
@@ -29,12 +31,15 @@ class Rebuild:
     def __init__(
         self,
         spec: JobSpec,
-        redis: Redis,
+        redis: Client,
         *,
         redis_cfg: RedisConfig | None = None,
         handler: Handler | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        if isinstance(redis, RedisCluster):  # the flip is one script over the job's and the rebuild's keys
+            raise ConfigError("rebuilds beside the live version (and verify) need a single Redis server, not a "
+                              "Cluster, for now: use `replayd rebuild --in-place` there")  # fmt: skip
         self.spec = spec
         self.redis = redis
         self.redis_cfg = redis_cfg

@@ -7,10 +7,9 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from anyio.streams.memory import MemoryObjectSendStream
-from redis.asyncio import Redis
 
 from replayd.codec import RawEntry
-from replayd.connection import retrying
+from replayd.connection import Client, retrying
 from replayd.events import Id, format_id, parse_id
 from replayd.metrics import Metrics
 
@@ -57,7 +56,7 @@ class StreamReader:
     """
 
     def __init__(
-        self, redis: Redis, stream: str, *, sizer: BatchSizer, block_ms: int, budget_s: float, metrics: Metrics
+        self, redis: Client, stream: str, *, sizer: BatchSizer, block_ms: int, budget_s: float, metrics: Metrics
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -128,15 +127,13 @@ class StreamReader:
             await send.send(Batch(self.stream, entries, pos, False, time.monotonic()))
 
 
-async def head(redis: Redis, stream: str) -> Id | None:
+async def head(redis: Client, stream: str) -> Id | None:
     """The ID of the stream's last entry, or None when it is empty or missing."""
-    entries: list[Any] = await redis.execute_command(  # type: ignore[no-untyped-call]
-        "XREVRANGE", stream, "+", "-", "COUNT", 1
-    )
+    entries: list[Any] = await redis.execute_command("XREVRANGE", stream, "+", "-", "COUNT", 1)
     return parse_id(entries[0][0]) if entries else None
 
 
-async def redis_time_ms(redis: Redis) -> int:
+async def redis_time_ms(redis: Client) -> int:
     """Redis's clock, the one that stamps entry IDs, in milliseconds."""
     seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000

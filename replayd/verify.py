@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from redis.asyncio import Redis
 
 from replayd.commit import job_key, stream_positions
-from replayd.connection import text, text_hash
+from replayd.connection import Client, text, text_hash
 from replayd.errors import ReplaydError
 from replayd.events import ZERO, Id
 from replayd.rebuild import Rebuild
@@ -73,14 +72,14 @@ async def verify(rebuild: Rebuild, *, keep: bool = False, show: int = 10, pause_
                 await rebuild.versions.discard(rebuild.version, job)
 
 
-async def live_positions(redis: Redis, job: str, streams: list[str]) -> dict[str, Id] | None:
+async def live_positions(redis: Client, job: str, streams: list[str]) -> dict[str, Id] | None:
     """Per stream, where the live job's projection is; None when the job has no positions (read to the head)."""
     known = stream_positions(text_hash(await redis.hgetall(job_key(job, "checkpoint"))))
     return {stream: known.get(stream, ZERO) for stream in streams} if known else None
 
 
 @asynccontextmanager
-async def paused(redis: Redis, job: str, timeout_s: float) -> AsyncIterator[None]:
+async def paused(redis: Client, job: str, timeout_s: float) -> AsyncIterator[None]:
     """Pause every running shard of `job` and wait until each has drained; resume them on exit."""
     keys = [key async for keys in scan_batches(redis, job_key(job, "progress") + "*") for key in keys]
     ours = [key for key in keys if await _running(redis, key)]
@@ -100,7 +99,7 @@ async def paused(redis: Redis, job: str, timeout_s: float) -> AsyncIterator[None
                 await redis.hdel(key, "paused")
 
 
-async def _running(redis: Redis, key: str | bytes) -> bool:
+async def _running(redis: Client, key: str | bytes) -> bool:
     """A shard that is running now: it says so and has written its progress lately (not a crashed one)."""
     progress = text_hash(await redis.hgetall(key))
     if progress.get("status") not in RUNNING or "paused" in progress:
@@ -108,7 +107,7 @@ async def _running(redis: Redis, key: str | bytes) -> bool:
     return time.time() - float(progress.get("updated_at") or 0) < 30
 
 
-async def compare(redis: Redis, name: str, left: int, right: int, *, show: int = 10) -> Diff:
+async def compare(redis: Client, name: str, left: int, right: int, *, show: int = 10) -> Diff:
     """Key by key and value by value: `left` (the current version) against `right` (the rebuilt one)."""
     diff = Diff(namespace(name, left), namespace(name, right))
     async for names in version_keys(redis, name, left):
@@ -147,7 +146,7 @@ _READERS = {
 }
 
 
-async def _values(redis: Redis, keys: list[str]) -> list[tuple[str, Any] | None]:
+async def _values(redis: Client, keys: list[str]) -> list[tuple[str, Any] | None]:
     """(type, value) of each key, None when it does not exist; two pipelined round trips."""
     async with redis.pipeline(transaction=False) as pipe:
         for key in keys:

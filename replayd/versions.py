@@ -21,11 +21,11 @@ from typing import Any
 
 import anyio
 import redis
-from redis.asyncio import Redis
 
 from replayd.commit import job_key
-from replayd.connection import text
+from replayd.connection import Client, text
 from replayd.errors import FencingError, ReplaydError
+from replayd.handlers import projection_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,10 @@ class ProjectionFlipped(FencingError):
     """Raised in a live job whose projection was flipped to a new version under it: start again on it."""
 
 
-def namespace(name: str, version: int) -> str:
-    """The key prefix of a version: `projection:<name>` for 0, else `projection:<name>:v<N>`."""
-    return f"projection:{name}" + (f":v{version}" if version else "")
+def namespace(name: str, version: int, *, cluster: bool = False) -> str:
+    """The key prefix of a version: `projection:<name>` for 0, else `projection:<name>:v<N>` (with the name as
+    a hash tag under Redis Cluster, as `handlers.projection_prefix`)."""
+    return projection_prefix(name, cluster=cluster) + (f":v{version}" if version else "")
 
 
 def build_job(job: str, version: int) -> str:
@@ -53,7 +54,7 @@ def current_namespace(client: redis.Redis, name: str) -> str:
     return namespace(name, int(client.get(f"projection:{name}:current") or 0))
 
 
-async def acurrent_namespace(client: Redis, name: str) -> str:
+async def acurrent_namespace(client: Client, name: str) -> str:
     """`current_namespace` for a `redis.asyncio` client."""
     return namespace(name, int(await client.get(f"projection:{name}:current") or 0))
 
@@ -61,7 +62,7 @@ async def acurrent_namespace(client: Redis, name: str) -> str:
 class Versions:
     """The alias, the rebuild marker and the retired versions of one projection."""
 
-    def __init__(self, redis: Redis, name: str) -> None:
+    def __init__(self, redis: Client, name: str) -> None:
         if not name:
             raise ReplaydError("a versioned rebuild needs a projection with a name (keys projection:<name>:...)")
         self.redis = redis
@@ -119,7 +120,7 @@ class Versions:
         return deleted
 
 
-async def version_keys(redis: Redis, name: str, version: int, batch: int = 500) -> AsyncIterator[list[str]]:
+async def version_keys(redis: Client, name: str, version: int, batch: int = 500) -> AsyncIterator[list[str]]:
     """The keys of one version, named relative to its namespace, a SCAN batch at a time."""
     prefix = namespace(name, version) + ":"
     async for keys in scan_batches(redis, prefix + "*", batch):
@@ -130,7 +131,7 @@ async def version_keys(redis: Redis, name: str, version: int, batch: int = 500) 
             yield names
 
 
-async def scan_batches(redis: Redis, pattern: str, batch: int = 500) -> AsyncIterator[list[bytes | str]]:
+async def scan_batches(redis: Client, pattern: str, batch: int = 500) -> AsyncIterator[list[bytes | str]]:
     """The keys matching `pattern`, a SCAN batch at a time (never KEYS, which blocks Redis)."""
     cursor = 0
     while True:

@@ -60,6 +60,7 @@ def sync_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
 async def raw_redis(redis_cfg: RedisConfig, sync_redis: redis.Redis) -> AsyncIterator[Redis]:
     """The data path's client (raw stream replies) on a flushed server."""
     client = create_redis(redis_cfg)
+    assert isinstance(client, Redis)  # one server
     try:
         yield client
     finally:

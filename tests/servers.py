@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
 
 import redis
 
-from replayd.embedded import EmbeddedRedis, find_redis_server
+from replayd.embedded import EmbeddedRedis, find_redis_server, free_port
 
-__all__ = ["RedisServer", "find_redis_server"]
+__all__ = ["RedisClusterServers", "RedisServer", "find_redis_server"]
 
 
 class RedisServer(EmbeddedRedis):
@@ -26,3 +32,117 @@ class RedisServer(EmbeddedRedis):
         with self.client() as client:
             text = str(client.info("server")["redis_version"])
         return tuple(int(part) for part in text.split("."))
+
+
+CLUSTER_SLOTS = 16384
+
+
+class RedisClusterServers:
+    """Three redis-server primaries with `cluster-enabled yes`, joined into one cluster covering every slot.
+
+    With redis-cli (next to the server binary, else on PATH) the cluster is made by `redis-cli --cluster create`;
+    without one, or with REPLAYD_TEST_CLUSTER_CREATE=python, by CLUSTER ADDSLOTS + CLUSTER MEET from Python.
+    """
+
+    def __init__(self, directory: Path, *, size: int = 3) -> None:
+        self.servers = [
+            RedisServer(
+                directory / f"node{i}", extra_args=["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]
+            )
+            for i in range(size)
+        ]
+        for server in self.servers:
+            server.port = _cluster_port()
+        self.created_by = ""
+
+    @property
+    def url(self) -> str:
+        """A `redis+cluster://` URL naming the first node (the client discovers the others)."""
+        return f"redis+cluster://127.0.0.1:{self.servers[0].port}"
+
+    def start(self) -> RedisClusterServers:
+        try:
+            for server in self.servers:
+                server.start()
+            cli = _redis_cli(self.servers[0].binary)
+            if cli:
+                self._create_with_cli(cli)
+            else:
+                self._create_from_python()
+            self._wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def _create_with_cli(self, cli: str) -> None:
+        nodes = [f"127.0.0.1:{server.port}" for server in self.servers]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-yes"], capture_output=True, check=True, timeout=30
+        )
+        self.created_by = "redis-cli"
+
+    def _create_from_python(self) -> None:
+        # ADDSLOTS with every slot listed: ADDSLOTSRANGE is Redis 7 only
+        bounds = [CLUSTER_SLOTS * i // len(self.servers) for i in range(len(self.servers) + 1)]
+        for server, low, high in zip(self.servers, bounds, bounds[1:], strict=False):
+            with server.client() as client:
+                client.execute_command("CLUSTER ADDSLOTS", *range(low, high))
+        with self.servers[0].client() as first:
+            for server in self.servers[1:]:
+                first.execute_command("CLUSTER MEET", "127.0.0.1", server.port)
+        self.created_by = "python"
+
+    def _wait_ok(self, within_s: float = 20.0) -> None:
+        """Every node sees the whole cluster with all slots served."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            if all(self._node_ok(server) for server in self.servers):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the cluster on ports {[s.port for s in self.servers]} did not reach cluster_state:ok")
+
+    def _node_ok(self, server: RedisServer) -> bool:
+        with server.client() as client:
+            info: dict[str, str] = client.execute_command("CLUSTER INFO")  # parsed by redis-py
+        return info.get("cluster_state") == "ok" and info.get("cluster_known_nodes") == str(len(self.servers))
+
+    def node_of(self, key: str) -> RedisServer:
+        """The server that serves `key`'s slot."""
+        with self.servers[0].client() as client:
+            slot = int(client.execute_command("CLUSTER KEYSLOT", key))
+            ranges = client.execute_command("CLUSTER SLOTS")
+        for low, high, primary, *_ in ranges:
+            if low <= slot <= high:
+                return next(server for server in self.servers if server.port == int(primary[1]))
+        raise LookupError(f"no node serves slot {slot}")
+
+    def flush(self) -> None:
+        for server in self.servers:
+            with server.client() as client:
+                client.flushall()
+
+
+def _redis_cli(server_binary: str) -> str | None:
+    if os.environ.get("REPLAYD_TEST_CLUSTER_CREATE") == "python":
+        return None
+    beside = Path(server_binary).with_name("redis-cli")
+    return str(beside) if beside.exists() else shutil.which("redis-cli")
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, and a port at all."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port

@@ -54,6 +54,7 @@ def cfg(proxy: FaultProxy) -> RedisConfig:
 async def client(cfg: RedisConfig) -> AsyncIterator[Redis]:
     """The data path's client, through the proxy."""
     r = create_redis(cfg)
+    assert isinstance(r, Redis)  # one server
     try:
         yield r
     finally:
@@ -309,6 +310,7 @@ async def test_t18_fragmented_replies_give_identical_results(
     with fresh_server.client() as sync:
         load_history_sync(sync, STREAM, 300)
     r = create_redis(cfg)
+    assert isinstance(r, Redis)  # one server
     if parser == "python":
         r.connection_pool.connection_kwargs["parser_class"] = _AsyncRESP2Parser
     engine = Engine(spec(batch_size=50), r, redis_cfg=cfg)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from replayd.errors import StopReplay
 from replayd.events import Event
@@ -33,6 +33,13 @@ logger = logging.getLogger(__name__)
 
 Arg = str | bytes | int | float
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def projection_prefix(name: str, *, cluster: bool = False) -> str:
+    """The key prefix of projection `name`: `projection:<name>`, or under Redis Cluster `projection:{<name>}`,
+    a hash tag that puts every key of the projection in the slot of the job named after it (`replayd:{<name>}:...`),
+    so its writes and the job's checkpoint can commit in one script."""
+    return f"projection:{{{name}}}" if cluster else f"projection:{name}"
 
 
 class Tx:
@@ -112,10 +119,10 @@ class Context:
 
     job: str
     """The job's name."""
-    redis: Redis
+    redis: Redis | RedisCluster
     """A client for reads (writes belong on `tx`, so they commit with the checkpoint)."""
     namespace: str
-    """The projection's key prefix, e.g. `projection:order_summary`."""
+    """The projection's key prefix, e.g. `projection:order_summary` (`projection:{order_summary}` on a cluster)."""
     replaying: bool = True
     """True while history is replayed; False for live events a following job receives."""
     tx: Tx = field(default_factory=Tx)
@@ -124,7 +131,8 @@ class Context:
     """What a handler error leads to (None: log, count, go on)."""
 
     def key(self, *parts: object) -> str:
-        """A key in the projection's namespace: `ctx.key("order", 42)` -> `projection:<name>:order:42`."""
+        """A key in the projection's namespace: `ctx.key("order", 42)` -> `projection:<name>:order:42`
+        (`projection:{<name>}:order:42` on a Redis Cluster)."""
         if len(parts) == 2:  # the common `kind, id` shape, without building a list
             return f"{self.namespace}:{parts[0]}:{parts[1]}"
         return ":".join((self.namespace, *map(str, parts)))
@@ -188,6 +196,10 @@ class Projection:
 
     name: ClassVar[str] = ""
     partition_by: ClassVar[str | None] = None
+    writes_projection: ClassVar[bool] = True
+    """It queues writes to its own keys (`ctx.key`) on `ctx.tx`. Under Redis Cluster such a job must be named after
+    the projection (checked at start). False for handlers that write nothing there, or keys of their own naming
+    (checked per commit)."""
     _routes: ClassVar[dict[str, tuple[str, bool]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -309,6 +321,8 @@ class FunctionHandler:
 
     partition_by: str | None = None
     event_types: frozenset[str] | None = None
+    writes_projection = False
+    """A plain function names no projection: keys it queues on `ctx.tx` are checked per commit under Cluster."""
 
     def __init__(self, func: Callable[..., Any], name: str) -> None:
         self.name = name
@@ -344,6 +358,7 @@ class ObjectHandler:
         self.partition_by = getattr(obj, "partition_by", None)
         types = getattr(obj, "event_types", None)
         self.event_types = frozenset(types) if types else None
+        self.writes_projection = bool(getattr(obj, "writes_projection", True))
 
     async def _hook(self, hook: str, ctx: Context) -> None:
         method = getattr(self.obj, hook, None)

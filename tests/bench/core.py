@@ -8,9 +8,9 @@ from typing import Any
 
 import anyio
 import redis
-from redis.asyncio import Redis
 
 from replayd.commit import job_key
+from replayd.connection import Client
 from replayd.engine import clear_namespace
 
 BATCH = 1000
@@ -38,7 +38,7 @@ def run_async(func: Callable[[], Awaitable[Sample]]) -> Sample:
     return result
 
 
-async def reset_job(client: Redis, job: str) -> None:
+async def reset_job(client: Client, job: str) -> None:
     """Delete the job's `replayd:{job}:*` keys (checkpoint, progress, lease, dlq)."""
     await clear_namespace(client, job_key(job, "*"))
 

@@ -20,6 +20,7 @@ import anyio
 import hiredis
 import orjson
 import redis
+from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from replayd.config import RedisConfig
@@ -66,6 +67,7 @@ async def raw_read(cfg: RedisConfig, stream: str) -> Sample:
     """XRANGE COUNT 1000 from an exclusive start; the next request is written before the current batch is
     decoded (one request in flight on one connection); every `data` field is decoded with orjson."""
     client = create_redis(cfg)
+    assert isinstance(client, Redis)  # one server
     pool = client.connection_pool
     conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
@@ -92,6 +94,7 @@ async def raw_read(cfg: RedisConfig, stream: str) -> Sample:
 async def sequential_io(cfg: RedisConfig, stream: str, delay: float = 0.001) -> Sample:
     """The plain loop an I/O-bound handler would otherwise run in: read as `raw_read` does, await per event."""
     client = create_redis(cfg)
+    assert isinstance(client, Redis)  # one server
     pool = client.connection_pool
     conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:

@@ -79,6 +79,7 @@ class JsonlDump(Projection):
     """Appends each event as a JSON line to `REPLAYD_JSONL_PATH` (or stdout)."""
 
     name = "jsonl_dump"
+    writes_projection = False  # nothing is written to Redis
     partition_by = None
 
     def __init__(self) -> None:

@@ -100,6 +100,7 @@ class Republish(Projection):
     """XADDs each event into the target stream, with its original fields, timestamp and origin."""
 
     name = "republish"
+    writes_projection = False  # its keys are the target stream and seen set (per-commit slot check on a cluster)
     partition_by = None
 
     def __init__(self) -> None:
