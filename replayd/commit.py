@@ -84,13 +84,16 @@ class CheckpointStore:
         lowest = min(positions.values())
         return Resume(lowest, {p: cp for p, cp in positions.items() if cp > lowest})
 
-    async def claim(self, token: str) -> str:
-        """Move the commit sequence to `<n+1>:<token>` unconditionally; return it.
+    async def claim(self, token: str, alias: str | None = None) -> tuple[str, int]:
+        """Move the commit sequence to `<n+1>:<token>` unconditionally; return it, and the projection version the
+        `alias` key names at that moment (0 without one).
 
         Done once the lease is held and before the checkpoint is read: an instance that lost its lease (paused
-        past the TTL) can then no longer commit, so the checkpoint this one resumes from is final."""
-        seq: bytes | str = await self.redis.eval(_CLAIM_SCRIPT, 1, self.key, seq_field(self.shard), token)
-        return text(seq)
+        past the TTL) can then no longer commit, so the checkpoint this one resumes from is final. The version
+        is read in the same step, because a rebuild's flip moves both: a flip after this claim fences the run."""
+        keys = [self.key, alias] if alias else [self.key]
+        seq, version = await self.redis.eval(_CLAIM_SCRIPT, len(keys), *keys, seq_field(self.shard), token)
+        return text(seq), int(version)
 
     def replay_until(self, stream: str) -> Id | None:
         text = self.fields.get(f"{stream}#replay_until")
@@ -471,7 +474,7 @@ _CLAIM_SCRIPT = """
 local n = tonumber(string.match(redis.call('HGET', KEYS[1], ARGV[1]) or '', '^(%d+)')) or 0
 local seq = (n + 1) .. ':' .. ARGV[2]
 redis.call('HSET', KEYS[1], ARGV[1], seq)
-return seq
+return {seq, KEYS[2] and redis.call('GET', KEYS[2]) or '0'}
 """
 
 # KEYS[1] checkpoint hash; ARGV: seq field, expected seq, new seq, 2k, k checkpoint field/value pairs, then per

@@ -226,10 +226,12 @@ class Engine:
         if not spec.resume:  # an explicit start begins the job anew: old positions (and layout) would mislead
             await self.store.reset()
         had_checkpoint = bool(await self.redis.exists(self.store.key))
-        self.seq = await self.store.claim(self.lease.token.rpartition(":")[2])
+        # a live job follows the projection's alias (a rebuild's flip); on a cluster there are no versions (yet)
+        follows = self.pinned is None and self.handler.name and not self.cluster
+        alias = Versions(self.redis, self.handler.name).current_key if follows else None
+        self.seq, version = await self.store.claim(self.lease.token.rpartition(":")[2], alias)
+        self.version = version if follows else self.version
         await self.store.load()
-        if self.pinned is None and self.handler.name:  # read after the claim: a flip since then fences this run
-            self.version = await Versions(self.redis, self.handler.name).current()
         parked = text_hash(await self.redis.hgetall(self.dead_letters.parked_key))
         self.dead_letters.parked.clear()
         self.dead_letters.parked.update(parked)
