@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -79,6 +80,8 @@ class Engine:
         """Per stream: an end ID that overrides the spec's end bound (a rebuild catching up to a paused job)."""
         self.discard = discard
         """A dry run: the handlers' writes are tallied here instead of committed."""
+        self.on_leased: Callable[[], Awaitable[None]] | None = None
+        """Run once the job's lease is held, before anything is read (an in-place rebuild clears its keys)."""
         self.budget_s = unavailable_budget_s or self.redis_cfg.unavailable_timeout_s
         self.cluster = isinstance(redis, RedisCluster)
         self.namespace = projection_prefix(self.handler.name, cluster=self.cluster)
@@ -202,6 +205,8 @@ class Engine:
                                    self.spec.lease_ttl_s)  # fmt: skip
 
     async def _run_leased(self) -> Stats:
+        if self.on_leased is not None:
+            await self.on_leased()
         await retrying(self._prepare, what="start", budget_s=self.budget_s, metrics=self.metrics)
         ctx = self.new_context()
         self.stats.status = "catching_up"
@@ -611,8 +616,12 @@ async def rebuild_in_place(engine: Engine) -> Stats:
     if not engine.handler.name:
         raise ReplaydError("rebuild needs a projection with a name (its keys live under projection:<name>:)")
     redis = engine.redis
-    await clear_namespace(redis, f"{engine.namespace}:*")
-    await redis.unlink(job_key(engine.spec.name, "checkpoint"), engine.progress.key)
+
+    async def clear() -> None:  # under the lease: never while another instance of the job writes them
+        await clear_namespace(redis, f"{engine.namespace}:*")
+        await redis.unlink(job_key(engine.spec.name, "checkpoint"), engine.progress.key)
+
+    engine.on_leased = clear
     stats = await engine.run()
     await redis.hset(
         f"{engine.namespace}:meta",

@@ -304,3 +304,20 @@ async def test_verify_pauses_a_running_job_and_compares_at_its_position(
         assert daemon.engines[0].stats.status == "live", "resumed after the comparison"
         daemon.stop()
         tg.cancel_scope.cancel()
+
+
+async def test_an_in_place_rebuild_clears_nothing_before_it_holds_the_lease(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    load_history_sync(sync_redis, STREAM, 500)
+    await rebuild_in_place(Engine(job(end="now", name=NAME), raw_redis, redis_cfg=redis_cfg))
+    before = version_of(sync_redis, 0)
+    sync_redis.set(f"replayd:{{{NAME}}}:lease", "another-instance", px=1500)  # a daemon job of the projection
+    rebuild = Engine(job(end="now", name=NAME), raw_redis, redis_cfg=redis_cfg)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(rebuild_in_place, rebuild)
+        await anyio.sleep(0.8)
+        assert version_of(sync_redis, 0) == before, "nothing cleared while the other instance holds the lease"
+        assert rebuild.stats.status == "starting"
+    assert rebuild.stats.status == "completed"
+    assert version_of(sync_redis, 0) == before
