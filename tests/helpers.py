@@ -1,8 +1,12 @@
-"""Small helpers shared by the engine, commit and article tests."""
+"""Small helpers shared by the tests: entries, job specs, engine runs, Redis snapshots, the CLI as a subprocess."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -123,3 +127,33 @@ def snapshot(r: redis.Redis, pattern: str) -> dict[str, tuple[str, Any]]:
         readers[kind](pipe, key)
     values = pipe.execute()
     return {as_text(key): (kind, value) for key, kind, value in zip(keys, kinds, values, strict=True)}
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without replayd settings (they would leak into the command under test), plus `env`;
+    REPLAYD_REDIS_SERVER, the binary the tests run, stays."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_") or k == "REPLAYD_REDIS_SERVER"}
+    return kept | (env or {})
+
+
+def replayd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m replayd ARGS` to completion, output captured as text."""
+    command = [sys.executable, "-m", "replayd", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=cli_env(env), timeout=timeout, check=False)
+
+
+def spawn_replayd(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`python -m replayd ARGS` in the background, stdout and stderr piped."""
+    command = [sys.executable, "-m", "replayd", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(env))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, proc: subprocess.Popen[str] | None = None) -> None:
+    """Poll `condition` (blocking) until it holds; fail after `timeout` s, or at once if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"replayd exited with {proc.returncode} first: {proc.communicate()[1][-2000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout}s")
+        time.sleep(0.01)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,22 +11,10 @@ import pytest
 import redis
 
 from replayd.sample import load_history_sync
+from tests.helpers import replayd
 from tests.servers import RedisServer
 
 STREAM = "events:orders"
-
-
-def replayd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("REPLAYD_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "replayd", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -19,7 +16,7 @@ from replayd.config import JobSpec, RedisConfig
 from replayd.engine import Engine
 from replayd.handlers import ObjectHandler
 from replayd.plan import plan
-from tests.helpers import as_text
+from tests.helpers import as_text, replayd
 from tests.plugins import Recorder
 
 
@@ -27,12 +24,6 @@ async def eventually(condition: Callable[[], bool], within: float = 10) -> None:
     with anyio.fail_after(within):
         while not condition():  # noqa: ASYNC110 - polling state another process writes
             await anyio.sleep(0.05)
-
-
-def replayd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
-    command = [sys.executable, "-m", "replayd", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
 @pytest.mark.anyio

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from replayd.sample import load_history_sync
+from tests.helpers import wait_for
 
 STREAM = "events:orders"
 
@@ -26,14 +27,6 @@ def start_daemon(config: Path) -> subprocess.Popen[str]:
         [sys.executable, "-m", "replayd", "run", "--config", str(config), "--log-format", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s")
-        time.sleep(0.05)
 
 
 def write_config(tmp_path: Path, redis_url: str, **job: str | int | float) -> Path:

@@ -3,9 +3,6 @@ later events of the key parked behind), or skip."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +17,7 @@ from replayd.engine import Engine
 from replayd.errors import DataError
 from replayd.handlers import ObjectHandler
 from replayd.metrics import Metrics
+from tests.helpers import replayd
 from tests.plugins import Recorder
 
 STREAM = "orders"
@@ -151,12 +149,6 @@ async def test_undecodable_entries_stop_or_are_dead_lettered(
     letters: Any = sync_redis.xrange("replayd:{dl2}:dlq")
     assert letters[0][1][b"id"] == bad.encode()
     assert orjson.loads(letters[0][1][b"raw"])["data"] == "{broken"
-
-
-def replayd(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
-    command = [sys.executable, "-m", "replayd", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
 @pytest.mark.anyio

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from replayd.config import FieldNames
 from replayd.events import parse_id
 from replayd.router import Router
 from replayd.sample import load_history_sync
+from tests.helpers import wait_for
 from tests.trial_plugins import EFFECT_LOG, EFFECTS, SEEN
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -71,16 +72,6 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0, proc: subprocess.Popen[str] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"replayd exited with {proc.returncode} first: {proc.communicate()[1][-2000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s")
-        time.sleep(0.01)
 
 
 def last_id(client: redis.Redis) -> bytes:

@@ -6,13 +6,11 @@ The oracle is the article's own rebuild of the same stream on a second server.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -29,7 +27,7 @@ from replayd.rebuild import Rebuild
 from replayd.sample import load_history_sync, order_events
 from replayd.versions import ProjectionFlipped, acurrent_namespace, current_namespace
 from tests.article import order_summary_rebuilder
-from tests.helpers import as_text, snapshot, stream_ids, wait_until
+from tests.helpers import as_text, replayd, snapshot, spawn_replayd, stream_ids, wait_for, wait_until
 from tests.servers import RedisServer
 
 STREAM = "events:orders"
@@ -176,19 +174,6 @@ async def test_a_commit_for_the_old_version_is_refused_after_the_flip(
     assert version_of(sync_redis, 0), "the old version is kept for its retention"
 
 
-def replayd(*args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
-    command = [sys.executable, "-m", "replayd", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err
@@ -200,11 +185,11 @@ def test_a_killed_rebuild_leaves_one_whole_version_current_and_resumes(
     load_history_sync(sync_redis, STREAM, 20_000)
     args = ("rebuild", "--redis-url", redis_url, "--stream", STREAM, "--handler", NAME, "--retain-old", "0",
             "--batch-size", "200")  # fmt: skip
-    assert finish(replayd(*args))[0] == 0
+    assert finish(spawn_replayd(*args))[0] == 0
     expected = article_rebuild(sync_redis, oracle_server)
     rng = random.Random(5)
     for version, moment in ((2, "building"), (3, "building"), (4, "flipped")):
-        proc = replayd(*args)
+        proc = spawn_replayd(*args)
         building = f"replayd:{{orders@v{version}}}:checkpoint"
         if moment == "building":  # killed mid-build, at a random point after its first commit
             wait_for(lambda: bool(sync_redis.exists(building)) or proc.poll() is not None)  # noqa: B023
@@ -219,7 +204,7 @@ def test_a_killed_rebuild_leaves_one_whole_version_current_and_resumes(
         assert version_of(sync_redis, current) == expected, f"v{current} is whole"
         if current == version - 1:  # killed before the flip: the next run resumes this version's rebuild
             assert sync_redis.get(f"projection:{NAME}:next") == str(version).encode()
-            code, err = finish(replayd(*args))
+            code, err = finish(spawn_replayd(*args))
             assert code == 0, err
             if resumable:
                 assert "from 20,000 events" not in err, "it resumed from its own checkpoint"
@@ -230,20 +215,14 @@ def test_a_killed_rebuild_leaves_one_whole_version_current_and_resumes(
 # --- verify ----------------------------------------------------------------------------------------------------
 
 
-def run_cli(*args: str) -> tuple[int, str, str]:
-    proc = replayd(*args)
-    out, err = proc.communicate(timeout=60)
-    return proc.returncode, out, err
-
-
 def test_verify_finds_a_rebuild_equal_and_discards_its_shadow(redis_url: str, sync_redis: redis.Redis) -> None:
     load_history_sync(sync_redis, STREAM, 3000)
     where = ("--redis-url", redis_url, "--stream", STREAM, "--handler", NAME)
-    assert run_cli("rebuild", *where, "--in-place")[0] == 0
-    code, out, err = run_cli("verify", *where)
-    assert code == 0, err
-    assert f"projection:{NAME} (current) against projection:{NAME}:v1 (rebuilt)" in out
-    assert "0 only in current, 0 only in rebuilt, 0 different" in out
+    assert replayd("rebuild", *where, "--in-place").returncode == 0
+    done = replayd("verify", *where)
+    assert done.returncode == 0, done.stderr
+    assert f"projection:{NAME} (current) against projection:{NAME}:v1 (rebuilt)" in done.stdout
+    assert "0 only in current, 0 only in rebuilt, 0 different" in done.stdout
     assert not list(sync_redis.scan_iter(f"projection:{NAME}:v1:*")), "the shadow is gone"
     assert not sync_redis.exists(f"projection:{NAME}:next", "replayd:{order_summary@v1}:checkpoint")
 
@@ -251,21 +230,21 @@ def test_verify_finds_a_rebuild_equal_and_discards_its_shadow(redis_url: str, sy
 def test_verify_reports_each_kind_of_difference_and_exits_1(redis_url: str, sync_redis: redis.Redis) -> None:
     load_history_sync(sync_redis, STREAM, 3000)
     where = ("--redis-url", redis_url, "--stream", STREAM, "--handler", NAME)
-    assert run_cli("rebuild", *where, "--retain-old", "0")[0] == 0  # v1 current
+    assert replayd("rebuild", *where, "--retain-old", "0").returncode == 0  # v1 current
     sync_redis.hset(f"projection:{NAME}:v1:order:ord_1", "status", "lost")
     sync_redis.delete(f"projection:{NAME}:v1:order:ord_2")
     sync_redis.set(f"projection:{NAME}:v1:stray", "1")
-    code, out, _ = run_cli("verify", *where, "--json", "--keep")
-    report = json.loads(out)
-    assert code == 1
+    done = replayd("verify", *where, "--json", "--keep")
+    report = json.loads(done.stdout)
+    assert done.returncode == 1
     assert (report["only_left"], report["only_right"], report["different"]) == (1, 1, 1)
     assert "only in projection:order_summary:v1: stray" in report["examples"]
     assert "only in projection:order_summary:v2: order:ord_2" in report["examples"]
     assert any(line.startswith("different: order:ord_1: status: lost vs ") for line in report["examples"])
     # the kept shadow is what the next rebuild finishes and flips to
-    assert run_cli("rebuild", *where, "--retain-old", "0")[0] == 0
+    assert replayd("rebuild", *where, "--retain-old", "0").returncode == 0
     assert sync_redis.get(f"projection:{NAME}:current") == b"2"
-    assert run_cli("verify", *where)[0] == 0
+    assert replayd("verify", *where).returncode == 0
 
 
 async def test_verify_pauses_a_running_job_and_compares_at_its_position(
@@ -295,10 +274,10 @@ async def test_verify_pauses_a_running_job_and_compares_at_its_position(
 
         tg.start_soon(produce)
         tg.start_soon(watch)
-        code, out, err = await anyio.to_thread.run_sync(run_cli, "verify", *where)
+        done = await anyio.to_thread.run_sync(lambda: replayd("verify", *where))
         assert "paused" in statuses
-        assert code == 0, out + err
-        assert "0 only in current, 0 only in rebuilt, 0 different" in out
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "0 only in current, 0 only in rebuilt, 0 different" in done.stdout
         last = tuple(map(int, stream_ids(sync_redis, STREAM)[-1].split("-")))
         await wait_until(lambda: daemon.engines[0].stats.position.get(STREAM, (0, 0)) >= last, within=30)
         assert daemon.engines[0].stats.status == "live", "resumed after the comparison"

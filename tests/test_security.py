@@ -7,9 +7,7 @@ user and the default user disabled), a throwaway CA made with the `openssl` CLI.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from replayd.errors import ConfigError
 from replayd.logs import redact_text
 from replayd.metrics import Metrics
 from replayd.sample import load_history_sync
+from tests.helpers import replayd
 from tests.servers import RedisServer
 from tests.tls import Certs, TlsRedisServer, make_certs, openssl
 
@@ -36,21 +35,10 @@ WRONG = "wr0ng-Pa55"
 EVENTS = 300
 
 
-def replayd(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 20
-) -> tuple[subprocess.CompletedProcess[str], float]:
+def timed(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run the CLI; return the process and how long it took."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
-    full_env.update(env or {})
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "replayd", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        check=False,
-    )
+    done = replayd(*args, env=env, timeout=20)
     return done, time.monotonic() - started
 
 
@@ -254,7 +242,7 @@ def test_cli_without_the_ca_exits_78_with_one_clear_line(
         "REPLAYD_REDIS__TLS_CERT_FILE": str(certs.client_cert),
         "REPLAYD_REDIS__TLS_KEY_FILE": str(certs.client_key),
     }
-    done, took = replayd(*replay_args(tls_server.tls_url), env=env)
+    done, took = timed(*replay_args(tls_server.tls_url), env=env)
     assert done.returncode == 78, done.stderr
     assert "certificate verify failed" in done.stderr or "does not accept" in done.stderr
     assert "redis.tls_ca_file" in done.stderr
@@ -264,7 +252,7 @@ def test_cli_without_the_ca_exits_78_with_one_clear_line(
 
 def test_cli_without_a_client_certificate_exits_78(tls_server: TlsRedisServer, certs: Certs, tls_history: int) -> None:
     env = {"REPLAYD_REDIS__UNAVAILABLE_TIMEOUT_S": "2", "REPLAYD_REDIS__TLS_CA_FILE": str(certs.ca)}
-    done, took = replayd(*replay_args(tls_server.tls_url), env=env)
+    done, took = timed(*replay_args(tls_server.tls_url), env=env)
     assert done.returncode == 78, done.stderr
     assert "redis.tls_cert_file" in done.stderr
     assert "Traceback" not in done.stderr
@@ -273,7 +261,7 @@ def test_cli_without_a_client_certificate_exits_78(tls_server: TlsRedisServer, c
 
 def test_cli_with_a_missing_ca_file_names_the_setting(tls_server: TlsRedisServer, tmp_path: Path) -> None:
     env = {"REPLAYD_REDIS__TLS_CA_FILE": str(tmp_path / "missing-ca.pem")}
-    done, _ = replayd(*replay_args(tls_server.tls_url), env=env)
+    done, _ = timed(*replay_args(tls_server.tls_url), env=env)
     assert done.returncode == 78, done.stderr
     assert "redis.tls_ca_file: file" in done.stderr
     assert "missing-ca.pem does not exist" in done.stderr
@@ -286,7 +274,7 @@ def test_cli_replays_over_tls(tls_server: TlsRedisServer, certs: Certs, tls_hist
         "REPLAYD_REDIS__TLS_CERT_FILE": str(certs.client_cert),
         "REPLAYD_REDIS__TLS_KEY_FILE": str(certs.client_key),
     }
-    done, _ = replayd(*replay_args(tls_server.tls_url), env=env)
+    done, _ = timed(*replay_args(tls_server.tls_url), env=env)
     assert done.returncode == 0, done.stderr
     assert f"replayed {EVENTS:,} events" in done.stdout + done.stderr  # the summary: stderr
 
@@ -295,7 +283,7 @@ def test_cli_replays_over_tls(tls_server: TlsRedisServer, certs: Certs, tls_hist
 
 
 def test_acl_user_from_the_url_replays(acl_server: RedisServer, admin: redis.Redis) -> None:
-    done, _ = replayd(*replay_args(acl_url(acl_server)))
+    done, _ = timed(*replay_args(acl_url(acl_server)))
     assert done.returncode == 0, done.stderr
     assert f"replayed {EVENTS:,} events" in done.stdout + done.stderr  # the summary: stderr
 
@@ -306,10 +294,10 @@ def test_acl_user_from_env_and_password_file(acl_server: RedisServer, admin: red
     secret_file.chmod(0o600)
     env = {"REPLAYD_REDIS__USERNAME": USER, "REPLAYD_REDIS__PASSWORD_FILE": str(secret_file)}
     url = f"redis://127.0.0.1:{acl_server.port}/0"
-    done, _ = replayd(*replay_args(url, "--job", "from-file"), env=env)
+    done, _ = timed(*replay_args(url, "--job", "from-file"), env=env)
     assert done.returncode == 0, done.stderr
     env = {"REPLAYD_REDIS__USERNAME": USER, "REPLAYD_REDIS__PASSWORD": SECRET}
-    status, _ = replayd("status", "from-file", "--json", "--redis-url", url, env=env)
+    status, _ = timed("status", "from-file", "--json", "--redis-url", url, env=env)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["from-file"]["progress"]["status"] == "completed"
 
@@ -317,13 +305,13 @@ def test_acl_user_from_env_and_password_file(acl_server: RedisServer, admin: red
 def test_wrong_password_exits_78_at_once(acl_server: RedisServer, admin: redis.Redis) -> None:
     # a 30 s unavailable budget: a refused AUTH must not be retried through it
     env = {"REPLAYD_REDIS__UNAVAILABLE_TIMEOUT_S": "30"}
-    done, took = replayd(*replay_args(acl_url(acl_server, password=WRONG)), env=env)
+    done, took = timed(*replay_args(acl_url(acl_server, password=WRONG)), env=env)
     assert done.returncode == 78, done.stderr
     assert "refused the credentials" in done.stderr
     assert WRONG not in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert took < 10
-    no_user, took = replayd(*replay_args(f"redis://127.0.0.1:{acl_server.port}/0"), env=env)  # default user: off
+    no_user, took = timed(*replay_args(f"redis://127.0.0.1:{acl_server.port}/0"), env=env)  # default user: off
     assert no_user.returncode == 78, no_user.stderr
     assert "Traceback" not in no_user.stderr
     assert took < 10
@@ -331,7 +319,7 @@ def test_wrong_password_exits_78_at_once(acl_server: RedisServer, admin: redis.R
 
 def test_missing_acl_permission_exits_78(acl_server: RedisServer, admin: redis.Redis) -> None:
     env = {"REPLAYD_REDIS__UNAVAILABLE_TIMEOUT_S": "30"}
-    done, took = replayd(*replay_args(acl_url(acl_server, user="reader")), env=env)
+    done, took = timed(*replay_args(acl_url(acl_server, user="reader")), env=env)
     assert done.returncode == 78, done.stderr
     assert "Traceback" not in done.stderr
     assert SECRET not in done.stdout + done.stderr
@@ -371,7 +359,7 @@ def test_secrets_never_appear_in_logs_progress_or_status(
 ) -> None:
     url = acl_url(acl_server)
     logging_flags = ("--log-level", "DEBUG", "--log-format", "json")
-    done, _ = replayd(*replay_args(url, "--job", "secret-job", *logging_flags))
+    done, _ = timed(*replay_args(url, "--job", "secret-job", *logging_flags))
     assert done.returncode == 0, done.stderr
     logged = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert logged  # it did log, as JSON lines
@@ -380,15 +368,15 @@ def test_secrets_never_appear_in_logs_progress_or_status(
         '[http]\nenabled = false\n\n[[jobs]]\nname = "daemon-job"\nstreams = ["events:orders"]\n'
         'handler = "order_summary"\nend = "now"\n'
     )
-    daemon, _ = replayd("run", "--config", str(config), *logging_flags, env={"REPLAYD_REDIS__URL": url})
+    daemon, _ = timed("run", "--config", str(config), *logging_flags, env={"REPLAYD_REDIS__URL": url})
     assert daemon.returncode == 0, daemon.stderr
     assert f"{USER}:***@" in daemon.stderr  # the URL is logged, redacted
-    status, _ = replayd("status", "--json", "--redis-url", url)
+    status, _ = timed("status", "--json", "--redis-url", url)
     assert status.returncode == 0, status.stderr
     assert {"secret-job", "daemon-job"} <= set(json.loads(status.stdout))
-    text_status, _ = replayd("status", "--redis-url", url)
+    text_status, _ = timed("status", "--redis-url", url)
     assert text_status.returncode == 0, text_status.stderr
-    unreachable, _ = replayd(
+    unreachable, _ = timed(
         *replay_args(f"redis://{USER}:{SECRET}@127.0.0.1:1/0", *logging_flags),
         env={"REPLAYD_REDIS__UNAVAILABLE_TIMEOUT_S": "1"},
     )
