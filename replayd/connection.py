@@ -183,9 +183,17 @@ def create_redis(cfg: RedisConfig, *, raw_streams: bool = True) -> Redis:
 
 
 async def retrying(
-    call: Callable[[], Awaitable[T]], *, what: str, budget_s: float, metrics: Metrics | None = None
+    call: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    budget_s: float,
+    metrics: Metrics | None = None,
+    recovered: Callable[[], Awaitable[None]] | None = None,
 ) -> T:
-    """Run an idempotent Redis call, retrying connection errors with exponential backoff and full jitter."""
+    """Run an idempotent Redis call, retrying connection errors with exponential backoff and full jitter.
+
+    `recovered` runs when the call succeeded after failures, before its result is used: the Redis answering
+    now may have restarted from a torn AOF or be a promoted replica, holding less than the one that failed."""
     deadline = time.monotonic() + budget_s
     delay = 0.05
     failed = False
@@ -209,6 +217,8 @@ async def retrying(
             metrics.command_duration.labels(what.lower()).observe(time.monotonic() - started)
             if failed:
                 metrics.reconnects.inc()
+        if failed and recovered is not None:
+            await recovered()
         return result
 
 

@@ -99,7 +99,8 @@ class Engine:
                            wait=spec.on_lease_held == "wait")  # fmt: skip
         # playback at the original pace moves in small steps, so events are not released in bursts
         most = min(spec.batch_size, 10) if spec.speed else spec.batch_size
-        self.sizer = BatchSizer(most, minimum=min(spec.min_batch_size, most), target_s=spec.batch_target_s)
+        self.sizer = BatchSizer(most, minimum=min(spec.min_batch_size, most), target_s=spec.batch_target_s,
+                                max_bytes=spec.max_batch_bytes)  # fmt: skip
         self.pacer = Pacer(spec.rate_limit, spec.speed)
         self.metrics = metrics or Metrics()
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
@@ -216,8 +217,9 @@ class Engine:
                 f"{spec.start}. Set allow_reset = true (or --allow-reset) to replay from there."
             )
 
-    async def _check_gap(self, stream: str, position: Id) -> None:
-        gap = await find_gap(self.redis, stream, position)
+    async def _check_gap(self, stream: str, position: Id, *, what: str = "checkpoint") -> None:
+        """Apply `on_gap` to what the stream lost after `position`: at start, and from a reader while it runs."""
+        gap = await find_gap(self.redis, stream, position, what=what)
         if gap is None:
             return
         self.metrics.gaps.labels(stream, gap.kind).inc()
@@ -373,6 +375,8 @@ class Engine:
                         block_ms=self.redis_cfg.block_ms,
                         budget_s=self.budget_s,
                         metrics=self.metrics,
+                        on_gap=partial(self._check_gap, plan.stream, what="read position"),
+                        max_entry_bytes=self.spec.max_entry_bytes,
                     )
                     readers.start_soon(
                         partial(reader.run, send, after=plan.after, end=plan.end, replay_until=plan.replay_until)
@@ -434,9 +438,12 @@ class Engine:
                     # what the one-batch prefetch is for
                     await anyio.lowlevel.checkpoint()
                     events, poison = codec.decode(batch.entries)
-                    stats.total += len(batch.entries)
-                    self.metrics.events_read.labels(plan.stream).inc(len(batch.entries))
-                    self.metrics.read_batch.labels(plan.stream).observe(len(batch.entries))
+                    if batch.oversized:
+                        poison = [*batch.oversized, *poison]
+                    read = len(batch.entries) + len(batch.oversized)
+                    stats.total += read
+                    self.metrics.events_read.labels(plan.stream).inc(read)
+                    self.metrics.read_batch.labels(plan.stream).observe(read)
                     letters = self._handle_poison(poison) if poison else []
                     kept = [e for e in events if self.filter(e)] if self.filter else events
                     foreign = self.router.foreign
