@@ -36,7 +36,7 @@ from replayd.metrics import JobView, Metrics
 from replayd.pacing import Pacer
 from replayd.progress import ProgressWriter, Stats
 from replayd.router import Router
-from replayd.source import Batch, BatchSizer, StreamReader, head, redis_time_ms
+from replayd.source import IN_FLIGHT_READS, Batch, BatchSizer, StreamReader, head, redis_time_ms
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,8 @@ class Engine:
     async def _plan(self, stream: str, now_ms: int) -> _Plan:
         spec = self.spec
         last = await head(self.redis, stream)
+        if last is None and spec.require_stream and not await self.redis.exists(stream):
+            raise DataError(f"stream {stream} does not exist (job {spec.name}, require_stream = true)")
         end = resolve_end(spec.end_bound, last, now_ms)
         resume = self.store.resume(stream) if spec.resume else None
         if resume is None:
@@ -348,7 +350,9 @@ class Engine:
 
         Each is one XRANGE bounded by `limit`: exact when small, which is when it matters (a job near the
         head; a checkpoint near the trim point); beyond `limit` the gauge is left out rather than guessed.
+        XRANGE returns whole entries, so the limit also keeps each read within `max_batch_bytes`.
         """
+        limit = min(limit, self.sizer.fit)
         position = format_id(self.stats.position.get(stream, ZERO))
         for gauge, low, high in ((self.view.lag_entries, "(" + position, "+"), (self.view.retention, "-", position)):
             entries: list[Any] = await self.redis.execute_command(  # type: ignore[no-untyped-call]
@@ -496,6 +500,8 @@ class Engine:
         if not parts:
             await committer.nudge()
             return
+        # big entries, fewer of them in flight: memory stays near IN_FLIGHT_READS x max_batch_bytes
+        inflight.limit = min(self.spec.max_in_flight, IN_FLIGHT_READS * self.sizer.fit)
         await inflight.acquire(routed)
         for partition, events in parts.items():
             try:

@@ -35,13 +35,18 @@ class Batch(NamedTuple):
     """Entries above `max_entry_bytes`, taken out of `entries`: poison, under the job's policy."""
 
 
+IN_FLIGHT_READS = 4
+"""Events in flight are bounded by what this many reads of `max_batch_bytes` hold (as well as `max_in_flight`)."""
+
+
 class BatchSizer:
     """Adaptive batching: reads start small and double while lane batches finish well within `target_s`, and
     halve when one takes longer, between `minimum` and `maximum`. A slow handler then commits (and moves the
     checkpoint) every `target_s` or so, instead of holding a huge batch's checkpoint back.
 
-    Reads are byte-aware too: `cap` is how many entries of the size last read fit in `max_bytes`, and the size
-    never exceeds it (not even `minimum`: ten 20 MB entries must not make one 200 MB reply).
+    Reads are byte-aware too: `fit` is how many entries of the size last read fit in `max_bytes`; the size never
+    exceeds it (not even `minimum`: ten 20 MB entries must not make one 200 MB reply), and the job keeps at most
+    `IN_FLIGHT_READS` times that many events in flight.
     """
 
     def __init__(self, maximum: int, *, minimum: int, target_s: float, max_bytes: int = 1 << 62) -> None:
@@ -49,6 +54,8 @@ class BatchSizer:
         self.minimum = min(minimum, maximum)
         self.target_s = target_s
         self.max_bytes = max_bytes
+        self.fit = 1
+        """Entries of the size last read that fit in `max_bytes` (1 until a read tells)."""
         self.cap = maximum
         self.size = max(self.minimum, min(100, maximum))
 
@@ -62,7 +69,8 @@ class BatchSizer:
     def observe_reply(self, entries: int, size: int) -> None:
         """Feed the size in bytes of a read of `entries` entries: the next reads fit `max_bytes` at that rate."""
         if entries:
-            self.cap = max(1, min(self.maximum, self.max_bytes * entries // max(size, 1)))
+            self.fit = max(1, self.max_bytes * entries // max(size, 1))
+            self.cap = min(self.maximum, self.fit)
             self.size = min(self.size, self.cap)
 
 
