@@ -13,7 +13,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 
 from replayd.codec import Poison, RawEntry
-from replayd.connection import retrying
+from replayd.connection import connects, retrying
 from replayd.events import Id, format_id, parse_id
 from replayd.metrics import Metrics
 
@@ -83,8 +83,9 @@ class StreamReader:
     Each read asks for one entry more than it delivers and keeps that entry's ID: the next read must start with
     it. When it does not, entries after the position were removed before they were read (a trim overtaking
     the reader, FAULTS T13), and `on_gap(position)` decides, from XINFO STREAM, whether that lost anything.
-    So does a read that succeeds after Redis failed (a restart or a failover may have taken the stream back
-    behind the position, T9/T10). Neither costs anything per event, nor a command per batch.
+    So does a read during which a connection was made (Redis restarted from a torn AOF, or a failover to a
+    lagging replica, may have taken the stream back behind the position: T9/T10). Neither costs anything per
+    event, nor a command per batch.
     """
 
     def __init__(
@@ -155,14 +156,13 @@ class StreamReader:
         self.sizer.observe_reply(len(entries), reply_bytes(entries))
 
     async def _call(self, what: str, command: tuple[Any, ...], pos: Id) -> Any:
-        recheck = partial(self._recheck, pos) if self.position is not None else None
-        return await retrying(
-            partial(self.redis.execute_command, *command),
-            what=what,
-            budget_s=self.budget_s,
-            metrics=self.metrics,
-            recovered=recheck,
+        epoch = connects()
+        reply = await retrying(
+            partial(self.redis.execute_command, *command), what=what, budget_s=self.budget_s, metrics=self.metrics
         )
+        if connects() != epoch and self.position is not None:  # Redis may have gone away meanwhile: still ahead?
+            await self._recheck(pos)
+        return reply
 
     async def _take(self, entries: list[Any], count: int, pos: Id) -> list[Any]:
         """The entries to deliver: at most `count`; the one past them is kept as the next read's first."""
