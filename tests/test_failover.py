@@ -19,7 +19,7 @@ from replayd import Context, Event, Outcome
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import create_redis
 from replayd.engine import Engine, rebuild_in_place
-from replayd.errors import DataError
+from replayd.errors import DataError, FencingError
 from replayd.events import format_id
 from replayd.handlers import ObjectHandler
 from replayd.metrics import Metrics
@@ -224,6 +224,57 @@ async def test_t9_torn_aof_stream_rolled_back_below_the_position_is_divergence(t
     assert f"stream {STREAM}" in message and f"read position {ids[-1]}" in message
     assert f"last-generated-id {ids[199]}" in message and "went back" in message
     assert gaps(metrics, "diverged") == 1
+
+
+@pytest.mark.anyio
+async def test_t9_torn_aof_checkpoint_rollback_under_a_running_job(tmp_path: Path) -> None:
+    """1. everysec AOF; 300 entries written first, then a following job commits them in batches of 20  2. SIGKILL
+    Redis; tear the AOF inside its second-last commit; restart: the stream is whole, the checkpoint went back
+    3. the next commit of the running job finds its commit sequence went back: FencingError (exit 75) saying
+    Redis lost acknowledged commits, not "another instance"  4. a restart replays the lost tail, exactly once."""
+    server = everysec_server(tmp_path).start()
+    try:
+        with server.client() as client:
+            ids = produce(client, 300)
+        cfg = config(server.url)
+        r = create_redis(cfg)
+        spec = follow_job(batch_size=20, min_batch_size=20, lease_ttl_s=1)
+        engine = Engine(spec, r, redis_cfg=cfg, handler=ObjectHandler(Effects(), "effects"))
+
+        async def fault() -> None:
+            await wait_until(committed(engine, ids[-1]))
+            server.stop(kill=True)
+            tail = aof_tail_file(server.dir)
+            data = tail.read_bytes()
+            multi = b"*1\r\n$5\r\nMULTI\r\n"
+            tear(tail, data.rfind(multi, 0, data.rfind(multi)))
+            await anyio.to_thread.run_sync(server.start)
+            with server.client() as client:
+                ids.extend(produce(client, 5))
+
+        try:
+            failure = await run_until_failure(engine, fault)
+        finally:
+            await r.aclose()
+        assert isinstance(failure, FencingError), failure
+        assert failure.exit_code == 75
+        assert "lost commits it had acknowledged" in str(failure)
+        with server.client() as client:
+            assert client.xlen(STREAM) == 305
+        effects = Effects()
+        r = create_redis(cfg)
+        engine = Engine(follow_job(end="now"), r, redis_cfg=cfg, handler=ObjectHandler(effects, "effects"))
+        try:
+            with anyio.fail_after(15):
+                await engine.run()
+        finally:
+            await r.aclose()
+        assert 5 < len(effects.ids) <= 5 + 2 * 20 + 20, "the rolled-back commits' batches and the new entries"
+        with server.client() as client:
+            assert client.smembers("eff:set") == {i.encode() for i in ids}
+            assert client.llen("eff:log") == len(ids), "effects rolled back with their checkpoint: none twice"
+    finally:
+        server.stop()
 
 
 # --- T10 and T11: failovers -------------------------------------------------------------------------------------
