@@ -111,6 +111,7 @@ class StreamReader:
         self.position: Id | None = None
         """The last ID read, or None before the first read."""
         self._successor: bytes | None = None
+        self._rechecked: Id | None = None
         """The ID the previous read saw after its last delivered entry: where the next read must start."""
 
     async def run(self, send: MemoryObjectSendStream[Batch], *, after: Id, end: Id | None, replay_until: Id) -> None:
@@ -172,8 +173,11 @@ class StreamReader:
         return entries
 
     async def _recheck(self, pos: Id) -> None:
-        if self.on_gap is not None:
-            await self.on_gap(pos)
+        """Let `on_gap` look at the stream after `pos`, once per position (a gap passed on is not counted twice)."""
+        if self.on_gap is None or pos == self._rechecked:
+            return
+        await retrying(partial(self.on_gap, pos), what="XINFO", budget_s=self.budget_s, metrics=self.metrics)
+        self._rechecked = pos
 
     async def _deliver(self, send: MemoryObjectSendStream[Batch], entries: list[Any], replaying: bool) -> Id:
         pos = parse_id(entries[-1][0])
