@@ -217,16 +217,18 @@ class Engine:
                 f"{spec.start}. Set allow_reset = true (or --allow-reset) to replay from there."
             )
 
-    async def _check_gap(self, stream: str, position: Id, *, what: str = "checkpoint") -> None:
-        """Apply `on_gap` to what the stream lost after `position`: at start, and from a reader while it runs."""
+    async def _check_gap(self, stream: str, position: Id, *, what: str = "checkpoint") -> bool:
+        """Apply `on_gap` to what the stream lost after `position`: at start, and from a reader while it runs.
+        True when a gap was found (and passed on, under `warn` or `skip`)."""
         gap = await find_gap(self.redis, stream, position, what=what)
         if gap is None:
-            return
+            return False
         self.metrics.gaps.labels(stream, gap.kind).inc()
         if self.spec.on_gap == "fail":
             raise DataError(f"{gap.message} (job {self.spec.name}; on_gap = 'warn' or 'skip' goes on)")
         log = logger.warning if self.spec.on_gap == "warn" else logger.info
         log("%s; going on from there (on_gap = %s)", gap.message, self.spec.on_gap)
+        return True
 
     async def _plan(self, stream: str, now_ms: int) -> _Plan:
         spec = self.spec

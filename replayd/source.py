@@ -97,7 +97,7 @@ class StreamReader:
         block_ms: int,
         budget_s: float,
         metrics: Metrics,
-        on_gap: Callable[[Id], Awaitable[None]] | None = None,
+        on_gap: Callable[[Id], Awaitable[bool]] | None = None,
         max_entry_bytes: int = 1 << 62,
     ) -> None:
         self.redis = redis
@@ -111,7 +111,8 @@ class StreamReader:
         self.position: Id | None = None
         """The last ID read, or None before the first read."""
         self._successor: bytes | None = None
-        self._rechecked: Id | None = None
+        self._reported: Id | None = None
+        """The position a gap was last found after: the next read may find the same gap again."""
         """The ID the previous read saw after its last delivered entry: where the next read must start."""
 
     async def run(self, send: MemoryObjectSendStream[Batch], *, after: Id, end: Id | None, replay_until: Id) -> None:
@@ -135,7 +136,7 @@ class StreamReader:
         while end is None or pos < end:
             count = self.sizer.size
             command = ("XRANGE", self.stream, "(" + format_id(pos), upper, "COUNT", count + 1)
-            entries = await self._take(await self._call("XRANGE", command, pos), count, pos)
+            entries = await self._take(*await self._call("XRANGE", command), count, pos)
             if entries:
                 pos = await self._deliver(send, entries, replaying)
             if self._successor is None:  # nothing more when it was read
@@ -146,38 +147,40 @@ class StreamReader:
         while True:
             count = self.sizer.size
             command = ("XREAD", "COUNT", count + 1, "BLOCK", self.block_ms, "STREAMS", self.stream, format_id(pos))
-            reply: list[Any] | None = await self._call("XREAD", command, pos)
-            entries = await self._take(reply[0][1] if reply else [], count, pos)
+            reply, connected = await self._call("XREAD", command)
+            entries = await self._take(reply[0][1] if reply else [], connected, count, pos)
             if entries:
                 pos = await self._deliver(send, entries, False)
 
     async def _probe(self, pos: Id) -> None:
         """Size the first read by one entry: a stream of 20 MB entries must not be asked for 100 at once."""
-        entries = await self._call("XRANGE", ("XRANGE", self.stream, "(" + format_id(pos), "+", "COUNT", 1), pos)
+        entries, _ = await self._call("XRANGE", ("XRANGE", self.stream, "(" + format_id(pos), "+", "COUNT", 1))
         self.sizer.observe_reply(len(entries), reply_bytes(entries))
 
-    async def _call(self, what: str, command: tuple[Any, ...], pos: Id) -> Any:
+    async def _call(self, what: str, command: tuple[Any, ...]) -> tuple[Any, bool]:
+        """The reply, and whether a connection was made meanwhile (Redis may have come back holding less)."""
         epoch = connects()
         reply = await retrying(
             partial(self.redis.execute_command, *command), what=what, budget_s=self.budget_s, metrics=self.metrics
         )
-        if connects() != epoch and self.position is not None:  # Redis may have gone away meanwhile: still ahead?
-            await self._recheck(pos)
-        return reply
+        return reply, connects() != epoch
 
-    async def _take(self, entries: list[Any], count: int, pos: Id) -> list[Any]:
+    async def _take(self, entries: list[Any], connected: bool, count: int, pos: Id) -> list[Any]:
         """The entries to deliver: at most `count`; the one past them is kept as the next read's first."""
         if self._successor is not None and (not entries or entries[0][0] != self._successor):
             await self._recheck(pos)
         self._successor = entries.pop()[0] if len(entries) > count else None
+        if connected and self.position is not None:  # from where the next read starts: a gap is reported once
+            await self._recheck(parse_id(entries[-1][0]) if entries else pos)
         return entries
 
     async def _recheck(self, pos: Id) -> None:
-        """Let `on_gap` look at the stream after `pos`, once per position (a gap passed on is not counted twice)."""
-        if self.on_gap is None or pos == self._rechecked:
+        """Let `on_gap` look at the stream after `pos` (through retries: Redis may be failing right now)."""
+        if self.on_gap is None or pos == self._reported:
             return
-        await retrying(partial(self.on_gap, pos), what="XINFO", budget_s=self.budget_s, metrics=self.metrics)
-        self._rechecked = pos
+        call = partial(self.on_gap, pos)
+        if await retrying(call, what="XINFO", budget_s=self.budget_s, metrics=self.metrics):
+            self._reported = pos
 
     async def _deliver(self, send: MemoryObjectSendStream[Batch], entries: list[Any], replaying: bool) -> Id:
         pos = parse_id(entries[-1][0])
