@@ -111,9 +111,9 @@ class StreamReader:
         self.position: Id | None = None
         """The last ID read, or None before the first read."""
         self._successor: bytes | None = None
+        """The ID the previous read saw after its last delivered entry: where the next read must start."""
         self._reported: Id | None = None
         """The position a gap was last found after: the next read may find the same gap again."""
-        """The ID the previous read saw after its last delivered entry: where the next read must start."""
 
     async def run(self, send: MemoryObjectSendStream[Batch], *, after: Id, end: Id | None, replay_until: Id) -> None:
         """Read entries after `after` up to `end` (inclusive), or without end: catch up, then follow live.
@@ -136,7 +136,8 @@ class StreamReader:
         while end is None or pos < end:
             count = self.sizer.size
             command = ("XRANGE", self.stream, "(" + format_id(pos), upper, "COUNT", count + 1)
-            entries = await self._take(*await self._call("XRANGE", command), count, pos)
+            reply, connected = await self._call("XRANGE", command)
+            entries = await self._take(reply, connected, count, pos)
             if entries:
                 pos = await self._deliver(send, entries, replaying)
             if self._successor is None:  # nothing more when it was read
