@@ -387,6 +387,7 @@ class Committer:
                 delay = min(delay * 2, 5.0)
         status, current, *errors = reply
         if status == b"stale" and text(current) != new:
+            self._check_rolled_back(text(current))
             raise FencingError(
                 f"{self.key} was committed by another instance of job {self._job} shard {self.shard} "
                 f"(commit sequence {text(current)}, this instance expected {expected}): stopping"
@@ -432,6 +433,16 @@ class Committer:
                 return await cluster.execute_command(*argv)
         except ResponseError as exc:
             raise ReplaydError(f"Redis refused the commit to {self.key}: {exc}") from exc
+
+    def _check_rolled_back(self, current: str) -> None:
+        """Our own token with a lower number: Redis lost commits it acknowledged (FAULTS T9/T10)."""
+        number, _, token = current.partition(":")
+        if token == self._token and number.isdigit() and int(number) < int(self.seq.partition(":")[0] or 0):
+            raise FencingError(
+                f"{self.key} went back from commit {self.seq} to {current}: Redis lost commits it had acknowledged "
+                "(restarted from a torn AOF, or failed over to a lagging replica). Stopping (exit 75): a restart "
+                "resumes from the checkpoint Redis kept and replays what came after it"
+            )
 
     async def _roundtrip(self, redis: Redis, payload: bytes) -> Any:
         pool = redis.connection_pool

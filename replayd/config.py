@@ -255,6 +255,10 @@ class JobSpec(_Section):
     batch_target_s: float = Field(1.0, gt=0)
     """A lane batch should take about this long: longer halves the batch size, much shorter doubles it."""
     max_in_flight: int = Field(20_000, ge=1)
+    max_batch_bytes: int = Field(16 << 20, ge=1)
+    """Reads shrink so a reply stays near this many bytes of fields and values (big entries, smaller batches)."""
+    max_entry_bytes: int = Field(64 << 20, ge=1)
+    """A bigger entry is poison (`on_poison`): refused, or dead-lettered without its payload."""
     fields: FieldNames = FieldNames()
     progress_interval_s: float = Field(1.0, gt=0)
     shard: ShardText | None = None
@@ -276,6 +280,8 @@ class JobSpec(_Section):
     lease_ttl_s: float = Field(15.0, gt=0)
     """How long a lease outlives its owner (a SIGKILLed or paused instance) before another may take it."""
     allow_reset: bool = False
+    require_stream: bool = False
+    """A stream key that does not exist at start stops the job (exit 65) instead of reading as empty."""
     """Start over when the checkpoint vanished while the job's progress remains (refused otherwise)."""
     retain_old_s: float = Field(60.0, ge=0)
     """After a rebuild flips the projection to its new version, readers still on the old one have this long

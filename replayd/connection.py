@@ -7,7 +7,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -97,9 +97,21 @@ def access_denied(exc: BaseException, where: str = "Redis") -> AccessDenied | No
     return None
 
 
+def connects() -> int:
+    """How many connections `create_redis` clients have made. It moves when one is made again after Redis went
+    away, and the Redis answering then may be another (a promoted replica) or hold less (a torn AOF). (It also
+    moves when a pool grows: a check it triggers then finds nothing.)"""
+    return _FailFast.connects
+
+
 class _FailFast(AbstractConnection):
     """Turns refused credentials or a certificate failure while connecting into AccessDenied: redis-py raises them
-    as ConnectionErrors, which every retry loop (`retrying`, the commit's, redis-py's) would retry for its budget."""
+    as ConnectionErrors, which every retry loop (`retrying`, the commit's, redis-py's) would retry for its budget.
+
+    Also counts connections for `connects()`: redis-py retries a failed command on a new connection itself,
+    so a caller cannot tell from the reply that Redis went away meanwhile."""
+
+    connects: ClassVar[int] = 0
 
     async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -109,6 +121,7 @@ class _FailFast(AbstractConnection):
             if denied is None:
                 raise
             raise denied from exc
+        _FailFast.connects += 1
 
 
 class _TcpConnection(_FailFast, Connection):

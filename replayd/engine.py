@@ -36,7 +36,7 @@ from replayd.metrics import JobView, Metrics
 from replayd.pacing import Pacer
 from replayd.progress import ProgressWriter, Stats
 from replayd.router import Router
-from replayd.source import Batch, BatchSizer, StreamReader, head, redis_time_ms
+from replayd.source import IN_FLIGHT_READS, Batch, BatchSizer, StreamReader, head, redis_time_ms
 from replayd.versions import ProjectionFlipped, Versions
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ class Engine:
                            wait=spec.on_lease_held == "wait")  # fmt: skip
         # playback at the original pace moves in small steps, so events are not released in bursts
         most = min(spec.batch_size, 10) if spec.speed else spec.batch_size
-        self.sizer = BatchSizer(most, minimum=min(spec.min_batch_size, most), target_s=spec.batch_target_s)
+        self.sizer = BatchSizer(most, minimum=min(spec.min_batch_size, most), target_s=spec.batch_target_s,
+                                max_bytes=spec.max_batch_bytes)  # fmt: skip
         self.pacer = Pacer(spec.rate_limit, spec.speed)
         self.metrics = metrics or Metrics()
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
@@ -270,19 +271,24 @@ class Engine:
                 f"{spec.start}. Set allow_reset = true (or --allow-reset) to replay from there."
             )
 
-    async def _check_gap(self, stream: str, position: Id) -> None:
-        gap = await find_gap(self.redis, stream, position)
+    async def _check_gap(self, stream: str, position: Id, *, what: str = "checkpoint") -> bool:
+        """Apply `on_gap` to what the stream lost after `position`: at start, and from a reader while it runs.
+        True when a gap was found (and passed on, under `warn` or `skip`)."""
+        gap = await find_gap(self.redis, stream, position, what=what)
         if gap is None:
-            return
+            return False
         self.metrics.gaps.labels(stream, gap.kind).inc()
         if self.spec.on_gap == "fail":
             raise DataError(f"{gap.message} (job {self.spec.name}; on_gap = 'warn' or 'skip' goes on)")
         log = logger.warning if self.spec.on_gap == "warn" else logger.info
         log("%s; going on from there (on_gap = %s)", gap.message, self.spec.on_gap)
+        return True
 
     async def _plan(self, stream: str, now_ms: int) -> _Plan:
         spec = self.spec
         last = await head(self.redis, stream)
+        if last is None and spec.require_stream and not await self.redis.exists(stream):
+            raise DataError(f"stream {stream} does not exist (job {spec.name}, require_stream = true)")
         end = self.ends[stream] if stream in self.ends else resolve_end(spec.end_bound, last, now_ms)
         resume = self.store.resume(stream) if spec.resume else None
         if resume is None:
@@ -414,7 +420,9 @@ class Engine:
 
         Each is one XRANGE bounded by `limit`: exact when small, which is when it matters (a job near the
         head; a checkpoint near the trim point); beyond `limit` the gauge is left out rather than guessed.
+        XRANGE returns whole entries, so the limit also keeps each read within `max_batch_bytes`.
         """
+        limit = min(limit, self.sizer.fit)
         position = format_id(self.stats.position.get(stream, ZERO))
         for gauge, low, high in ((self.view.lag_entries, "(" + position, "+"), (self.view.retention, "-", position)):
             entries: list[Any] = await self.redis.execute_command("XRANGE", stream, low, high, "COUNT", limit + 1)
@@ -439,6 +447,8 @@ class Engine:
                         block_ms=self.redis_cfg.block_ms,
                         budget_s=self.budget_s,
                         metrics=self.metrics,
+                        on_gap=partial(self._check_gap, plan.stream, what="read position"),
+                        max_entry_bytes=self.spec.max_entry_bytes,
                     )
                     readers.start_soon(
                         partial(reader.run, send, after=plan.after, end=plan.end, replay_until=plan.replay_until)
@@ -503,9 +513,12 @@ class Engine:
                     # what the one-batch prefetch is for
                     await anyio.lowlevel.checkpoint()
                     events, poison = codec.decode(batch.entries)
-                    stats.total += len(batch.entries)
-                    self.metrics.events_read.labels(plan.stream).inc(len(batch.entries))
-                    self.metrics.read_batch.labels(plan.stream).observe(len(batch.entries))
+                    if batch.oversized:
+                        poison = [*batch.oversized, *poison]
+                    read = len(batch.entries) + len(batch.oversized)
+                    stats.total += read
+                    self.metrics.events_read.labels(plan.stream).inc(read)
+                    self.metrics.read_batch.labels(plan.stream).observe(read)
                     letters = self._handle_poison(poison) if poison else []
                     kept = [e for e in events if self.filter(e)] if self.filter else events
                     foreign = self.router.foreign
@@ -558,6 +571,8 @@ class Engine:
         if not parts:
             await committer.nudge()
             return
+        # big entries, fewer of them in flight: memory stays near IN_FLIGHT_READS x max_batch_bytes
+        inflight.limit = min(self.spec.max_in_flight, IN_FLIGHT_READS * self.sizer.fit)
         await inflight.acquire(routed)
         for partition, events in parts.items():
             try:

@@ -27,23 +27,31 @@ class Gap(NamedTuple):
     """What happened, naming the stream, the checkpoint and the head."""
 
 
-async def find_gap(redis: Client, stream: str, position: Id) -> Gap | None:
-    """Compare a checkpoint with what the stream still holds; None when nothing was lost."""
+async def find_gap(redis: Client, stream: str, position: Id, *, what: str = "checkpoint") -> Gap | None:
+    """Compare a checkpoint (or, with `what`, a reader's position) with what the stream still holds; None when
+    nothing was lost."""
     if position == ZERO:
         return None
     try:
         info: dict[str, Any] = await redis.xinfo_stream(stream)
     except ResponseError:  # no such key
-        return Gap("diverged", f"stream {stream} is gone but the checkpoint is at {format_id(position)}")
+        return Gap("diverged", f"stream {stream} is gone but the {what} is at {format_id(position)}")
     last = parse_id(info["last-generated-id"])
     first_entry = info.get("first-entry")
     first = parse_id(first_entry[0]) if first_entry else None
-    where = f"stream {stream}: checkpoint {format_id(position)}, last-generated-id {format_id(last)}"
+    where = f"stream {stream}: {what} {format_id(position)}, last-generated-id {format_id(last)}"
     if position > last:
-        return Gap("diverged", f"{where}: the stream went back behind the checkpoint (failover to a lagging "
-                   "replica, restored backup or recreated stream); new entries would be skipped")  # fmt: skip
+        return Gap("diverged", f"{where}: the stream went back behind the {what} (failover to a lagging "
+                   "replica, torn AOF, restored backup or recreated stream); new entries would be skipped")  # fmt: skip
     if (first is None and last > position) or (first is not None and first > position):
         first_text = format_id(first) if first else "none (empty)"
-        return Gap("trimmed", f"{where}, first entry {first_text}: entries after the checkpoint were trimmed "
-                   "before they were replayed")  # fmt: skip
+        return Gap("trimmed", f"{where}, first entry {first_text}: entries after the {what} were trimmed "
+                   f"before they were replayed ({_lost(position, first or last)})")  # fmt: skip
     return None
+
+
+def _lost(position: Id, upto: Id) -> str:
+    """The estimated loss: the span of entry IDs (Redis's clock) between the position and what remains."""
+    seconds = max(0, upto[0] - position[0]) / 1000
+    span = f"{format_id(position)} and before {format_id(upto)}"
+    return f"estimated loss: the entries after {span}, {seconds:.3f}s of history"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -33,3 +34,27 @@ def blocking(event: Event) -> None:
 def mark_seen(event: Event, ctx: Context) -> None:
     """Marks each event it handles, in the commit (`dlq retry` tests)."""
     ctx.tx.set(f"seen:{event.stream_id}", 1)
+
+
+class PeakRss:
+    """Does nothing per event; at shutdown writes the process's peak RSS (VmHWM, /proc/self/status) to the file
+    named by REPLAYD_TEST_RSS_PATH."""
+
+    name = "peak_rss"
+    partition_by = None
+    event_types = None
+
+    async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        return Outcome(handled=len(events))
+
+    async def shutdown(self, ctx: Context) -> None:
+        status = await anyio.Path("/proc/self/status").read_text()
+        peak = next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("VmHWM"))
+        await anyio.Path(os.environ["REPLAYD_TEST_RSS_PATH"]).write_text(peak)
+
+
+async def reads_through_pool(event: Event, ctx: Context) -> None:
+    """Reads through the job's (small) pool, then marks the event: 8 lanes compete for the connections."""
+    await ctx.redis.get("pool:probe")
+    await anyio.sleep(0.01)
+    ctx.tx.sadd("pool:seen", event.stream_id)
