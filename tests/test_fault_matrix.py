@@ -1,4 +1,4 @@
-"""FAULTS.md rows T13, T20, T21, T23, T28, T29 and T32, each against real redis-server processes on loopback.
+"""FAULTS.md rows T2, T13, T20, T21, T23, T28, T29 and T32, each against real redis-server processes on loopback.
 
 Jobs run in-process (an Engine, so metrics can be read from its registry) or as `replayd` subprocesses where
 the exit code, the stderr line or the process's memory is what the row promises.
@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,7 +30,9 @@ from replayd.errors import DataError
 from replayd.events import parse_id
 from replayd.handlers import ObjectHandler
 from replayd.metrics import Metrics
+from tests.helpers import replayd, spawn_replayd, wait_for
 from tests.servers import RedisServer
+from tests.trial_plugins import EFFECT_LOG, EFFECTS, SEEN
 
 STREAM = "s"
 MB = 1 << 20
@@ -81,14 +82,6 @@ async def wait_until(condition: Callable[[], bool], *, within: float = 10.0) -> 
     with anyio.fail_after(within):
         while not condition():  # noqa: ASYNC110 - polls what the engine's tasks change
             await anyio.sleep(0.005)
-
-
-def replayd(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")} | (env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "replayd", *args],
-        capture_output=True, text=True, env=environ, timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 # --- T13: a live trim overtakes the reader ----------------------------------------------------------------------
@@ -304,15 +297,10 @@ def test_t20_pool_exhaustion_waits_and_status_still_works(
     config = write_config(tmp_path / "replayd.toml", redis_server.url, name="pool", streams=[STREAM], end="now",
                           handler="tests.lifecycle_plugins:reads_through_pool", partitions=8, concurrency=8,
                           partition_by="i")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
-    env["REPLAYD_REDIS__MAX_CONNECTIONS"] = "2"
-    args = [sys.executable, "-m", "replayd", "replay", "--config", str(config), "--job", "pool"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {"REPLAYD_REDIS__MAX_CONNECTIONS": "2"}
+    proc = spawn_replayd("replay", "--config", str(config), "--job", "pool", env=env)
     try:
-        deadline = time.monotonic() + 15
-        while sync_redis.hget("replayd:{pool}:progress", "status") != b"catching_up":
-            assert proc.poll() is None and time.monotonic() < deadline, "the replay ended before status ran"
-            time.sleep(0.02)
+        wait_for(lambda: sync_redis.hget("replayd:{pool}:progress", "status") == b"catching_up", 15, proc)
         status = replayd("status", "pool", "--json", "--redis-url", redis_server.url)
         assert proc.poll() is None, "status must run during the replay"
         assert status.returncode == 0, status.stderr
@@ -439,3 +427,25 @@ async def test_t32_require_stream_exits_65(sync_redis: redis.Redis, raw_redis: R
     with pytest.raises(DataError, match=f"stream {STREAM} does not exist") as caught:
         await engine.run()
     assert caught.value.exit_code == 65
+
+
+def test_t2_crash_after_the_effect_before_the_checkpoint(sync_redis: redis.Redis, redis_url: str) -> None:
+    """The handler dies after a batch's effects, before its commit: the direct (idempotent) effect of that batch
+    is there, its `ctx.tx` effect is not, the checkpoint is before it; a restart replays exactly that batch."""
+    ids = fill(sync_redis, 1000)
+    where = ("replay", "--redis-url", redis_url, "--stream", STREAM, "--job", "t2", "--partitions", "1",
+             "--batch-size", "100", "--handler", "tests.trial_plugins:CrashAfterEffect")  # fmt: skip
+    env = {"TRIAL_REDIS_URL": redis_url, "TRIAL_CRASH_AFTER": "450"}
+    crashed = replayd(*where, env=env)
+    assert crashed.returncode == 1, crashed.stderr
+    seen = {m.decode() for m in sync_redis.smembers(SEEN)}  # type: ignore[union-attr]
+    effects = {m.decode() for m in sync_redis.smembers(EFFECTS)}  # type: ignore[union-attr]
+    position = parse_id(sync_redis.hget("replayd:{t2}:checkpoint", f"{STREAM}#*").decode())  # type: ignore[union-attr]
+    assert effects == {i for i in ids if parse_id(i) <= position}, "committed effects end at the checkpoint"
+    lost_batch = seen - effects
+    assert lost_batch and all(parse_id(i) > position for i in lost_batch), "the crashed batch: effect, no commit"
+
+    assert replayd(*where, env=env).returncode == 0
+    assert {m.decode() for m in sync_redis.smembers(SEEN)} == set(ids)  # type: ignore[union-attr]
+    log = [m.decode() for m in sync_redis.lrange(EFFECT_LOG, 0, -1)]  # type: ignore[union-attr]
+    assert sorted(log) == sorted(ids), "every transactional effect exactly once"

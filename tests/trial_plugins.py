@@ -50,3 +50,27 @@ class SlowEffects:
             ctx.tx.sadd(EFFECTS, event.stream_id)
             ctx.tx.rpush(EFFECT_LOG, event.stream_id)
         return Outcome(handled=len(events))
+
+
+class CrashAfterEffect:
+    """T2: per event, an effect straight to Redis (SEEN) and one on `ctx.tx` (EFFECTS, EFFECT_LOG); once the process
+    has handled `TRIAL_CRASH_AFTER` events, it dies (`os._exit(1)`) after a batch's effects, before its commit.
+    Only the first process to get there crashes (the marker key), so a restart runs to the end."""
+
+    name = "crash_after_effect"
+    partition_by = None
+    event_types = None
+
+    def __init__(self) -> None:
+        self.handled = 0
+
+    def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        client = _client()
+        client.sadd(SEEN, *(event.stream_id for event in events))
+        for event in events:
+            ctx.tx.sadd(EFFECTS, event.stream_id)
+            ctx.tx.rpush(EFFECT_LOG, event.stream_id)
+        self.handled += len(events)
+        if self.handled >= int(os.environ.get("TRIAL_CRASH_AFTER", "0")) and client.set("trial:crashed", 1, nx=True):
+            os._exit(1)
+        return Outcome(handled=len(events))
