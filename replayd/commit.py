@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from replayd.connection import Client, is_retriable, text, text_hash
-from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError
+from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError, RestartJob
 from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
 from replayd.metrics import Metrics
 
@@ -438,10 +438,10 @@ class Committer:
         """Our own token with a lower number: Redis lost commits it acknowledged (FAULTS T9/T10)."""
         number, _, token = current.partition(":")
         if token == self._token and number.isdigit() and int(number) < int(self.seq.partition(":")[0] or 0):
-            raise FencingError(
+            raise RestartJob(
                 f"{self.key} went back from commit {self.seq} to {current}: Redis lost commits it had acknowledged "
-                "(restarted from a torn AOF, or failed over to a lagging replica). Stopping (exit 75): a restart "
-                "resumes from the checkpoint Redis kept and replays what came after it"
+                "(restarted from a torn AOF, or failed over to a lagging replica). Starting again from the checkpoint "
+                "Redis kept (a one-shot command exits 75): what came after it is replayed"
             )
 
     async def _roundtrip(self, redis: Redis, payload: bytes) -> Any:

@@ -24,10 +24,10 @@ from redis.backoff import NoBackoff
 from replayd.config import RedisConfig, Settings
 from replayd.connection import Client, connection_options, create_redis
 from replayd.engine import Engine
+from replayd.errors import RestartJob
 from replayd.http import HttpServer, Readiness, watch_redis
 from replayd.logs import redact_text
 from replayd.metrics import Metrics
-from replayd.versions import ProjectionFlipped
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +96,14 @@ class Daemon:
         )
 
     async def _run_job(self, index: int) -> None:
-        """Run a job; when a rebuild flips its projection to a new version, start it again on that version."""
+        """Run a job; start it again when it must (a rebuild flipped its projection to a new version, Redis lost
+        commits it had acknowledged)."""
         while True:
             engine = self.engines[index]
             try:
                 await engine.run()
-            except ProjectionFlipped as flipped:
-                logger.info("%s", flipped)
+            except RestartJob as restart:
+                logger.warning("%s", restart)
             else:
                 return
             self.engines[index] = Engine(engine.spec, self.redis, redis_cfg=self.settings.redis,

@@ -7,6 +7,8 @@
     ├── SourceError              Redis unreachable or failing while reading (exit 69, retriable)
     ├── CommitError              a checkpoint transaction failed (exit 69, retriable)
     └── FencingError             another instance of the same job and shard committed (exit 75)
+        └── RestartJob           start again from what Redis holds: the projection was flipped to a new
+                                 version, or Redis lost commits it had acknowledged (the daemon restarts the job)
 
 `StopReplay` is not an error: a handler raises it to end a run early after its work is committed.
 """
@@ -59,6 +61,11 @@ class FencingError(ReplaydError):
     """Raised when another instance of the same job and shard has committed: this one must stop."""
 
     exit_code = 75
+
+
+class RestartJob(FencingError):
+    """Raised when a job's in-flight work no longer matches Redis and the job must start again from its
+    checkpoint: the daemon does that at once; a one-shot command exits 75 and a rerun does it."""
 
 
 class StopReplay(Exception):

@@ -24,7 +24,7 @@ import redis
 
 from replayd.commit import job_key
 from replayd.connection import Client, text
-from replayd.errors import FencingError, ReplaydError
+from replayd.errors import ReplaydError, RestartJob
 from replayd.handlers import projection_prefix
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ RESERVED = ("current", "next", "retired", "meta")
 _VERSIONED = re.compile(r"v\d+:")
 
 
-class ProjectionFlipped(FencingError):
+class ProjectionFlipped(RestartJob):
     """Raised in a live job whose projection was flipped to a new version under it: start again on it."""
 
 
