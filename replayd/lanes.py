@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import NamedTuple
+from contextlib import AbstractAsyncContextManager
+from typing import Any, NamedTuple
 
 import anyio
 from anyio.abc import TaskStatus
@@ -56,6 +57,13 @@ class InFlight:
         self.count -= n
         self._changed.set()
 
+    async def drained(self) -> None:
+        """Wait until everything routed is committed."""
+        while self.count:
+            if self._changed.is_set():
+                self._changed = anyio.Event()
+            await self._changed.wait()
+
 
 class Lanes:
     """P lanes fed by `send(partition, slice)`; closes when every router has closed its inboxes."""
@@ -79,7 +87,10 @@ class Lanes:
         self.sizer = sizer
         self.inflight = inflight
         self.on_outcome = on_outcome
-        self.limiter = anyio.CapacityLimiter(concurrency)
+        # a limiter that can never be full is skipped: every lane batch would pay for it for nothing
+        self.limiter: AbstractAsyncContextManager[Any] = (
+            anyio.CapacityLimiter(concurrency) if concurrency < partitions else _Unlimited()
+        )
         self.stop = stop
         """Set when a handler raised StopReplay: the engine stops reading."""
         pairs = [anyio.create_memory_object_stream[Slice](max_buffer_size=16) for _ in range(partitions)]
@@ -156,6 +167,14 @@ class Lanes:
             logger.info("handler asked to stop at %s", checkpoints)
             self.stop.set()
         return not stopped
+
+
+class _Unlimited:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
 
 
 def _chunks(slices: list[Slice], sizer: BatchSizer) -> Iterator[list[Slice]]:

@@ -313,10 +313,34 @@ async def test_poison_entries_are_counted_and_passed_under_skip(
     sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
 ) -> None:
     ids = add(sync_redis, [entry(), {"event_type": "X", "data": "{broken"}, entry()])
-    stats, rec = await run(spec(on_poison="skip"), raw_redis, redis_cfg)
+    stats, rec = await run(spec(on_poison="skip"), raw_redis, redis_cfg, Recorder(decode=True))
     assert sorted(rec.ids) == [ids[0], ids[2]]
     assert (stats.poison, stats.failed, stats.processed) == (1, 1, 2)
     assert checkpoint(sync_redis)["orders#*"] == ids[2]
+
+
+async def test_a_field_nobody_reads_is_never_decoded(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """Lazy decoding: a broken `metadata` is poison only to a job that reads it."""
+    ids = add(sync_redis, [entry(), {"event_type": "X", "data": "{}", "metadata": "{broken"}, entry()])
+    stats, rec = await run(spec(on_poison="skip"), raw_redis, redis_cfg)
+    assert rec.ids == ids
+    assert (stats.poison, stats.failed, stats.processed) == (0, 0, 3)
+
+
+@pytest.mark.parametrize("partition_by", [None, "customer_id"])
+async def test_undecodable_fields_found_by_the_router_or_the_handler_are_poison(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, partition_by: str | None
+) -> None:
+    """`data` is read by the router (partitioned by customer) or first by the handler; either way the entry
+    goes to the poison policy, is counted, and is not retried."""
+    ids = add(sync_redis, [entry(), {"event_type": "X", "data": "{broken"}, entry(), {"timestamp": "soon"}])
+    job = spec(on_poison="skip", partition_by=partition_by, retries=3)
+    stats, rec = await run(job, raw_redis, redis_cfg, Recorder(decode=True))
+    assert sorted(rec.ids) == [ids[0], ids[2]]
+    assert (stats.poison, stats.failed, stats.processed) == (2, 2, 2)
+    assert checkpoint(sync_redis)["orders#*"] == ids[3]
 
 
 # --- partitions and backpressure
