@@ -29,7 +29,7 @@ from replayd.filters import Predicate, build_filter
 from replayd.gaps import find_gap
 from replayd.handlers import Context, Handler, Outcome, Tx
 from replayd.handlers.loader import load_handler, load_predicate
-from replayd.lanes import InFlight, Lanes, Slice
+from replayd.lanes import InFlight, Lanes, Slice, deliver
 from replayd.lease import Lease
 from replayd.logs import current_job
 from replayd.metrics import JobView, Metrics
@@ -522,11 +522,7 @@ class Engine:
             await committer.nudge()
             return
         await inflight.acquire(routed)
-        for partition, events in parts.items():
-            try:
-                await senders[partition].send(Slice(events, mark, batch.replaying))
-            except anyio.BrokenResourceError:  # that lane stopped (StopReplay): the job is ending
-                return
+        await deliver(senders, parts, mark, batch.replaying)
 
     def _account_poison(self, poison: list[Poison]) -> None:
         self.stats.poison += len(poison)
