@@ -110,7 +110,7 @@ class Codec:
     def decode(self, entries: Sequence[RawEntry]) -> tuple[list[Event], list[Poison]]:
         events: list[Event] = []
         poison: list[Poison] = []
-        append = events.append
+        append, loads = events.append, orjson.loads
         stream, keys, layout, (i_id, i_type) = self.stream, self._keys, self._layout, self._texts
         i_data = layout.get("data") if self._data else None
         for raw_id, flat in entries:
@@ -129,7 +129,10 @@ class Codec:
                     layout,
                 )
                 if i_data is not None:
-                    event.data = _json_object(flat[i_data])
+                    data = loads(flat[i_data])
+                    if type(data) is not dict:
+                        raise TypeError(f"data: must be a JSON object, not {type(data).__name__}")  # noqa: TRY301
+                    event.data = data
                 append(event)
             except (ValueError, TypeError) as exc:  # a text field that is not UTF-8; no fields at all
                 poison.append(self._poison(stream_id, flat, exc))

@@ -424,8 +424,34 @@ class ObjectHandler:
                 await result
         except StopReplay:
             return Outcome(handled=len(events), stopped_at=len(events) - 1)
+        except DecodeError:
+            ctx.tx._rollback(mark)
+            return await self._without_poison(events, ctx)
         except Exception:
             ctx.tx._rollback(mark)
             logger.exception("handle_batch failed on %d events from %s", len(events), events[0].stream_id)
             return Outcome(failed=len(events))
         return Outcome(handled=len(events))
+
+    async def _without_poison(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        """`handle_batch` read a field that cannot be decoded. Every field of the batch is decoded to find the
+        undecodable entries: they go to the poison policy, and the others are handed over again (only those
+        before the first undecodable one when the policy stops there)."""
+        outcome = Outcome()
+        good: list[int] = []
+        for index, event in enumerate(events):
+            try:
+                event.astuple()
+            except DecodeError as error:
+                if _poisoned(event, error, ctx.tx, ctx.failures, outcome) == "stop":
+                    outcome.failed_at = index
+                    break
+            else:
+                good.append(index)
+        if good:
+            again = await self.handle_batch([events[i] for i in good], ctx)
+            outcome.handled += again.handled
+            outcome.failed += again.failed
+            if again.stopped_at is not None:  # the handler ended the run before any later entry
+                outcome.stopped_at, outcome.failed_at = good[again.stopped_at], None
+        return outcome
