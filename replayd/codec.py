@@ -1,13 +1,23 @@
-"""Entry fields -> `Event`, with the article's defaults; what cannot be decoded becomes a `Poison` record."""
+"""Entry fields -> `Event`, with the article's defaults; what cannot be decoded becomes a `Poison` record.
+
+Decoding is lazy where it costs: the entry ID, `event_id` and `event_type` (short texts every stage may log or
+filter on) are decoded with the batch, `data`, `metadata` (JSON) and `timestamp` when first read (`data` with
+the batch when the router reads it from every entry anyway). An entry whose
+text fields cannot be decoded, or that has no fields (a tombstone), is Poison at once; a JSON or timestamp field
+that cannot be decoded raises `DecodeError` where it is first read: in a filter or the router (the engine turns
+it into Poison before any handler runs) or in a handler (`handlers` sends it to the same `on_poison` policy).
+A field nobody reads is never decoded, so it never makes an entry poison.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import orjson
 
 from replayd.config import FieldNames
+from replayd.errors import DecodeError
 from replayd.events import Event
 
 RawEntry = Sequence[Any]
@@ -26,6 +36,60 @@ class Poison(NamedTuple):
     error: str
     """Why it could not be decoded."""
 
+    @classmethod
+    def of(cls, error: DecodeError) -> Poison:
+        return cls(error.stream, error.stream_id, error.fields, error.reason)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    value = orjson.loads(raw)
+    if type(value) is not dict:
+        raise TypeError(f"must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+_LAZY: dict[str, tuple[Callable[[bytes], Any], Callable[[], Any]]] = {
+    "data": (_json_object, dict),
+    "timestamp": (float, float),
+    "metadata": (_json_object, dict),
+}
+"""Lazy field -> (decoder, default when the entry lacks the field: a fresh `{}`, or 0.0)."""
+
+
+class LazyEvent(Event):
+    """An `Event` whose `data`, `timestamp` and `metadata` are decoded when first read.
+
+    Their slots start empty: the first read of one falls through to `__getattr__`, which decodes the field and
+    fills its slot; later reads are plain slot reads.
+    """
+
+    __slots__ = ("_flat", "_layout")
+
+    def __init__(
+        self, stream_id: str, event_id: str, event_type: str, stream: str, flat: list[bytes], layout: dict[str, int]
+    ) -> None:
+        self.stream_id = stream_id
+        self.event_id = event_id
+        self.event_type = event_type
+        self.stream = stream
+        self._flat = flat
+        self._layout = layout
+        """Lazy field -> index of its value in `_flat` (absent: the entry lacks the field)."""
+
+    def __getattr__(self, name: str) -> Any:
+        lazy = _LAZY.get(name)
+        if lazy is None:  # not a lazy field (and never our private slots, so copy/pickle probes stay safe)
+            raise AttributeError(name)
+        decode, default = lazy
+        index = self._layout.get(name)
+        try:
+            value = default() if index is None else decode(self._flat[index])
+        except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            reason = f"{type(exc).__name__}: {name}: {exc}"
+            raise DecodeError(self.stream, self.stream_id, _lenient(self._flat), reason) from None
+        setattr(self, name, value)
+        return value
+
 
 class Codec:
     """Decodes the entries of one stream. Field names are configurable for other producers.
@@ -34,50 +98,76 @@ class Codec:
     learnt once per field layout and each entry is then read by index: no per-entry dict (the hot path).
     """
 
-    def __init__(self, stream: str, names: FieldNames) -> None:
+    def __init__(self, stream: str, names: FieldNames, *, data: bool = False) -> None:
         self.stream = stream
-        self._names = [n.encode() for n in (names.event_id, names.event_type, names.data, names.timestamp,
-                                              names.metadata)]  # fmt: skip
+        self._names = names
+        self._data = data
+        """Decode `data` with the batch: the router reads it from every entry (partitioned by a data field)."""
         self._keys: list[bytes] = []
-        self._positions: tuple[int | None, ...] = (None,) * 5
+        self._texts: tuple[int | None, int | None] = (None, None)
+        self._layout: dict[str, int] = {}
 
     def decode(self, entries: Sequence[RawEntry]) -> tuple[list[Event], list[Poison]]:
         events: list[Event] = []
         poison: list[Poison] = []
-        append = events.append
-        new, stream, loads = tuple.__new__, self.stream, orjson.loads
+        append, loads = events.append, orjson.loads
+        stream, keys, layout, (i_id, i_type) = self.stream, self._keys, self._layout, self._texts
+        i_data = layout.get("data") if self._data else None
         for raw_id, flat in entries:
             stream_id = raw_id.decode()
             try:
-                keys = flat[::2]
-                if keys != self._keys:
-                    self._learn(keys)
-                i_id, i_type, i_data, i_ts, i_meta = self._positions
-                data = loads(flat[i_data]) if i_data is not None else {}
-                metadata = loads(flat[i_meta]) if i_meta is not None else {}
-                if type(data) is not dict or type(metadata) is not dict:
-                    raise TypeError("data and metadata must be JSON objects")  # noqa: TRY301 - one poison path
-                append(new(Event, (
+                if flat[::2] != keys:
+                    keys = self._learn(flat[::2])
+                    layout, (i_id, i_type) = self._layout, self._texts
+                    i_data = layout.get("data") if self._data else None
+                event = LazyEvent(
                     stream_id,
                     flat[i_id].decode() if i_id is not None else stream_id,
                     flat[i_type].decode() if i_type is not None else "unknown",
-                    data,
-                    float(flat[i_ts]) if i_ts is not None else 0.0,
-                    metadata,
                     stream,
-                )))  # fmt: skip
-            except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                    flat,
+                    layout,
+                )
+                if i_data is not None:
+                    data = loads(flat[i_data])
+                    if type(data) is not dict:
+                        raise TypeError(f"data: must be a JSON object, not {type(data).__name__}")  # noqa: TRY301
+                    event.data = data
+                append(event)
+            except (ValueError, TypeError) as exc:  # a text field that is not UTF-8; no fields at all
                 poison.append(self._poison(stream_id, flat, exc))
         return events, poison
 
-    def _learn(self, keys: list[bytes]) -> None:
+    def _learn(self, keys: list[bytes]) -> list[bytes]:
         positions = {key: 2 * index + 1 for index, key in enumerate(keys)}
-        self._positions = tuple(positions.get(name) for name in self._names)
+        names = self._names
+        self._texts = (positions.get(names.event_id.encode()), positions.get(names.event_type.encode()))
+        lazy = {"data": names.data, "timestamp": names.timestamp, "metadata": names.metadata}
+        self._layout = {field: positions[name.encode()] for field, name in lazy.items() if name.encode() in positions}
         self._keys = keys
+        return keys
 
     def _poison(self, stream_id: str, flat: list[bytes] | None, exc: Exception) -> Poison:
         if flat is None:  # an entry deleted between listing and reading (XDEL): a tombstone
             return Poison(self.stream, stream_id, {}, "tombstone: entry has no fields")
-        it = iter(flat)
-        fields = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in zip(it, it, strict=False)}
-        return Poison(self.stream, stream_id, fields, f"{type(exc).__name__}: {exc}")
+        return Poison(self.stream, stream_id, _lenient(flat), f"{type(exc).__name__}: {exc}")
+
+
+def _lenient(flat: list[bytes]) -> dict[str, str]:
+    """The fields as text, for display and dead letters, whatever their bytes."""
+    it = iter(flat)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in zip(it, it, strict=False)}
+
+
+def decode_all(events: Sequence[Event]) -> tuple[list[Event], list[Poison]]:
+    """Decode every field of `events` now: those that decode, and the others as Poison."""
+    good: list[Event] = []
+    poison: list[Poison] = []
+    for event in events:
+        try:
+            event.astuple()
+        except DecodeError as error:
+            poison.append(Poison.of(error))
+        else:
+            good.append(event)
+    return good, poison

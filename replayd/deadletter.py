@@ -19,6 +19,7 @@ from redis.asyncio import RedisCluster
 
 from replayd.commit import job_key
 from replayd.connection import Client, close_reads_client, reads_client, text, text_hash
+from replayd.errors import DecodeError
 from replayd.events import Event
 from replayd.handlers import Context, Handler, Tx, projection_prefix
 
@@ -48,15 +49,33 @@ class DeadLetters:
     def backoff_s(self, attempt: int) -> float:
         return float(min(self.base_s * 2 ** (attempt - 2), 5.0) * random.uniform(0.5, 1.0))
 
+    @property
+    def parks(self) -> bool:
+        return bool(self.parked) and self.key_of is not None
+
     def parked_behind(self, event: Event) -> str | None:
         if not self.parked or self.key_of is None:
             return None
-        return self.parked.get(self.key_of(event))
+        try:
+            key = self.key_of(event)
+        except DecodeError:  # its key cannot be known: not parked (the handler finds it undecodable)
+            return None
+        return self.parked.get(key)
 
     def give_up(self, event: Event, error: BaseException | str, attempts: int, tx: Tx) -> str:
         if self.mode != "dead-letter":
             return "stop" if self.mode == "stop" else "skipped"
-        key = self.key_of(event) if self.key_of is not None else ""
+        key = ""
+        if self.key_of is not None and not isinstance(error, DecodeError):
+            try:
+                key = self.key_of(event)
+            except DecodeError as undecodable:  # a handler that failed before reading its (broken) key field
+                error = undecodable
+        if isinstance(error, DecodeError):
+            # its raw fields, as for entries found undecodable while routing; nothing parks behind it (such a
+            # letter cannot be retried, only discarded)
+            tx.xadd(self.key, poison_letter(event.stream, event.stream_id, error.fields, error.reason))
+            return "dead_lettered"
         tx.xadd(self.key, dead_letter(event, error, attempts, key))
         if self.key_of is not None and key not in self.parked:
             self.parked[key] = event.stream_id

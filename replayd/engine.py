@@ -23,13 +23,13 @@ from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Ta
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import Client, close_reads_client, is_retriable, reads_client, retrying, text_hash
 from replayd.deadletter import DeadLetters, poison_letter
-from replayd.errors import ConfigError, DataError, FencingError, ReplaydError, most_telling
-from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id
+from replayd.errors import ConfigError, DataError, DecodeError, FencingError, ReplaydError, most_telling
+from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id, parse_id
 from replayd.filters import Predicate, build_filter
 from replayd.gaps import find_gap
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import load_handler, load_predicate
-from replayd.lanes import InFlight, Lanes, Slice
+from replayd.lanes import InFlight, Lanes, Slice, deliver
 from replayd.lease import Lease
 from replayd.logs import current_job
 from replayd.metrics import JobView, Metrics
@@ -337,6 +337,7 @@ class Engine:
         self.stats.processed += outcome.handled
         self.stats.failed += outcome.failed
         self.stats.dead_lettered += outcome.dead_lettered
+        self.stats.poison += outcome.poison
         events = self.metrics.handler_events
         for label, count in (("ok", outcome.handled), ("failed", outcome.failed), ("retried", outcome.retried),
                              ("dead_lettered", outcome.dead_lettered)):  # fmt: skip
@@ -502,7 +503,7 @@ class Engine:
         committer: Committer,
         inflight: InFlight,
     ) -> None:
-        codec = Codec(plan.stream, self.spec.fields)
+        codec = Codec(plan.stream, self.spec.fields, data=self.router.reads_data)
         skip = plan.skip or None
         skip_until = max(skip.values()) if skip else ZERO
         stats = self.stats
@@ -513,29 +514,59 @@ class Engine:
                     # what the one-batch prefetch is for
                     await anyio.lowlevel.checkpoint()
                     events, poison = codec.decode(batch.entries)
-                    if batch.oversized:
-                        poison = [*batch.oversized, *poison]
                     read = len(batch.entries) + len(batch.oversized)
                     stats.total += read
                     self.metrics.events_read.labels(plan.stream).inc(read)
                     self.metrics.read_batch.labels(plan.stream).observe(read)
+                    routed = self.router.route(events, self.filter, skip)
+                    poison = [*batch.oversized, *poison, *routed.poison]
+                    if len(poison) > 1:  # found at three stages: `stop` must name the first in stream order
+                        poison.sort(key=lambda entry: parse_id(entry.stream_id))
+                    if poison and self.spec.poison_policy == "stop":
+                        await self._stop_at(poison[0], batch, events, skip, senders, committer, inflight)
                     letters = self._handle_poison(poison) if poison else []
-                    kept = [e for e in events if self.filter(e)] if self.filter else events
-                    foreign = self.router.foreign
-                    parts = self.router.split(kept, skip)
-                    routed = sum(map(len, parts.values()))
-                    skipped = len(events) - routed - (self.router.foreign - foreign)
+                    skipped = len(events) - routed.routed - routed.foreign - len(routed.poison)
                     if skipped:
                         stats.skipped += skipped
                         self.metrics.handler_events.labels(plan.stream, self.spec.name, "skipped").inc(skipped)
                     if skip and batch.last_id >= skip_until:
                         skip = None
                     await self._running.wait()  # set unless the job is paused
-                    await self.pacer.admit(len(batch.entries), kept[0].timestamp if kept else None)
-                    await self._dispatch(batch, parts, routed, senders, committer, inflight, letters)
+                    await self.pacer.admit(len(batch.entries), self._pace_from(routed.first))
+                    await self._dispatch(batch, routed.parts, routed.routed, senders, committer, inflight, letters)
         finally:
             for sender in senders:
                 sender.close()
+
+    def _pace_from(self, first: Event | None) -> float | None:
+        """The timestamp playback at the original pace starts a batch from (None: not paced)."""
+        if first is None or not self.pacer.speed:
+            return None
+        try:
+            return first.timestamp
+        except DecodeError:  # the handler will find it undecodable; this batch is not held back
+            return None
+
+    async def _stop_at(
+        self,
+        entry: Poison,
+        batch: Batch,
+        events: list[Event],
+        skip: dict[int, Id] | None,
+        senders: list[MemoryObjectSendStream[Slice]],
+        committer: Committer,
+        inflight: InFlight,
+    ) -> None:
+        """on_poison = stop: the events before the undecodable entry are handled and committed first (a handler
+        may find an earlier one undecodable: that one is named), then the job stops, naming it."""
+        below = parse_id(entry.stream_id)
+        before = [e for e in events if parse_id(e.stream_id) < below]
+        if before:
+            routed = self.router.route(before, self.filter, skip)
+            await self._dispatch(batch._replace(last_id=parse_id(before[-1].stream_id)), routed.parts,
+                                 routed.routed, senders, committer, inflight, [])  # fmt: skip
+        await inflight.drained()
+        self._handle_poison([entry])
 
     def _handle_poison(self, poison: list[Poison]) -> list[tuple[Any, ...]]:
         """Undecodable entries under the job's policy: stop (exit 65), dead-letter, or skip (log and count).
@@ -574,11 +605,7 @@ class Engine:
         # big entries, fewer of them in flight: memory stays near IN_FLIGHT_READS x max_batch_bytes
         inflight.limit = min(self.spec.max_in_flight, IN_FLIGHT_READS * self.sizer.fit)
         await inflight.acquire(routed)
-        for partition, events in parts.items():
-            try:
-                await senders[partition].send(Slice(events, mark, batch.replaying))
-            except anyio.BrokenResourceError:  # that lane stopped (StopReplay): the job is ending
-                return
+        await deliver(senders, parts, mark, batch.replaying)
 
     def _account_poison(self, poison: list[Poison]) -> None:
         self.stats.poison += len(poison)

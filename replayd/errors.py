@@ -4,6 +4,7 @@
     ├── UsageError               bad command-line arguments (exit 2)
     ├── ConfigError              invalid settings, missing config file, bad plugin path (exit 78)
     ├── DataError                the stream cannot be replayed as asked: gap, divergence (exit 65)
+    │   └── DecodeError          a field of an entry cannot be decoded: the entry is poison
     ├── SourceError              Redis unreachable or failing while reading (exit 69, retriable)
     ├── CommitError              a checkpoint transaction failed (exit 69, retriable)
     └── FencingError             another instance of the same job and shard committed (exit 75)
@@ -41,6 +42,24 @@ class DataError(ReplaydError):
     """Raised when the stream cannot be replayed as asked without losing or doubling events."""
 
     exit_code = 65
+
+
+class DecodeError(DataError):
+    """Raised when a field of an entry is read and cannot be decoded: the entry is poison.
+
+    Fields are decoded when first read, so this surfaces where the field is first needed: while filtering or
+    routing (the entry goes to the job's `on_poison` policy before any handler sees it) or inside a handler
+    (`handlers` catches it around the handler: not retried, then the same policy).
+    """
+
+    def __init__(self, stream: str, stream_id: str, fields: dict[str, str], reason: str) -> None:
+        super().__init__(f"entry {stream} {stream_id} cannot be decoded ({reason})")
+        self.stream = stream
+        self.stream_id = stream_id
+        self.fields = fields
+        """The raw fields, decoded leniently for display and dead letters."""
+        self.reason = reason
+        """Why, e.g. `JSONDecodeError: unexpected character: line 1 column 2 (char 1)`."""
 
 
 class SourceError(ReplaydError):

@@ -6,6 +6,8 @@ import re
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from replayd.errors import DecodeError
+
 MAX_SEQ = 2**64 - 1
 """The largest sequence number of an entry ID: `<ms>-18446744073709551615` ends a millisecond."""
 
@@ -18,8 +20,15 @@ ZERO: Id = (0, 0)
 TOP: Id = (2**64 - 1, MAX_SEQ)
 
 
-class Event(NamedTuple):
-    """One stream entry, decoded. Field names follow the article's `ReplayEvent` so its handlers port over."""
+class Event:
+    """One stream entry, decoded. Field names follow the article's `ReplayEvent` so its handlers port over.
+
+    A plain value with slots (the article's positional constructor, equality and repr). The events the codec
+    makes decode `data`, `timestamp` and `metadata` on first read (`codec.LazyEvent`): what no filter, router
+    or handler reads is never decoded.
+    """
+
+    __slots__ = ("stream_id", "event_id", "event_type", "data", "timestamp", "metadata", "stream")  # noqa: RUF023 - the article's order
 
     stream_id: str
     """The entry ID, e.g. `1700000000000-0`."""
@@ -35,6 +44,43 @@ class Event(NamedTuple):
     """The decoded `metadata` JSON object."""
     stream: str
     """The stream key the entry was read from."""
+
+    def __init__(
+        self,
+        stream_id: str,
+        event_id: str,
+        event_type: str,
+        data: dict[str, Any],
+        timestamp: float,
+        metadata: dict[str, Any],
+        stream: str,
+    ) -> None:
+        self.stream_id = stream_id
+        self.event_id = event_id
+        self.event_type = event_type
+        self.data = data
+        self.timestamp = timestamp
+        self.metadata = metadata
+        self.stream = stream
+
+    def astuple(self) -> tuple[str, str, str, dict[str, Any], float, dict[str, Any], str]:
+        """Every field, in the article's order (decoding what is not decoded yet)."""
+        return (self.stream_id, self.event_id, self.event_type, self.data, self.timestamp, self.metadata,
+                self.stream)  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and self.astuple() == other.astuple()
+
+    __hash__ = None  # type: ignore[assignment] # a value holding dicts, like the NamedTuple it was
+
+    def __repr__(self) -> str:
+        return "Event(" + ", ".join(f"{name}={self._shown(name)}" for name in Event.__slots__) + ")"
+
+    def _shown(self, name: str) -> str:
+        try:
+            return repr(getattr(self, name))
+        except DecodeError:  # a repr never raises: logs and debuggers show poison events too
+            return "<undecodable>"
 
 
 def parse_id(text: str | bytes, *, end: bool = False) -> Id:

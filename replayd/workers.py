@@ -1,16 +1,19 @@
 """`--workers K`: one command runs K processes as shards 0/K ... K-1/K of the same jobs, and supervises them.
 
-Each worker is `python -m replayd <same arguments> --shard i/K` in a session of its own, so a terminal's
-Ctrl-C reaches only the supervisor, which forwards each signal once: the first drains every worker, a second
-makes them exit at once. A worker that dies is restarted (it resumes from its shard's checkpoints) unless it
-keeps dying; the supervisor's exit code is the first failure's, or 0.
+Each worker is a fork of the supervisor running the same command line plus `--shard i/K`, in a session of its
+own, so a terminal's Ctrl-C reaches only the supervisor, which forwards each signal once: the first drains
+every worker, a second makes them exit at once. A worker that dies is restarted (it resumes from its shard's
+checkpoints) unless it keeps dying; the supervisor's exit code is the first failure's, or 0.
+
+Forking (rather than starting `python -m replayd` afresh) spares each worker the interpreter start and the
+imports, about half a second of CPU per worker; the supervisor has no threads, event loop or connections yet.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
-import subprocess
 import sys
 import time
 from collections import deque
@@ -27,33 +30,41 @@ class Supervisor:
     def __init__(self, args: list[str], workers: int) -> None:
         self.args = args
         self.workers = workers
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.pids: dict[int, int] = {}
+        """Worker index -> process ID, while it runs."""
         self.codes: dict[int, int] = {}
         self.restarts: dict[int, deque[float]] = {i: deque(maxlen=RESTARTS) for i in range(workers)}
         self.signals = 0
 
     def _spawn(self, index: int) -> None:
-        command = [sys.executable, "-m", "replayd", *self.args, "--shard", f"{index}/{self.workers}"]
-        self.procs[index] = subprocess.Popen(command, start_new_session=True)  # noqa: S603 - our own argv
-        logger.info("worker %d/%d started (pid %d)", index, self.workers, self.procs[index].pid)
+        argv = [*self.args, "--shard", f"{index}/{self.workers}"]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the worker (coverage does not follow forks)
+            _worker(argv)
+        self.pids[index] = pid
+        logger.info("worker %d/%d started (pid %d)", index, self.workers, pid)
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
-        for proc in self.procs.values():
-            proc.send_signal(signum)
+        for pid in self.pids.values():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # exited; reaped by the loop below
+                pass
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._forward)
         signal.signal(signal.SIGINT, self._forward)
         for index in range(self.workers):
             self._spawn(index)
-        while self.procs:
-            for index, proc in list(self.procs.items()):
-                code = proc.poll()
-                if code is not None:
-                    del self.procs[index]
-                    self._exited(index, code)
-            time.sleep(0.1)
+        while self.pids:
+            pid, status = os.wait()  # a signal runs `_forward`, then the wait goes on (PEP 475)
+            exited = next((i for i, p in self.pids.items() if p == pid), None)
+            if exited is not None:
+                del self.pids[exited]
+                self._exited(exited, os.waitstatus_to_exitcode(status))
         return next((code for code in self.codes.values() if code != 0), 0)
 
     def _exited(self, index: int, code: int) -> None:
@@ -70,6 +81,22 @@ class Supervisor:
         recent.append(now)
         logger.warning("worker %d exited with %d: restarting it", index, code)
         self._spawn(index)
+
+
+def _worker(argv: list[str]) -> None:  # pragma: no cover - runs in the forked worker
+    """Run the command as one shard and exit with its code; never returns into the supervisor's loop."""
+    code = 70
+    try:
+        os.setsid()  # a session of its own: a terminal's Ctrl-C reaches only the supervisor
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from replayd.cli import run_cli  # here: cli imports this module
+
+        code = run_cli(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def without_workers(argv: list[str]) -> list[str]:

@@ -36,8 +36,11 @@ class Recorder:
         write: bool = False,
         fail_on: Callable[[Event], bool] | None = None,
         stop_on: Callable[[Event], bool] | None = None,
+        decode: bool = False,
     ) -> None:
         self.partition_by = partition_by
+        self.decode = decode
+        """Read every field of each event (fields are decoded when first read: this finds the undecodable)."""
         self.write = write
         self.fail_on = fail_on
         self.stop_on = stop_on
@@ -53,6 +56,8 @@ class Recorder:
         self.hooks.append("startup")
 
     async def handle(self, event: Event, ctx: Context) -> None:
+        if self.decode:
+            event.astuple()
         if self.write:
             ctx.tx.set(ctx.key("seen", event.stream_id), event.event_type)
         if self.fail_on is not None and self.fail_on(event):

@@ -1,11 +1,16 @@
-"""Entry fields -> Event with the article's defaults; anything undecodable is Poison, never an exception."""
+"""Entry fields -> Event with the article's defaults; anything undecodable is Poison, never an exception.
+
+`data`, `timestamp` and `metadata` are decoded when first read: `decoded` reads every field, as a job whose
+filter, router or handler reads them all does.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from replayd.codec import Codec, Poison, RawEntry
+from replayd.codec import Codec, Poison, RawEntry, decode_all
 from replayd.config import FieldNames
+from replayd.errors import DecodeError
 from replayd.events import Event
 
 CODEC = Codec("orders", FieldNames())
@@ -19,15 +24,22 @@ def raw(entry_id: str, **fields: bytes | str) -> RawEntry:
     return [entry_id.encode(), flat]
 
 
+def decoded(entries: list[RawEntry], codec: Codec = CODEC) -> tuple[list[Event], list[Poison]]:
+    """Decode, then read every field (lazy fields included)."""
+    events, poison = codec.decode(entries)
+    events, unreadable = decode_all(events)
+    return events, sorted(poison + unreadable, key=lambda p: p.stream_id)
+
+
 def one(entry: RawEntry, codec: Codec = CODEC) -> Event:
-    events, poison = codec.decode([entry])
+    events, poison = decoded([entry], codec)
     assert poison == []
     assert len(events) == 1
     return events[0]
 
 
 def poisoned(entry: RawEntry) -> Poison:
-    events, poison = CODEC.decode([entry])
+    events, poison = decoded([entry])
     assert events == []
     assert len(poison) == 1
     return poison[0]
@@ -110,13 +122,33 @@ def test_poison_keeps_the_raw_fields_readable() -> None:
 
 
 def test_a_deleted_entry_without_fields_is_a_tombstone() -> None:
-    _, poison = CODEC.decode([[b"3-0", None]])
+    _, poison = decoded([[b"3-0", None]])
     assert [p.error for p in poison] == ["tombstone: entry has no fields"]
 
 
 def test_poison_does_not_stop_the_rest_of_the_batch() -> None:
-    events, poison = CODEC.decode(
+    events, poison = decoded(
         [raw("1-0", event_type="A"), raw("2-0", data="oops"), raw("3-0", event_type="C", data="{}")]
     )
     assert [e.stream_id for e in events] == ["1-0", "3-0"]
     assert [p.stream_id for p in poison] == ["2-0"]
+
+
+def test_json_and_timestamp_are_decoded_only_when_read() -> None:
+    events, poison = CODEC.decode([raw("1-0", event_type="A", data="{broken", timestamp="x", metadata='{"m": 1}')])
+    assert poison == []
+    (event,) = events
+    assert (event.stream_id, event.event_type, event.metadata) == ("1-0", "A", {"m": 1})
+    with pytest.raises(DecodeError, match="JSONDecodeError: data") as error:
+        _ = event.data
+    assert (error.value.stream, error.value.stream_id, error.value.fields["data"]) == ("orders", "1-0", "{broken")
+    with pytest.raises(DecodeError, match="ValueError: timestamp"):
+        _ = event.timestamp
+    assert "data=<undecodable>" in repr(event)  # a repr never raises
+
+
+def test_a_decoded_field_is_kept() -> None:
+    events, _ = CODEC.decode([raw("1-0", data='{"x": 1}')])
+    assert events[0].data is events[0].data
+    events[0].data["y"] = 2  # a handler may change its own copy; nothing is shared between events
+    assert events[0].data == {"x": 1, "y": 2}

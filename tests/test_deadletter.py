@@ -143,8 +143,8 @@ async def test_undecodable_entries_stop_or_are_dead_lettered(
     fill(sync_redis, [("a", 0)])
     bad = sync_redis.xadd(STREAM, {"event_type": "X", "data": "{broken"}).decode()  # type: ignore[union-attr]
     with pytest.raises(DataError, match=f"{STREAM} {bad}"):
-        await run(raw_redis, redis_cfg, Recorder())
-    engine = await run(raw_redis, redis_cfg, Recorder(), on_poison="dead-letter", name="dl2")
+        await run(raw_redis, redis_cfg, Recorder(decode=True))
+    engine = await run(raw_redis, redis_cfg, Recorder(decode=True), on_poison="dead-letter", name="dl2")
     assert engine.stats.poison == 1
     letters: Any = sync_redis.xrange("replayd:{dl2}:dlq")
     assert letters[0][1][b"id"] == bad.encode()

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from replayd.config import RedisConfig
 from replayd.engine import Engine
-from replayd.errors import ConfigError
+from replayd.errors import ConfigError, DataError
 from replayd.events import Event, parse_id
 from replayd.handlers import Context, FunctionHandler, ObjectHandler
 from tests import plugins
@@ -313,10 +313,67 @@ async def test_poison_entries_are_counted_and_passed_under_skip(
     sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
 ) -> None:
     ids = add(sync_redis, [entry(), {"event_type": "X", "data": "{broken"}, entry()])
-    stats, rec = await run(spec(on_poison="skip"), raw_redis, redis_cfg)
+    stats, rec = await run(spec(on_poison="skip"), raw_redis, redis_cfg, Recorder(decode=True))
     assert sorted(rec.ids) == [ids[0], ids[2]]
     assert (stats.poison, stats.failed, stats.processed) == (1, 1, 2)
     assert checkpoint(sync_redis)["orders#*"] == ids[2]
+
+
+async def test_a_field_nobody_reads_is_never_decoded(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """Lazy decoding: a broken `metadata` is poison only to a job that reads it."""
+    ids = add(sync_redis, [entry(), {"event_type": "X", "data": "{}", "metadata": "{broken"}, entry()])
+    stats, rec = await run(spec(on_poison="skip"), raw_redis, redis_cfg)
+    assert rec.ids == ids
+    assert (stats.poison, stats.failed, stats.processed) == (0, 0, 3)
+
+
+class DataBatches:
+    """A batch handler that reads `data`: the batch is handed over again without what cannot be decoded."""
+
+    name = "data_batches"
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def handle_batch(self, events: list[Event], ctx: Context) -> None:
+        totals = [e.data.get("total", 0) for e in events]
+        assert len(totals) == len(events)
+        self.ids += [e.stream_id for e in events]
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+async def test_a_batch_handler_that_reads_an_undecodable_field(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, policy: str
+) -> None:
+    ids = add(sync_redis, [entry(), entry(), {"event_type": "X", "data": "{broken"}, entry()])
+    handler = DataBatches()
+    job = spec(on_poison=policy, partitions=1, batch_size=10)
+    if policy == "skip":
+        stats, _ = await run(job, raw_redis, redis_cfg, handler)
+        assert handler.ids == [ids[0], ids[1], ids[3]]
+        assert (stats.poison, stats.failed, stats.processed) == (1, 1, 3)
+        assert checkpoint(sync_redis)["orders#*"] == ids[3]
+    else:
+        with pytest.raises(DataError, match=f"orders {ids[2]}"):
+            await run(job, raw_redis, redis_cfg, handler)
+        assert handler.ids == [ids[0], ids[1]]
+        assert checkpoint(sync_redis)["orders#0"] == ids[1]
+
+
+@pytest.mark.parametrize("partition_by", [None, "customer_id"])
+async def test_undecodable_fields_found_by_the_router_or_the_handler_are_poison(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, partition_by: str | None
+) -> None:
+    """`data` is read by the router (partitioned by customer) or first by the handler; either way the entry
+    goes to the poison policy, is counted, and is not retried."""
+    ids = add(sync_redis, [entry(), {"event_type": "X", "data": "{broken"}, entry(), {"timestamp": "soon"}])
+    job = spec(on_poison="skip", partition_by=partition_by, retries=3)
+    stats, rec = await run(job, raw_redis, redis_cfg, Recorder(decode=True))
+    assert sorted(rec.ids) == [ids[0], ids[2]]
+    assert (stats.poison, stats.failed, stats.processed) == (2, 2, 2)
+    assert checkpoint(sync_redis)["orders#*"] == ids[3]
 
 
 # --- partitions and backpressure

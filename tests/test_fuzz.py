@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from replayd.codec import Codec, Poison, RawEntry
+from replayd.codec import Codec, Poison, RawEntry, decode_all
 from replayd.config import FieldNames, JobSpec, RedisConfig, Settings, load_settings
 from replayd.engine import Engine
 from replayd.errors import ConfigError, DataError
@@ -209,6 +209,15 @@ def batches(draw: st.DrawFn) -> tuple[FieldNames, list[Pairs | None]]:
     return names, entries
 
 
+def decode_fully(codec: Codec, entries: list[RawEntry]) -> tuple[list[Event], list[Poison]]:
+    """Decode, then read every field (`data`, `timestamp`, `metadata` are decoded when first read), as a job
+    whose filter, router or handler reads every field does; poison in stream order."""
+    events, poison = codec.decode(entries)
+    events, unreadable = decode_all(events)
+    order = {entry[0].decode(): index for index, entry in enumerate(entries)}
+    return events, sorted(poison + unreadable, key=lambda p: order[p.stream_id])
+
+
 @settings(max_examples=150, deadline=None)
 @given(batches())
 @example((FieldNames(), [[(b"data", bad(b"{broken"))], None, [(b"event_type", good(b"A", "A"))]]))
@@ -217,7 +226,7 @@ def test_decode_never_raises_and_accounts_for_every_entry(batch: tuple[FieldName
     names, entries = batch
     ids = [f"{i + 1}-{i % 3}" for i in range(len(entries))]
     codec = Codec("orders", names)
-    events, poison = codec.decode([raw_entry(i, pairs) for i, pairs in zip(ids, entries, strict=True)])
+    events, poison = decode_fully(codec, [raw_entry(i, pairs) for i, pairs in zip(ids, entries, strict=True)])
     # exactly one outcome per entry, in stream order within each list
     assert len(events) + len(poison) == len(entries)
     outcome = {e.stream_id: e for e in events} | {p.stream_id: p for p in poison}
@@ -236,7 +245,7 @@ def test_decode_never_raises_and_accounts_for_every_entry(batch: tuple[FieldName
         else:
             check_poison(got, entry_id, pairs, "orders")
         # the codec learns field layouts across entries: a fresh codec must see the same entry the same way
-        alone = Codec("orders", names).decode([raw_entry(entry_id, pairs)])
+        alone = decode_fully(Codec("orders", names), [raw_entry(entry_id, pairs)])
         same = ([got], []) if isinstance(got, Event) else ([], [got])
         assert repr(alone) == repr(same)  # repr: a NaN timestamp is not == itself
 
@@ -256,7 +265,7 @@ def write_entries(client: redis.Redis, entries: list[Pairs]) -> list[str]:
 def decoded_as(ids: list[str], entries: list[Pairs]) -> dict[str, bool]:
     """Entry ID -> True when the codec makes an Event of it (checked against the oracle in the test above)."""
     codec = Codec(STREAM, FieldNames())
-    events, _ = codec.decode([raw_entry(i, pairs) for i, pairs in zip(ids, entries, strict=True)])
+    events, _ = decode_fully(codec, [raw_entry(i, pairs) for i, pairs in zip(ids, entries, strict=True)])
     good_ids = {e.stream_id for e in events}
     return {i: i in good_ids for i in ids}
 
@@ -280,7 +289,7 @@ async def test_engine_dead_letters_what_it_cannot_decode_and_handles_the_rest(
     sync_redis.flushall()
     ids = write_entries(sync_redis, entries)
     decodes = decoded_as(ids, entries)
-    handler = Recorder()
+    handler = Recorder(decode=True)  # reads every field: finds every undecodable entry
     engine = Engine(fuzz_job("dead-letter", partition_by), raw_redis, redis_cfg=redis_cfg,
                     handler=ObjectHandler(handler, "r"))  # fmt: skip
     await engine.run()
@@ -307,7 +316,7 @@ async def test_engine_stops_at_the_first_undecodable_entry_and_names_it(
     ids = write_entries(sync_redis, entries)
     decodes = decoded_as(ids, entries)
     first_bad = next((i for i in ids if not decodes[i]), None)
-    handler = Recorder()
+    handler = Recorder(decode=True)
     engine = Engine(fuzz_job("stop", None), raw_redis, redis_cfg=redis_cfg, handler=ObjectHandler(handler, "r"))
     try:
         await engine.run()

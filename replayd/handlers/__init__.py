@@ -26,7 +26,7 @@ import anyio
 import anyio.to_thread
 from redis.asyncio import Redis, RedisCluster
 
-from replayd.errors import StopReplay
+from replayd.errors import DecodeError, StopReplay
 from replayd.events import Event
 
 logger = logging.getLogger(__name__)
@@ -178,6 +178,8 @@ class Outcome:
     """Attempts repeated after a handler error."""
     dead_lettered: int = 0
     """Events written to the dead-letter stream (failed for good, or parked behind one that did)."""
+    poison: int = 0
+    """Events a field of which the handler read could not be decoded (also counted in `failed`)."""
 
 
 def on(*event_types: str, replay: bool = True) -> Callable[[F], F]:
@@ -254,6 +256,10 @@ class FailurePolicy(Protocol):
     retries: int
     """Attempts after the first, with exponential backoff and jitter."""
 
+    @property
+    def parks(self) -> bool:
+        """Whether some key waits behind a dead letter now (else `parked_behind` is None for every event)."""
+
     def backoff_s(self, attempt: int) -> float:
         """How long to wait before attempt `attempt` (2, 3, ...)."""
 
@@ -266,10 +272,35 @@ class FailurePolicy(Protocol):
 
 
 async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Context], Any]) -> Outcome:
-    """Handle events one by one, in order; a StopReplay, or a failure under the `stop` policy, ends the batch."""
+    """Handle events one by one, in order; a StopReplay, or a failure under the `stop` policy, ends the batch.
+
+    The loop is the per-event hot path: one call and, for async handlers, one await per event; parked keys
+    and failures take the slower paths below.
+    """
     outcome = Outcome()
+    tx, policy = ctx.tx, ctx.failures
+    parking = policy is not None and policy.parks
     for index, event in enumerate(events):
-        verdict = await _one(event, ctx, call, outcome)
+        verdict = _parked(event, tx, policy, outcome) if parking else None
+        if verdict is None:
+            mark = len(tx.commands)
+            try:
+                result = call(event, ctx)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except StopReplay:
+                outcome.handled += 1
+                outcome.stopped_at = index
+                break
+            except DecodeError as error:  # a field the handler read cannot be decoded: poison, never retried
+                tx._rollback(mark)
+                verdict = _poisoned(event, error, tx, policy, outcome)
+            except Exception as exc:  # noqa: BLE001 - any handler error: retried, then the failure policy
+                verdict = await _retry(event, ctx, call, outcome, exc, mark)
+            else:
+                outcome.handled += 1
+                continue
+        parking = policy is not None and policy.parks  # a dead letter may have parked its key just now
         if verdict == "stopped":
             outcome.stopped_at = index
             break
@@ -279,13 +310,35 @@ async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Co
     return outcome
 
 
-async def _one(event: Event, ctx: Context, call: Callable[[Event, Context], Any], outcome: Outcome) -> str:
-    """One event: retried as the policy says (its queued writes dropped after each failed attempt)."""
+def _parked(event: Event, tx: Tx, policy: FailurePolicy | None, outcome: Outcome) -> str | None:
+    """The verdict for an event whose key waits behind a dead letter, or None when its key is not parked."""
+    behind = policy.parked_behind(event) if policy is not None else None
+    if policy is None or behind is None:
+        return None
+    return _count(outcome, policy.give_up(event, f"parked behind dead letter {behind} of its key", 0, tx))
+
+
+def _poisoned(event: Event, error: DecodeError, tx: Tx, policy: FailurePolicy | None, outcome: Outcome) -> str:
+    logger.error("undecodable entry %s %s: %s (fields %s)", event.stream, event.stream_id, error.reason, error.fields)
+    outcome.failed += 1
+    outcome.poison += 1
+    return _count(outcome, policy.give_up(event, error, 1, tx) if policy else "skipped")
+
+
+async def _retry(
+    event: Event, ctx: Context, call: Callable[[Event, Context], Any], outcome: Outcome, exc: Exception, mark: int
+) -> str:
+    """The handler raised on `event`: retried as the policy says (its queued writes dropped after each failed
+    attempt), then given up on."""
     tx, policy = ctx.tx, ctx.failures
-    if policy is not None and (behind := policy.parked_behind(event)) is not None:
-        return _count(outcome, policy.give_up(event, f"parked behind dead letter {behind} of its key", 0, tx))
-    mark, attempt = len(tx.commands), 1
+    attempt = 1
     while True:
+        tx._rollback(mark)
+        if policy is None or attempt > policy.retries:
+            break
+        attempt += 1
+        outcome.retried += 1
+        await anyio.sleep(policy.backoff_s(attempt))
         try:
             result = call(event, ctx)
             if result is not None and inspect.isawaitable(result):
@@ -293,21 +346,20 @@ async def _one(event: Event, ctx: Context, call: Callable[[Event, Context], Any]
         except StopReplay:
             outcome.handled += 1
             return "stopped"
-        except Exception as exc:
+        except DecodeError as error:
             tx._rollback(mark)
-            if policy is not None and attempt <= policy.retries:
-                attempt += 1
-                outcome.retried += 1
-                await anyio.sleep(policy.backoff_s(attempt))
-                continue
-            logger.exception(
-                "handler failed on %s %s (event %s, %s) after %d attempt(s)",
-                event.stream, event.stream_id, event.event_id, event.event_type, attempt,
-            )  # fmt: skip
-            outcome.failed += 1
-            return _count(outcome, policy.give_up(event, exc, attempt, tx) if policy else "skipped")
-        outcome.handled += 1
-        return "handled"
+            return _poisoned(event, error, tx, policy, outcome)
+        except Exception as again:  # noqa: BLE001 - the next attempt, or the policy, decides
+            exc = again
+        else:
+            outcome.handled += 1
+            return "handled"
+    logger.error(
+        "handler failed on %s %s (event %s, %s) after %d attempt(s)",
+        event.stream, event.stream_id, event.event_id, event.event_type, attempt, exc_info=exc,
+    )  # fmt: skip
+    outcome.failed += 1
+    return _count(outcome, policy.give_up(event, exc, attempt, tx) if policy else "skipped")
 
 
 def _count(outcome: Outcome, verdict: str) -> str:
@@ -387,8 +439,34 @@ class ObjectHandler:
                 await result
         except StopReplay:
             return Outcome(handled=len(events), stopped_at=len(events) - 1)
+        except DecodeError:
+            ctx.tx._rollback(mark)
+            return await self._without_poison(events, ctx)
         except Exception:
             ctx.tx._rollback(mark)
             logger.exception("handle_batch failed on %d events from %s", len(events), events[0].stream_id)
             return Outcome(failed=len(events))
         return Outcome(handled=len(events))
+
+    async def _without_poison(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        """`handle_batch` read a field that cannot be decoded. Every field of the batch is decoded to find the
+        undecodable entries: they go to the poison policy, and the others are handed over again (only those
+        before the first undecodable one when the policy stops there)."""
+        outcome = Outcome()
+        good: list[int] = []
+        for index, event in enumerate(events):
+            try:
+                event.astuple()
+            except DecodeError as error:
+                if _poisoned(event, error, ctx.tx, ctx.failures, outcome) == "stop":
+                    outcome.failed_at = index
+                    break
+            else:
+                good.append(index)
+        if good:
+            again = await self.handle_batch([events[i] for i in good], ctx)
+            outcome.handled += again.handled
+            outcome.failed += again.failed
+            if again.stopped_at is not None:  # the handler ended the run before any later entry
+                outcome.stopped_at, outcome.failed_at = good[again.stopped_at], None
+        return outcome
