@@ -457,7 +457,7 @@ class Committer:
                 await conn.disconnect()
             if isinstance(exc, RuntimeError) and is_retriable(exc):
                 raise RedisConnectionError(str(exc)) from exc
-            if isinstance(exc, ResponseError):
+            if isinstance(exc, ResponseError) and not is_retriable(exc):
                 raise ReplaydError(f"Redis refused the commit to {self.key}: {exc}") from exc
             raise
         finally:

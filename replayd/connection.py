@@ -18,7 +18,14 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
     parse_url,
 )
-from redis.exceptions import AuthenticationError, ClusterDownError, RedisClusterException, SlotNotCoveredError
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -52,7 +59,17 @@ def is_retriable(exc: BaseException) -> bool:
         return isinstance(exc, SlotNotCoveredError) or (exc.__cause__ is not None and is_retriable(exc.__cause__))
     if isinstance(exc, ClusterDownError):  # a cluster reconfiguring (a failover): it comes back
         return True
+    if role_changed(exc):
+        return True
     return isinstance(exc, RETRIABLE) or (isinstance(exc, RuntimeError) and "handler is closed" in str(exc))
+
+
+def role_changed(exc: BaseException) -> bool:
+    """The primary this connection reached was demoted to a replica by a failover that kept the connection open:
+    a write refused READONLY (6.2 wraps it in a script's error), or a blocking read ended UNBLOCKED."""
+    if isinstance(exc, ReadOnlyError):
+        return True
+    return isinstance(exc, ResponseError) and (str(exc).startswith("UNBLOCKED") or "-READONLY " in str(exc))
 
 
 class AccessDenied(ConfigError):
@@ -122,6 +139,14 @@ class _FailFast(AbstractConnection):
                 raise
             raise denied from exc
         _FailFast.connects += 1
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if role_changed(exc):  # drop it, so that the retry reaches whatever the address serves now
+                await self.disconnect(nowait=True)
+            raise
 
 
 class _TcpConnection(_FailFast, Connection):

@@ -12,7 +12,7 @@ import socket
 import anyio
 
 from replayd.commit import job_key
-from replayd.connection import Client
+from replayd.connection import Client, is_retriable
 from replayd.errors import FencingError
 from replayd.events import WHOLE, Shard
 
@@ -58,7 +58,13 @@ class Lease:
     async def keep(self) -> None:
         while True:
             await anyio.sleep(self.ttl_ms / 3000)
-            renewed = await self.redis.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+            try:
+                renewed = await self.redis.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+            except Exception as exc:
+                if not is_retriable(exc):
+                    raise
+                logger.warning("%s not renewed (%s): trying again", self.key, exc)
+                continue
             if not renewed:
                 raise FencingError(f"{self.key} was taken over by another instance: stopping (exit 75)")
 

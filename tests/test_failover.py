@@ -311,6 +311,15 @@ class Pair:
             client.replicaof("NO", "ONE")
         self.front.retarget("127.0.0.1", self.replica.port, reset_existing=True)
 
+    def switch_over(self) -> None:
+        """Promote the replica and demote the primary to its replica; replayd's proxy sends new connections to the
+        new primary and leaves the open ones on the old: their writes now get READONLY."""
+        with self.replica.client() as client:
+            client.replicaof("NO", "ONE")
+        with self.primary.client() as client:
+            client.replicaof("127.0.0.1", self.replica.port)
+        self.front.retarget("127.0.0.1", self.replica.port)
+
     def close(self) -> None:
         for proxy in (self.front, self.replication):
             proxy.stop()
@@ -402,6 +411,42 @@ async def test_t11_clean_failover_continues_without_loss(pair: Pair) -> None:
         await r.aclose()
     assert engine.stats.status == "stopped"
     assert pair.front.stats.resets > 0
+    with pair.replica.client() as new_primary:
+        assert new_primary.smembers("eff:set") == {i.encode() for i in ids}
+        assert new_primary.llen("eff:log") == len(ids)
+    assert gaps(metrics, "diverged") == gaps(metrics, "trimmed") == 0
+
+
+@pytest.mark.anyio
+async def test_t11_switchover_that_keeps_connections_open_continues(pair: Pair) -> None:
+    """T11 with the connections left open: 1. a following job commits 200 entries; the replica catches up
+    2. the replica is promoted and the old primary demoted to its replica; replayd's open connections still reach
+    the old one, whose writes now fail READONLY  3. 200 more on the new primary: the commit, lease and progress
+    writes drop their READONLY connections and go on on the new primary; all handled exactly once, no exit."""
+    cfg = config(pair.front.url)
+    metrics = Metrics()
+    r = create_redis(cfg)
+    engine = Engine(follow_job(lease_ttl_s=3), r, redis_cfg=cfg, handler=ObjectHandler(Effects(), "effects"),
+                    metrics=metrics)  # fmt: skip
+    with pair.primary.client() as primary:
+        ids = produce(primary, 200)
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(engine.run)
+                await wait_until(committed(engine, ids[-1]))
+                pair.caught_up()
+                pair.switch_over()
+                with pair.replica.client() as new_primary:
+                    ids.extend(produce(new_primary, 200))
+                await wait_until(committed(engine, ids[-1]))
+                await anyio.sleep(1)  # a lease renewal or two on the demoted primary's connection
+                assert engine.stats.status == "live"
+                engine.stop()
+    finally:
+        await r.aclose()
+    assert engine.stats.status == "stopped"
+    assert pair.front.stats.resets == 0
     with pair.replica.client() as new_primary:
         assert new_primary.smembers("eff:set") == {i.encode() for i in ids}
         assert new_primary.llen("eff:log") == len(ids)
