@@ -369,6 +369,7 @@ class Engine:
             self.handler,
             self.new_context,
             committer.commit,
+            submit=committer.submit,
             concurrency=self.spec.concurrency,
             sizer=self.sizer,
             inflight=inflight,
