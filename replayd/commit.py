@@ -243,6 +243,8 @@ class CommitRequest:
     checkpoints: dict[str, str]
     marks: list[Mark]
     done: anyio.Event = field(default_factory=anyio.Event)
+    then: Callable[[], None] | None = None
+    """Called once the request is committed (a lane that did not wait for it releases its events here)."""
 
 
 class Committer:
@@ -295,6 +297,11 @@ class Committer:
         await self._send.send(request)
         await request.done.wait()
 
+    async def submit(self, request: CommitRequest) -> None:
+        """Queue a request without waiting for its commit (which sets `done` and calls `then`). A lane's
+        requests are committed in the order it queues them: one task commits them all."""
+        await self._send.send(request)
+
     async def nudge(self) -> None:
         """Ask for a commit of the floors alone (after batches whose events were all filtered out)."""
         await self._send.send(CommitRequest([], {}, []))
@@ -339,6 +346,8 @@ class Committer:
         self.floors.update(floors)
         for request in group:
             request.done.set()
+            if request.then is not None:
+                request.then()
         self._on_commit(floors)
 
     def _count(self, result: str, seconds: float | None = None) -> None:

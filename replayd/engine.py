@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from prometheus_client import Counter
 from redis.asyncio import RedisCluster
 
 from replayd.codec import Codec, Poison
@@ -119,6 +120,9 @@ class Engine:
                                 max_bytes=spec.max_batch_bytes)  # fmt: skip
         self.pacer = Pacer(spec.rate_limit, spec.speed)
         self.metrics = metrics or Metrics()
+        self._batch_seconds = self.metrics.handler_batch.labels(spec.name)
+        self._handled: dict[str, Counter] = {}
+        """Stream -> its `replayd_handler_events{outcome="ok"}` counter: looked up once, not per lane batch."""
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
                             inflight=lambda: self.inflight.count)  # fmt: skip
 
@@ -339,11 +343,16 @@ class Engine:
         self.stats.dead_lettered += outcome.dead_lettered
         self.stats.poison += outcome.poison
         events = self.metrics.handler_events
-        for label, count in (("ok", outcome.handled), ("failed", outcome.failed), ("retried", outcome.retried),
+        if outcome.handled:
+            handled = self._handled.get(stream)
+            if handled is None:
+                handled = self._handled[stream] = events.labels(stream, self.spec.name, "ok")
+            handled.inc(outcome.handled)
+        for label, count in (("failed", outcome.failed), ("retried", outcome.retried),
                              ("dead_lettered", outcome.dead_lettered)):  # fmt: skip
             if count:
                 events.labels(stream, self.spec.name, label).inc(count)
-        self.metrics.handler_batch.labels(self.spec.name).observe(seconds)
+        self._batch_seconds.observe(seconds)
 
     async def _pipeline(self) -> None:
         commit_send, commit_receive = anyio.create_memory_object_stream[CommitRequest](
@@ -369,6 +378,7 @@ class Engine:
             self.handler,
             self.new_context,
             committer.commit,
+            submit=committer.submit,
             concurrency=self.spec.concurrency,
             sizer=self.sizer,
             inflight=inflight,

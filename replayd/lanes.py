@@ -1,8 +1,10 @@
 """Lanes: one task per partition, in stream order within it; a limiter caps how many run at once.
 
 A lane takes the slices waiting in its bounded inbox (up to the current batch size), runs the handler on them,
-then hands its `ctx.tx` writes and checkpoints to the committer and waits for the transaction. The reader
-side waits while `max_in_flight` events are routed but not committed, so memory stays bounded.
+then hands its `ctx.tx` writes and checkpoints to the committer and waits for the transaction. A handler whose
+event code never awaits (sync `@on` methods: they only queue writes, they cannot read) does not wait: its lane
+handles the next batch while Redis commits the previous one, whose events are released when it is committed.
+The reader side waits while `max_in_flight` events are routed but not committed, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
+from functools import partial
 from typing import Any, NamedTuple
 
 import anyio
@@ -93,6 +96,7 @@ class Lanes:
         new_context: Callable[[], Context],
         commit: Callable[[CommitRequest], Awaitable[None]],
         *,
+        submit: Callable[[CommitRequest], Awaitable[None]] | None = None,
         concurrency: int,
         sizer: BatchSizer,
         inflight: InFlight,
@@ -102,6 +106,9 @@ class Lanes:
         self.handler = handler
         self.new_context = new_context
         self.commit = commit
+        # getattr: a Handler without `awaits` is taken to await
+        self.submit = submit if submit is not None and not getattr(handler, "awaits", True) else None
+        """Queues a lane batch's commit without waiting for it (handlers that never await), else None."""
         self.sizer = sizer
         self.inflight = inflight
         self.on_outcome = on_outcome
@@ -174,8 +181,14 @@ class Lanes:
                 if piece.mark is not None:
                     done.append(piece.mark)
             self.sizer.observe(time.monotonic() - began)
+        events = sum(len(piece.events) for piece in chunk)
+        if self.submit is not None and failure is None and not stopped:  # released once it is committed
+            await self.submit(
+                CommitRequest(ctx.tx.commands, checkpoints, done, then=partial(self.inflight.release, events))
+            )
+            return True
         await self.commit(CommitRequest(ctx.tx.commands, checkpoints, done))
-        self.inflight.release(sum(len(piece.events) for piece in chunk))
+        self.inflight.release(events)
         if failure is not None:
             raise DataError(
                 f"handler failed for good on {failure.stream} {failure.stream_id} (event {failure.event_id}, "

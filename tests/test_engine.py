@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -12,11 +13,14 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from replayd.commit import CommitRequest
 from replayd.config import RedisConfig
 from replayd.engine import Engine
 from replayd.errors import ConfigError, DataError
 from replayd.events import Event, parse_id
-from replayd.handlers import Context, FunctionHandler, ObjectHandler
+from replayd.handlers import Context, FunctionHandler, ObjectHandler, Outcome, Projection, on
+from replayd.lanes import InFlight, Lanes, Slice
+from replayd.source import BatchSizer
 from tests import plugins
 from tests.helpers import (
     STREAM,
@@ -504,3 +508,108 @@ async def test_handle_batch_object(sync_redis: redis.Redis, raw_redis: Redis, re
     assert max(map(len, handler.batches)) <= 100
     assert stats.processed == 250
     assert {as_text(m) for m in sync_redis.smembers("projection:batches:ids")} == set(ids)
+
+
+# --- commits: waited for by handlers that may read, overlapped for those that only queue writes
+
+
+class ReadsItsTotal(Projection):
+    """Adds each order to its customer's total, reading the committed total first (an async handler may read)."""
+
+    name = "reads_total"
+    partition_by = "customer_id"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    @on("OrderCreated")
+    async def created(self, event: Event, ctx: Context) -> None:
+        key = ctx.key("total", event.data["customer_id"])
+        self.seen.append((event.data["seq"], int(await ctx.redis.get(key) or 0)))
+        ctx.tx.incrby(key, event.data["total"])
+
+
+class QueuesOnly(Projection):
+    name = "queues_only"
+    partition_by = "customer_id"
+
+    @on("OrderCreated")
+    def created(self, event: Event, ctx: Context) -> None:
+        ctx.tx.rpush(ctx.key("seqs", event.data["customer_id"]), event.data["seq"])
+
+
+def test_only_handlers_that_never_await_overlap_their_commits() -> None:
+    assert ReadsItsTotal().awaits
+    assert not QueuesOnly().awaits
+    assert ObjectHandler(type("A", (), {"handle": lambda self, e, c: None})(), "a").awaits is False
+
+
+@pytest.mark.parametrize("handler", [ReadsItsTotal(), QueuesOnly()], ids=["async", "sync"])
+async def test_a_lane_waits_for_its_commit_only_when_its_handler_may_read(handler: Projection) -> None:
+    """1. Two slices of one partition reach the lane; the committer holds the first commit.
+    2. An async handler's lane waits: the second slice is not handled until the first commit is done.
+    3. A sync handler's lane goes on to the second slice meanwhile; both commit, in order, and release."""
+    committed: list[list[str]] = []
+    release = anyio.Event()
+    queue, requests = anyio.create_memory_object_stream[CommitRequest](10)
+
+    async def committer() -> None:  # as Committer: one task, in order; held until `release`
+        async with requests:
+            async for request in requests:
+                await release.wait()
+                committed.append(list(request.checkpoints.values()))
+                request.done.set()
+                if request.then is not None:
+                    request.then()
+
+    async def commit(request: CommitRequest) -> None:
+        await queue.send(request)
+        await request.done.wait()
+
+    handled: list[int] = []
+    original = handler.handle_batch
+
+    async def handle_batch(events: Sequence[Event], ctx: Context) -> Outcome:
+        handled.extend(e.data["seq"] for e in events)
+        return Outcome(handled=len(events))
+
+    handler.handle_batch = handle_batch  # type: ignore[method-assign]
+    inflight = InFlight(100)
+    lanes = Lanes(
+        1, handler, lambda: Context("job", None, "projection:x"), commit,  # type: ignore[arg-type]
+        submit=queue.send, concurrency=1, sizer=BatchSizer(1, minimum=1, target_s=1.0), inflight=inflight,
+        on_outcome=lambda stream, outcome, seconds: None, stop=anyio.Event(),
+    )  # fmt: skip
+    events = [Event(f"{i}-0", f"e{i}", "OrderCreated", {"customer_id": "c", "seq": i}, 0.0, {}, "s") for i in (1, 2)]
+    await inflight.acquire(2)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(committer)
+            async with queue, anyio.create_task_group() as tg:
+                senders = lanes.senders()
+                await tg.start(lanes.run)
+                for event in events:
+                    await senders[0].send(Slice([event], None, True))
+                for sender in senders:
+                    sender.close()
+                await wait_until(lambda: bool(handled))
+                for _ in range(20):
+                    await anyio.lowlevel.checkpoint()
+                assert handled == ([1] if handler.awaits else [1, 2])
+                release.set()
+    assert handled == [1, 2]
+    assert committed == [["1-0"], ["2-0"]]
+    assert inflight.count == 0
+    handler.handle_batch = original  # type: ignore[method-assign]
+
+
+async def test_a_handler_that_only_queues_writes_commits_every_batch_in_order(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    add(sync_redis, orders(300, customers=5))
+    stats, _ = await run(spec(partitions=4, batch_size=7, min_batch_size=1), raw_redis, redis_cfg, QueuesOnly())
+    assert stats.processed == 300
+    for customer in range(5):
+        seqs = [int(v) for v in sync_redis.lrange(f"projection:queues_only:seqs:c{customer}", 0, -1)]
+        assert seqs == list(range(customer, 300, 5))
+    assert checkpoint(sync_redis)[f"{STREAM}#*"] == stream_ids(sync_redis)[-1]  # the floor reached the end

@@ -230,6 +230,16 @@ class Projection:
         """Called once after the last commit of a run."""
 
     @cached_property
+    def awaits(self) -> bool:
+        """Whether its event code may await (and so read through `ctx.redis`): not when every `@on` method is
+        sync, which only queues writes. Lanes hand the next batch of a handler that never awaits to it while
+        the previous batch commits."""
+        cls = type(self)
+        if cls.handle is not Projection.handle or cls.handle_batch is not Projection.handle_batch:
+            return True
+        return any(inspect.iscoroutinefunction(method) for method, _replay in self._bound.values())
+
+    @cached_property
     def _bound(self) -> dict[str, tuple[Callable[[Event, Context], Any], bool]]:
         # bound once per instance: the per-event dispatch is a dict lookup, not getattr
         return {kind: (getattr(self, attr), replay) for kind, (attr, replay) in self._routes.items()}
@@ -411,6 +421,9 @@ class ObjectHandler:
         types = getattr(obj, "event_types", None)
         self.event_types = frozenset(types) if types else None
         self.writes_projection = bool(getattr(obj, "writes_projection", True))
+        method = getattr(obj, "handle_batch", None) or getattr(obj, "handle", None)
+        self.awaits = method is None or inspect.iscoroutinefunction(method)
+        """Whether its event code may await (see `Projection.awaits`): an `async def` handle_batch or handle."""
 
     async def _hook(self, hook: str, ctx: Context) -> None:
         method = getattr(self.obj, hook, None)
