@@ -536,6 +536,8 @@ class Engine:
                         await self._stop_at(poison[0], batch, events, skip, senders, committer, inflight)
                     letters = self._handle_poison(poison) if poison else []
                     skipped = len(events) - routed.routed - routed.foreign - len(routed.poison)
+                    if self.shard.ordinal:  # every shard reads every entry: shard 0 alone counts the filtered ones
+                        skipped -= routed.filtered
                     if skipped:
                         stats.skipped += skipped
                         self.metrics.handler_events.labels(plan.stream, self.spec.name, "skipped").inc(skipped)

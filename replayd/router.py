@@ -29,6 +29,8 @@ class Routed(NamedTuple):
     """Entries whose fields the filter or the partition key needed cannot be decoded."""
     first: Event | None
     """The first event that passed the filter (whatever its shard), for pacing."""
+    filtered: int
+    """Events the filter left out (whatever their shard)."""
 
 
 class Router:
@@ -72,7 +74,7 @@ class Router:
             kept = [e for e in events if predicate(e)] if predicate is not None else events
             parts, foreign = self._split(kept, skip)
         routed = sum(map(len, parts.values()))
-        return Routed(parts, routed, foreign, poison, kept[0] if kept else None)
+        return Routed(parts, routed, foreign, poison, kept[0] if kept else None, len(events) - len(kept))
 
     def split(self, events: list[Event], skip: dict[int, Id] | None = None) -> dict[int, list[Event]]:
         """Group events by partition; with `skip`, drop those at or below their partition's checkpoint."""

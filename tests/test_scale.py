@@ -46,6 +46,7 @@ async def test_three_shards_build_the_same_projection_as_one_process(
             tg.start_soon(engine.run)
     assert projection(sync_redis) == single
     assert sum(engine.stats.processed for engine in engines) == single_stats.processed
+    assert sum(engine.stats.skipped for engine in engines) == single_stats.skipped > 0, "filtered: counted once"
 
 
 @pytest.mark.anyio
