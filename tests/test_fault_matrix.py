@@ -445,6 +445,7 @@ def test_t2_crash_after_the_effect_before_the_checkpoint(sync_redis: redis.Redis
     lost_batch = seen - effects
     assert lost_batch and all(parse_id(i) > position for i in lost_batch), "the crashed batch: effect, no commit"
 
+    sync_redis.delete("replayd:{t2}:lease")  # the dead process's lease, which would expire in lease_ttl_s (15 s)
     assert replayd(*where, env=env).returncode == 0
     assert {m.decode() for m in sync_redis.smembers(SEEN)} == set(ids)  # type: ignore[union-attr]
     log = [m.decode() for m in sync_redis.lrange(EFFECT_LOG, 0, -1)]  # type: ignore[union-attr]

@@ -190,24 +190,27 @@ def test_a_killed_rebuild_leaves_one_whole_version_current_and_resumes(
     rng = random.Random(5)
     for version, moment in ((2, "building"), (3, "building"), (4, "flipped")):
         proc = spawn_replayd(*args)
-        building = f"replayd:{{orders@v{version}}}:checkpoint"
+        building = f"replayd:{{{NAME}@v{version}}}:checkpoint"  # the rebuild job of the job named after NAME
         if moment == "building":  # killed mid-build, at a random point after its first commit
             wait_for(lambda: bool(sync_redis.exists(building)) or proc.poll() is not None)  # noqa: B023
             time.sleep(rng.uniform(0, 0.3))
         else:  # killed right after the flip, before the old version is deleted
             wait_for(lambda: sync_redis.get(f"projection:{NAME}:current") == str(version).encode())  # noqa: B023
+        assert moment == "flipped" or proc.poll() is None, "killed while it builds"
         proc.send_signal(signal.SIGKILL)
         finish(proc)
+        sync_redis.delete(f"replayd:{{{NAME}@v{version}}}:lease")  # would expire in lease_ttl_s (15 s)
         resumable = sync_redis.exists(building)
         current = int(sync_redis.get(f"projection:{NAME}:current") or 0)
         assert current in (version - 1, version), "the alias names the old version or the new one"
         assert version_of(sync_redis, current) == expected, f"v{current} is whole"
+        assert (current == version) == (moment == "flipped")
         if current == version - 1:  # killed before the flip: the next run resumes this version's rebuild
             assert sync_redis.get(f"projection:{NAME}:next") == str(version).encode()
             code, err = finish(spawn_replayd(*args))
             assert code == 0, err
-            if resumable:
-                assert "from 20,000 events" not in err, "it resumed from its own checkpoint"
+            assert resumable
+            assert "from 20,000 events" not in err, "it resumed from its own checkpoint"
         assert version_of(sync_redis, version) == expected
         assert int(sync_redis.get(f"projection:{NAME}:current") or 0) == version
 
@@ -292,7 +295,7 @@ async def test_an_in_place_rebuild_clears_nothing_before_it_holds_the_lease(
     await rebuild_in_place(Engine(job(end="now", name=NAME), raw_redis, redis_cfg=redis_cfg))
     before = version_of(sync_redis, 0)
     sync_redis.set(f"replayd:{{{NAME}}}:lease", "another-instance", px=1500)  # a daemon job of the projection
-    rebuild = Engine(job(end="now", name=NAME), raw_redis, redis_cfg=redis_cfg)
+    rebuild = Engine(job(end="now", name=NAME, lease_ttl_s=1.5), raw_redis, redis_cfg=redis_cfg)  # retries 0.5 s
     async with anyio.create_task_group() as tg:
         tg.start_soon(rebuild_in_place, rebuild)
         await anyio.sleep(0.8)
