@@ -421,11 +421,7 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
             print(summary(f"rebuilt projection:{engine.handler.name} from", stats), file=sys.stderr)
             return 0
         rebuild = Rebuild(spec, client, redis_cfg=settings.redis)
-        await rebuild.begin()
-        first = rebuild.engine()
-        stats = await with_progress(first.stats, first.run())
-        await rebuild.catch_up()
-        old = await rebuild.flip(retain_s=spec.retain_old_s)
+        stats, old = await rebuild.run(retain_s=spec.retain_old_s, watch=with_progress)
         built, replaced = (namespace(rebuild.handler.name, v) for v in (rebuild.version, old))
         print(summary(f"rebuilt {built} from", stats), file=sys.stderr)
         retained = f"is kept {spec.retain_old_s:g} s (the live job or the next rebuild deletes it)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from redis.asyncio import RedisCluster
 
@@ -23,6 +24,12 @@ from replayd.progress import Stats
 from replayd.versions import Versions, build_job, namespace
 
 logger = logging.getLogger(__name__)
+
+Watch = Callable[[Stats, Awaitable[Stats]], Awaitable[Stats]]
+
+
+async def _unwatched(stats: Stats, work: Awaitable[Stats]) -> Stats:
+    return await work
 
 
 class Rebuild:
@@ -93,10 +100,11 @@ class Rebuild:
             await self.versions.sweep()
         return old
 
-    async def run(self, *, retain_s: float) -> Stats:
-        """The whole rebuild: build, catch up, flip; with no retention, delete the old version at once."""
+    async def run(self, *, retain_s: float, watch: Watch = _unwatched) -> tuple[Stats, int]:
+        """The whole rebuild: build (under `watch`, e.g. a progress bar), catch up, flip; return the build's
+        stats and the version it replaced (deleted at once when `retain_s` is 0)."""
         await self.begin()
-        first = await self.engine().run()
+        first = self.engine()
+        stats = await watch(first.stats, first.run())
         await self.catch_up()
-        await self.flip(retain_s=retain_s)
-        return first
+        return stats, await self.flip(retain_s=retain_s)
