@@ -74,9 +74,8 @@ class Engine:
         self.redis = redis
         self.redis_cfg = redis_cfg or RedisConfig()
         self.handler = handler or load_handler(spec.handler)
-        self.pinned = version
-        """The projection version this job writes (a rebuild's); None: the live one, `projection:<name>:current`."""
         self.version = version or 0
+        """The projection version this job writes: a rebuild's, given; a live job's, read from its alias at start."""
         self.ends = ends or {}
         """Per stream: an end ID that overrides the spec's end bound (a rebuild catching up to a paused job)."""
         self.discard = discard
@@ -85,6 +84,9 @@ class Engine:
         """Run once the job's lease is held, before anything is read (an in-place rebuild clears its keys)."""
         self.budget_s = unavailable_budget_s or self.redis_cfg.unavailable_timeout_s
         self.cluster = isinstance(redis, RedisCluster)
+        # a live job follows its projection's alias, which a rebuild flips (no versions on a cluster, yet)
+        follows = version is None and bool(self.handler.name) and not self.cluster
+        self.alias = Versions(redis, self.handler.name) if follows else None
         self.namespace = projection_prefix(self.handler.name, cluster=self.cluster)
         self._refuse_split_commits()
         # handlers read through a client with redis-py's usual reply parsing (on the same pool for one server)
@@ -188,10 +190,10 @@ class Engine:
 
     async def _flipped(self) -> bool:
         """Whether the live version moved under this job (a rebuild's flip), which also fences it."""
-        if self.pinned is not None or not self.handler.name:
+        if self.alias is None:
             return False
         with anyio.move_on_after(5, shield=True):
-            return await Versions(self.redis, self.handler.name).current() != self.version
+            return await self.alias.current() != self.version
         return False
 
     async def _run(self) -> Stats:
@@ -236,11 +238,9 @@ class Engine:
         if not spec.resume:  # an explicit start begins the job anew: old positions (and layout) would mislead
             await self.store.reset()
         had_checkpoint = bool(await self.redis.exists(self.store.key))
-        # a live job follows the projection's alias (a rebuild's flip); on a cluster there are no versions (yet)
-        follows = self.pinned is None and self.handler.name and not self.cluster
-        alias = Versions(self.redis, self.handler.name).current_key if follows else None
+        alias = self.alias.current_key if self.alias else None
         self.seq, version = await self.store.claim(self.lease.token.rpartition(":")[2], alias)
-        self.version = version if follows else self.version
+        self.version = version if self.alias else self.version
         await self.store.load()
         parked = text_hash(await self.redis.hgetall(self.dead_letters.parked_key))
         self.dead_letters.parked.clear()
@@ -390,8 +390,8 @@ class Engine:
             tg.start_soon(self.lease.keep)
             tg.start_soon(self.progress.run)
             tg.start_soon(self._watch_heads)
-            if self.pinned is None and self.handler.name:
-                tg.start_soon(self._sweep_retired)
+            if self.alias:
+                tg.start_soon(self._sweep_retired, self.alias)
             async with anyio.create_task_group() as pipeline:
                 pipeline.start_soon(committer.run, commit_receive)
                 async with commit_send:
@@ -415,9 +415,8 @@ class Engine:
                         logger.debug("head of %s not refreshed: %s", stream, exc)
             await anyio.sleep(interval_s)
 
-    async def _sweep_retired(self, interval_s: float = 30.0) -> None:
+    async def _sweep_retired(self, versions: Versions, interval_s: float = 30.0) -> None:
         """Delete the projection's replaced versions once their retention passes (if the rebuild did not wait)."""
-        versions = Versions(self.redis, self.handler.name)
         while True:
             try:
                 await versions.sweep()

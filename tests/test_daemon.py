@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +41,6 @@ def write_config(tmp_path: Path, redis_url: str, **job: str | int | float) -> Pa
     return path
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-
-
 def progress(client: redis.Redis) -> dict[Any, Any]:
     return dict(client.hgetall("replayd:{orders}:progress"))
 
@@ -67,12 +56,12 @@ def last_id(client: redis.Redis) -> Any:
 
 
 def test_follows_live_then_drains_on_sigterm(
-    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, daemons: list[subprocess.Popen[str]]
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]]
 ) -> None:
     """1. start on a short history  2. wait for live  3. append  4. SIGTERM  5. exit 0, stopped, all committed."""
     load_history_sync(sync_redis, STREAM, 500)
     proc = start_daemon(write_config(tmp_path, redis_url))
-    daemons.append(proc)
+    processes.append(proc)
     wait_for(lambda: progress(sync_redis).get(b"status") == b"live")
     assert progress(sync_redis).get(b"caught_up_at")
     load_history_sync(sync_redis, STREAM, 100, seed=11)
@@ -86,12 +75,12 @@ def test_follows_live_then_drains_on_sigterm(
 
 
 def test_second_signal_exits_at_once(
-    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, daemons: list[subprocess.Popen[str]]
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]]
 ) -> None:
     """1. a handler that blocks  2. SIGTERM starts the drain  3. SIGINT exits at once with 130."""
     load_history_sync(sync_redis, STREAM, 50)
     proc = start_daemon(write_config(tmp_path, redis_url, handler="tests.lifecycle_plugins:blocking"))
-    daemons.append(proc)
+    processes.append(proc)
     wait_for(lambda: progress(sync_redis).get(b"status") == b"catching_up")
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -102,7 +91,7 @@ def test_second_signal_exits_at_once(
 
 @pytest.mark.timeout(180)
 def test_sigkill_mid_replay_then_restart_equals_a_clean_rebuild(
-    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, daemons: list[subprocess.Popen[str]]
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]]
 ) -> None:
     """1. 60k events  2. `run` to `now`, SIGKILL at random moments, restart  3. projection == clean rebuild."""
     load_history_sync(sync_redis, STREAM, 60_000)
@@ -112,7 +101,7 @@ def test_sigkill_mid_replay_then_restart_equals_a_clean_rebuild(
     killed_mid_replay = 0
     for _ in range(3):
         proc = start_daemon(config)
-        daemons.append(proc)
+        processes.append(proc)
         wait_for(lambda: sync_redis.exists("replayd:{orders}:checkpoint") == 1)
         time.sleep(rng.uniform(0.0, 0.5))
         proc.kill()
@@ -120,7 +109,7 @@ def test_sigkill_mid_replay_then_restart_equals_a_clean_rebuild(
         killed_mid_replay += sync_redis.hget("replayd:{orders}:checkpoint", f"{STREAM}#*") != last
     assert killed_mid_replay
     final = start_daemon(config)
-    daemons.append(final)
+    processes.append(final)
     _, stderr = final.communicate(timeout=120)
     assert final.returncode == 0, stderr
     resumed = projection(sync_redis)

@@ -261,20 +261,26 @@ async def test_t9_torn_aof_checkpoint_rollback_under_a_running_job(tmp_path: Pat
         assert "lost commits it had acknowledged" in str(failure)
         with server.client() as client:
             assert client.xlen(STREAM) == 305
-        effects = Effects()
-        r = create_redis(cfg)
-        engine = Engine(follow_job(end="now"), r, redis_cfg=cfg, handler=ObjectHandler(effects, "effects"))
-        try:
-            with anyio.fail_after(15):
-                await engine.run()
-        finally:
-            await r.aclose()
+        effects = await restart(cfg)
         assert 5 < len(effects.ids) <= 5 + 2 * 20 + 20, "the rolled-back commits' batches and the new entries"
         with server.client() as client:
             assert client.smembers("eff:set") == {i.encode() for i in ids}
             assert client.llen("eff:log") == len(ids), "effects rolled back with their checkpoint: none twice"
     finally:
         server.stop()
+
+
+async def restart(cfg: RedisConfig) -> Effects:
+    """Run the job again, to now, as a restarted process would; return what it handled."""
+    effects = Effects()
+    r = create_redis(cfg)
+    engine = Engine(follow_job(end="now"), r, redis_cfg=cfg, handler=ObjectHandler(effects, "effects"))
+    try:
+        with anyio.fail_after(15):
+            await engine.run()
+    finally:
+        await r.aclose()
+    return effects
 
 
 # --- T10 and T11: failovers -------------------------------------------------------------------------------------
@@ -373,14 +379,7 @@ async def test_t10_failover_to_a_lagging_replica(pair: Pair) -> None:
         assert new_primary.xinfo_stream(STREAM)["last-generated-id"].decode() == ids[99]
         # a producer whose clock is behind reuses IDs the lost entries had, below the old position
         late = [produce(new_primary, 1, id=entry_id)[0] for entry_id in ids[100:103]]
-    effects = Effects()
-    r = create_redis(cfg)
-    engine = Engine(follow_job(end="now"), r, redis_cfg=cfg, handler=ObjectHandler(effects, "effects"))
-    try:
-        with anyio.fail_after(15):
-            await engine.run()
-    finally:
-        await r.aclose()
+    effects = await restart(cfg)
     assert effects.ids == late
 
 

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from replayd.config import FieldNames
 from replayd.events import parse_id
 from replayd.router import Router
 from replayd.sample import load_history_sync
-from tests.helpers import wait_for
+from tests.helpers import replayd, wait_for
 from tests.trial_plugins import EFFECT_LOG, EFFECTS, SEEN
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -64,16 +63,6 @@ def start(config: Path, redis_url: str, **env: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-
-
 def last_id(client: redis.Redis) -> bytes:
     entries: Any = client.xrevrange(STREAM, count=1)
     head: bytes = entries[0][0]
@@ -94,7 +83,7 @@ def as_id(value: bytes | None) -> tuple[int, int]:
     return (0, 0) if value is None else parse_id(value)
 
 
-def kill_trials(client: redis.Redis, config: Path, redis_url: str, procs: list[subprocess.Popen[str]],
+def kill_trials(client: redis.Redis, config: Path, redis_url: str, processes: list[subprocess.Popen[str]],
                 seed: int, max_sleep_s: float) -> int:  # fmt: skip
     """TRIALS runs, each SIGKILLed at a seeded random moment after it took the lease and claimed the commit
     sequence (so the moment falls in its replay, not in its start-up or in waiting for the dead one's lease).
@@ -106,7 +95,7 @@ def kill_trials(client: redis.Redis, config: Path, redis_url: str, procs: list[s
     for trial in range(TRIALS):
         claimed = seq(client)
         proc = start(config, redis_url)
-        procs.append(proc)
+        processes.append(proc)
         wait_for(lambda: seq(client) != claimed, proc=proc)  # noqa: B023 - called within the iteration
         time.sleep(rng.uniform(0.0, max_sleep_s))
         proc.kill()
@@ -119,9 +108,9 @@ def kill_trials(client: redis.Redis, config: Path, redis_url: str, procs: list[s
     return mid_replay
 
 
-def finish(config: Path, redis_url: str, procs: list[subprocess.Popen[str]]) -> None:
+def finish(config: Path, redis_url: str, processes: list[subprocess.Popen[str]]) -> None:
     proc = start(config, redis_url)
-    procs.append(proc)
+    processes.append(proc)
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 0, stderr[-3000:]
 
@@ -132,25 +121,21 @@ def projection(client: redis.Redis) -> dict[Any, Any]:
 
 
 def test_sigkill_20_times_during_an_atomic_replay_then_the_projection_equals_a_clean_rebuild(
-    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, procs: list[subprocess.Popen[str]]
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]]
 ) -> None:
     """T1, atomic: 100k order events; 20 runs to `now` killed at random, restarted; then one run to the end.
     The order_summary projection (float sums: order and exactly-once matter) equals `rebuild --in-place`'s."""
     load_history_sync(sync_redis, STREAM, EVENTS)
     # small batches: the replay lasts several seconds, so the 20 kills fall across it
     config = write_config(tmp_path, redis_url, handler="order_summary", batch_size=50)
-    mid_replay = kill_trials(sync_redis, config, redis_url, procs, seed=20240501, max_sleep_s=0.45)
+    mid_replay = kill_trials(sync_redis, config, redis_url, processes, seed=20240501, max_sleep_s=0.45)
     assert mid_replay > TRIALS // 2, f"only {mid_replay} of {TRIALS} kills landed mid-replay"
-    finish(config, redis_url, procs)
+    finish(config, redis_url, processes)
     assert floor(sync_redis) == last_id(sync_redis)
     resumed = projection(sync_redis)
     assert resumed
-    clean = subprocess.run(
-        [sys.executable, "-m", "replayd", "rebuild", "--redis-url", redis_url, "--stream", STREAM,
-         "--handler", "order_summary", "--in-place", "--job", "clean"],
-        capture_output=True, text=True, timeout=120, check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")},
-    )  # fmt: skip
+    clean = replayd("rebuild", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary",
+                    "--in-place", "--job", "clean", timeout=120)  # fmt: skip
     assert clean.returncode == 0, clean.stderr[-3000:]
     rebuilt = projection(sync_redis)
     assert resumed.keys() == rebuilt.keys()
@@ -159,15 +144,15 @@ def test_sigkill_20_times_during_an_atomic_replay_then_the_projection_equals_a_c
 
 
 def test_sigkill_20_times_with_a_non_transactional_handler_loses_no_event(
-    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, procs: list[subprocess.Popen[str]]
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]]
 ) -> None:
     """T1, at-least-once: the handler SADDs each entry ID with its own client, outside the commit; after 20
     random kills and a last run, every entry ID is in the set."""
     load_history_sync(sync_redis, STREAM, EVENTS)
     config = write_config(tmp_path, redis_url, handler="tests.trial_plugins:seen_direct", batch_size=500)
-    mid_replay = kill_trials(sync_redis, config, redis_url, procs, seed=7, max_sleep_s=0.6)
+    mid_replay = kill_trials(sync_redis, config, redis_url, processes, seed=7, max_sleep_s=0.6)
     assert mid_replay > TRIALS // 2, f"only {mid_replay} of {TRIALS} kills landed mid-replay"
-    finish(config, redis_url, procs)
+    finish(config, redis_url, processes)
     assert floor(sync_redis) == last_id(sync_redis)
     assert sync_redis.scard(SEEN) == sync_redis.xlen(STREAM) == EVENTS
     entries: Any = sync_redis.xrange(STREAM)
@@ -203,7 +188,7 @@ def handled_matches_checkpoint(client: redis.Redis, partitions: int) -> tuple[in
     [pytest.param(0.0005, 5.0, id="drains"), pytest.param(0.03, 1.0, id="deadline-cancels")],
 )
 def test_sigterm_during_slow_batches_exits_0_with_the_checkpoint_matching_the_handled_work(
-    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, procs: list[subprocess.Popen[str]],
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]],
     event_sleep_s: float, shutdown_timeout_s: float,
 ) -> None:  # fmt: skip
     """T4: lane batches of 1000 events taking 0.5 s (drains) or 30 s (longer than the drain deadline); SIGTERM
@@ -216,7 +201,7 @@ def test_sigterm_during_slow_batches_exits_0_with_the_checkpoint_matching_the_ha
                           handler="tests.trial_plugins:SlowEffects", partitions=partitions, concurrency=partitions,
                           batch_size=1000, min_batch_size=1000)  # fmt: skip
     proc = start(config, redis_url, TRIAL_EVENT_SLEEP_S=str(event_sleep_s))
-    procs.append(proc)
+    processes.append(proc)
     if drains:
         wait_for(lambda: floor(sync_redis) is not None, proc=proc)  # some batches committed
     else:
@@ -235,5 +220,5 @@ def test_sigterm_during_slow_batches_exits_0_with_the_checkpoint_matching_the_ha
     assert handled < total
     if not drains:
         assert handled == 0, "a batch cancelled at the deadline was committed"
-    finish(config, redis_url, procs)  # 0.5 s per 1000 events: the rest of the replay
+    finish(config, redis_url, processes)  # 0.5 s per 1000 events: the rest of the replay
     assert handled_matches_checkpoint(sync_redis, partitions) == (total, total)
