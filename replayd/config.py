@@ -256,7 +256,7 @@ class JobSpec(_Section):
     """A lane batch should take about this long: longer halves the batch size, much shorter doubles it."""
     max_in_flight: int = Field(20_000, ge=1)
     max_batch_bytes: int = Field(16 << 20, ge=1)
-    """Reads shrink so a reply stays near this many bytes of fields and values (big entries, smaller batches)."""
+    """Reads shrink so a reply stays near this many bytes, as Redis sends them (big entries, smaller batches)."""
     max_entry_bytes: int = Field(64 << 20, ge=1)
     """A bigger entry is poison (`on_poison`): refused, or dead-lettered without its payload."""
     fields: FieldNames = FieldNames()

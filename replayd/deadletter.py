@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
+import msgspec
 from redis.asyncio import RedisCluster
 
 from replayd.commit import job_key
@@ -92,9 +92,9 @@ def dead_letter(event: Event, error: BaseException | str, attempts: int, key: st
         "key": key,
         "event_id": event.event_id,
         "event_type": event.event_type,
-        "data": orjson.dumps(event.data),
+        "data": msgspec.json.encode(event.data),
         "timestamp": repr(event.timestamp),
-        "metadata": orjson.dumps(event.metadata),
+        "metadata": msgspec.json.encode(event.metadata),
         "error_type": kind,
         "error": message[:2000],
         "attempts": attempts,
@@ -108,7 +108,7 @@ def poison_letter(stream: str, stream_id: str, fields: dict[str, str], error: st
         "stream": stream,
         "id": stream_id,
         "key": "",
-        "raw": orjson.dumps(fields),
+        "raw": msgspec.json.encode(fields),
         "error_type": "DecodeError",
         "error": error[:2000],
         "attempts": 1,
@@ -122,9 +122,9 @@ def letter_event(fields: dict[str, str]) -> Event:
         fields["id"],
         fields.get("event_id", fields["id"]),
         fields.get("event_type", "unknown"),
-        orjson.loads(fields.get("data", "{}")),
+        msgspec.json.decode(fields.get("data", "{}")),
         float(fields.get("timestamp", 0)),
-        orjson.loads(fields.get("metadata", "{}")),
+        msgspec.json.decode(fields.get("metadata", "{}")),
         fields["stream"],
     )
 

@@ -512,7 +512,7 @@ class Engine:
         committer: Committer,
         inflight: InFlight,
     ) -> None:
-        codec = Codec(plan.stream, self.spec.fields, data=self.router.reads_data)
+        codec = Codec(plan.stream, self.spec.fields, key=self.router.key_field)
         skip = plan.skip or None
         skip_until = max(skip.values()) if skip else ZERO
         stats = self.stats

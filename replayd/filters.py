@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import orjson
+import msgspec
 
 from replayd.events import Event
 
@@ -115,7 +115,7 @@ def _literal(raw: str) -> Any:
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
         return raw[1:-1]
     if raw in ("true", "false", "null"):
-        return orjson.loads(raw)
+        return msgspec.json.decode(raw)
     number = _number(raw)
     return raw if number is None else number
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 from zlib import crc32
 
@@ -41,8 +42,9 @@ class Router:
         self.shard = shard
         self._key = _key_function(partition_by, ordering)
         self._by_stream = ordering == "key" and partition_by in (None, STREAM_KEY)
-        self.reads_data = partitions > 1 and ordering == "key" and not self._by_stream
-        """Whether routing reads `data` from every event (partitioned by a data field)."""
+        by_data = partitions > 1 and ordering == "key" and not self._by_stream
+        self.key_field = partition_by if by_data else None
+        """The field of `data` routing reads from every event (for the codec to decode with the batch), or None."""
         self._mine = [shard.owns(p) for p in range(partitions)]
         self._cache: dict[str, int] = {}
         """Partition of recently seen keys: most streams have far fewer keys than events."""
@@ -135,6 +137,12 @@ def _key_function(partition_by: str | None, ordering: str) -> Callable[[Event], 
         return lambda e: e.stream_id
     if partition_by is None or partition_by == STREAM_KEY:
         return lambda e: e.stream
-    field = partition_by
-    # an event without the field goes with the others that lack it, as the article's "default" group does
-    return lambda e: str(e.data.get(field, "default"))  # str(): a number and its text are one key
+    return partial(_data_key, partition_by)
+
+
+def _data_key(field: str, event: Event) -> str:
+    try:
+        return event.key  # type: ignore[attr-defined,no-any-return] # the codec decoded it with the batch
+    except AttributeError:
+        # an event without the field goes with the others that lack it, as the article's "default" group does
+        return str(event.data.get(field, "default"))  # str(): a number and its text are one key

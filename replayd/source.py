@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from anyio.streams.memory import MemoryObjectSendStream
 
 from replayd.codec import Poison, RawEntry
-from replayd.connection import Client, connects, retrying
+from replayd.connection import Client, connects, count_received, retrying
 from replayd.events import Id, format_id, parse_id
 from replayd.metrics import Metrics
 
@@ -113,12 +113,15 @@ class StreamReader:
         """The ID the previous read saw after its last delivered entry: where the next read must start."""
         self._reported: Id | None = None
         """The position a gap was last found after: the next read may find the same gap again."""
+        self._received = [0]
+        """Bytes this reader's task has read from Redis (`count_received`, set when it runs)."""
 
     async def run(self, send: MemoryObjectSendStream[Batch], *, after: Id, end: Id | None, replay_until: Id) -> None:
         """Read entries after `after` up to `end` (inclusive), or without end: catch up, then follow live.
 
         Entries up to `replay_until` are marked as replayed history, later ones as live.
         """
+        self._received = count_received()
         async with send:
             pos = after
             await self._probe(pos)
@@ -135,10 +138,10 @@ class StreamReader:
         while end is None or pos < end:
             count = self.sizer.size
             command = ("XRANGE", self.stream, "(" + format_id(pos), upper, "COUNT", count + 1)
-            reply, connected = await self._call("XRANGE", command)
+            reply, connected, size = await self._call("XRANGE", command)
             entries = await self._take(reply, connected, count, pos)
             if entries:
-                pos = await self._deliver(send, entries, replaying)
+                pos = await self._deliver(send, entries, size, replaying)
             if self._successor is None:  # nothing more when it was read
                 break
         return pos
@@ -147,23 +150,27 @@ class StreamReader:
         while True:
             count = self.sizer.size
             command = ("XREAD", "COUNT", count + 1, "BLOCK", self.block_ms, "STREAMS", self.stream, format_id(pos))
-            reply, connected = await self._call("XREAD", command)
+            reply, connected, size = await self._call("XREAD", command)
             entries = await self._take(reply[0][1] if reply else [], connected, count, pos)
             if entries:
-                pos = await self._deliver(send, entries, False)
+                pos = await self._deliver(send, entries, size, False)
 
     async def _probe(self, pos: Id) -> None:
         """Size the first read by one entry: a stream of 20 MB entries must not be asked for 100 at once."""
-        entries, _ = await self._call("XRANGE", ("XRANGE", self.stream, "(" + format_id(pos), "+", "COUNT", 1))
-        self.sizer.observe_reply(len(entries), reply_bytes(entries))
+        entries, _, size = await self._call("XRANGE", ("XRANGE", self.stream, "(" + format_id(pos), "+", "COUNT", 1))
+        self.sizer.observe_reply(len(entries), size)
 
-    async def _call(self, what: str, command: tuple[Any, ...]) -> tuple[Any, bool]:
-        """The reply, and whether a connection was made meanwhile (Redis may have come back holding less)."""
-        epoch = connects()
+    async def _call(self, what: str, command: tuple[Any, ...]) -> tuple[Any, bool, int]:
+        """The reply, whether a connection was made meanwhile (Redis may have come back holding less), and the
+        reply's size in bytes."""
+        epoch, received = connects(), self._received[0]
         reply = await retrying(
             partial(self.redis.execute_command, *command), what=what, budget_s=self.budget_s, metrics=self.metrics
         )
-        return reply, connects() != epoch
+        size = self._received[0] - received
+        if not size and reply:  # a client whose connections do not count (none of `create_redis`'s)
+            size = reply_bytes(reply if what == "XRANGE" else reply[0][1])
+        return reply, connects() != epoch, size
 
     async def _take(self, entries: list[Any], connected: bool, count: int, pos: Id) -> list[Any]:
         """The entries to deliver: at most `count`; the one past them is kept as the next read's first."""
@@ -182,10 +189,9 @@ class StreamReader:
         if await retrying(call, what="XINFO", budget_s=self.budget_s, metrics=self.metrics):
             self._reported = pos
 
-    async def _deliver(self, send: MemoryObjectSendStream[Batch], entries: list[Any], replaying: bool) -> Id:
+    async def _deliver(self, send: MemoryObjectSendStream[Batch], entries: list[Any], size: int, replaying: bool) -> Id:
         pos = parse_id(entries[-1][0])
         self.position = pos
-        size = reply_bytes(entries)
         self.sizer.observe_reply(len(entries), size)
         oversized = self._oversized(entries) if size > self.max_entry_bytes else ()
         await send.send(Batch(self.stream, entries, pos, replaying, time.monotonic(), oversized))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 import redis
 from redis.asyncio import Redis
@@ -27,7 +27,7 @@ def fill(client: redis.Redis, rows: list[tuple[str, int]]) -> list[str]:
     """(customer, seq) rows as events; returns their entry IDs."""
     ids = []
     for customer, seq in rows:
-        data = orjson.dumps({"customer_id": customer, "seq": seq}).decode()
+        data = msgspec.json.encode({"customer_id": customer, "seq": seq}).decode()
         ids.append(client.xadd(STREAM, {"event_type": "OrderCreated", "data": data}).decode())  # type: ignore[union-attr]
     return ids
 
@@ -111,7 +111,7 @@ async def test_dead_letters_park_the_rest_of_the_key_and_let_other_keys_go_on(
         (ids[4], b"a", b"Parked"),
     ]
     assert letters[0][1][b"attempts"] == b"2"
-    assert orjson.loads(letters[0][1][b"data"]) == {"customer_id": "a", "seq": 2}
+    assert msgspec.json.decode(letters[0][1][b"data"]) == {"customer_id": "a", "seq": 2}
     assert sync_redis.hgetall("replayd:{dl}:parked") == {b"a": ids[2].encode()}
     assert engine.stats.dead_lettered == 2
     assert engine.stats.status == "completed"
@@ -148,7 +148,7 @@ async def test_undecodable_entries_stop_or_are_dead_lettered(
     assert engine.stats.poison == 1
     letters: Any = sync_redis.xrange("replayd:{dl2}:dlq")
     assert letters[0][1][b"id"] == bad.encode()
-    assert orjson.loads(letters[0][1][b"raw"])["data"] == "{broken"
+    assert msgspec.json.decode(letters[0][1][b"raw"])["data"] == "{broken"
 
 
 @pytest.mark.anyio

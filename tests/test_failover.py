@@ -130,7 +130,7 @@ def projection(client: redis.Redis) -> dict[Any, Any]:
 
 def order_summary(**overrides: Any) -> JobSpec:
     values: dict[str, Any] = {"name": "order_summary", "streams": [STREAM], "handler": "order_summary", "end": "now",
-                              "batch_size": 100, "min_batch_size": 100,
+                              "batch_size": 100, "min_batch_size": 100, "max_in_flight": 100,  # a commit a batch
                               "lease_ttl_s": 1}  # the torn tail loses the lease's release too  # fmt: skip
     return JobSpec(**{**values, **overrides})
 

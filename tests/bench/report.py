@@ -41,7 +41,7 @@ class Target:
 
 ROWS = [
     Row("article_replay", "article EventReplayer.replay_all, no-op (peer)", "article replayer"),
-    Row("raw_read", "raw read limit (XRANGE, 1 in flight, orjson)", "raw read"),
+    Row("raw_read", "raw read limit (XRANGE, 1 in flight, msgspec)", "raw read"),
     Row("replayd_noop_p1", "replayd no-op, 1 partition", "no-op P=1", "article_replay", "raw_read"),
     Row("replayd_noop_p16", "replayd no-op, 16 partitions", "no-op P=16", "article_replay", "raw_read"),
     Row("article_rebuild", "article ProjectionRebuilder.rebuild (peer)", "article rebuild"),
@@ -182,7 +182,7 @@ def machine_info(redis_version: str) -> dict[str, Any]:
         nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         nproc = str(len(os.sched_getaffinity(0)))
-    packages = {name: _version(name) for name in ("replayd", "redis", "hiredis", "orjson", "anyio", "uvloop")}
+    packages = {name: _version(name) for name in ("replayd", "redis", "hiredis", "msgspec", "anyio", "uvloop")}
     return {
         "nproc": int(nproc),
         "cpu_model": model,

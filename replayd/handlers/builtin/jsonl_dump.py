@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 import anyio
 import anyio.to_thread
-import orjson
+import msgspec
 
 from replayd.errors import ConfigError, ReplaydError
 from replayd.events import Event
@@ -44,17 +44,19 @@ STDOUT = "-"
 
 def event_line(event: Event) -> bytes:
     """One event as a JSON object followed by a newline."""
-    return orjson.dumps(
-        {
-            "stream": event.stream,
-            "stream_id": event.stream_id,
-            "event_id": event.event_id,
-            "event_type": event.event_type,
-            "data": event.data,
-            "timestamp": event.timestamp,
-            "metadata": event.metadata,
-        },
-        option=orjson.OPT_APPEND_NEWLINE,
+    return (
+        msgspec.json.encode(
+            {
+                "stream": event.stream,
+                "stream_id": event.stream_id,
+                "event_id": event.event_id,
+                "event_type": event.event_type,
+                "data": event.data,
+                "timestamp": event.timestamp,
+                "metadata": event.metadata,
+            }
+        )
+        + b"\n"
     )
 
 

@@ -40,7 +40,7 @@ import os
 from collections.abc import Sequence
 from functools import partial
 
-import orjson
+import msgspec
 
 from replayd.connection import retrying, text
 from replayd.errors import ConfigError
@@ -152,9 +152,9 @@ class Republish(Projection):
         fields: list[Arg] = [
             "event_id", event.event_id,
             "event_type", event.event_type,
-            "data", orjson.dumps(event.data),
+            "data", msgspec.json.encode(event.data),
             "timestamp", repr(event.timestamp),
-            "metadata", orjson.dumps(event.metadata),
+            "metadata", msgspec.json.encode(event.metadata),
             "origin_stream", event.stream,
             "origin_id", event.stream_id,
         ]  # fmt: skip
