@@ -235,14 +235,12 @@ class Tally:
         ]
 
 
-@dataclass(eq=False)
-class CommitRequest:
+class CommitRequest(NamedTuple):
     """A lane batch's writes and checkpoint fields, waiting for its transaction."""
 
     commands: list[tuple[Any, ...]]
     checkpoints: dict[str, str]
     marks: list[Mark]
-    done: anyio.Event = field(default_factory=anyio.Event)
     then: Callable[[], None] | None = None
     """Called once the request is committed (a lane that did not wait for it releases its events here)."""
 
@@ -294,13 +292,18 @@ class Committer:
         """Under Redis Cluster, the slot of the job's keys: every key a commit writes must be in it."""
 
     async def commit(self, request: CommitRequest) -> None:
-        await self._send.send(request)
-        await request.done.wait()
+        """Queue a request (its `then` is replaced) and wait until it is committed."""
+        committed = anyio.Event()
+        await self.submit(request._replace(then=committed.set))
+        await committed.wait()
 
     async def submit(self, request: CommitRequest) -> None:
-        """Queue a request without waiting for its commit (which sets `done` and calls `then`). A lane's
-        requests are committed in the order it queues them: one task commits them all."""
-        await self._send.send(request)
+        """Queue a request without waiting for its commit (which calls `then`). A lane's requests are committed
+        in the order it queues them: one task commits them all."""
+        try:
+            self._send.send_nowait(request)  # no checkpoint: the lane yields when its inbox runs dry
+        except anyio.WouldBlock:
+            await self._send.send(request)
 
     async def nudge(self) -> None:
         """Ask for a commit of the floors alone (after batches whose events were all filtered out)."""
@@ -345,7 +348,6 @@ class Committer:
             self._count("ok", time.monotonic() - started)
         self.floors.update(floors)
         for request in group:
-            request.done.set()
             if request.then is not None:
                 request.then()
         self._on_commit(floors)

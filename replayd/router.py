@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from operator import attrgetter
 from typing import NamedTuple
 from zlib import crc32
 
@@ -101,9 +102,9 @@ class Router:
 
     def _group(self, events: list[Event]) -> dict[int, list[Event]]:
         parts: dict[int, list[Event]] = {}
-        key, cache, mine, partition_of = self._key, self._cache, self._mine, self._partition_of
-        for event in events:
-            k = key(event)
+        cache, mine, partition_of = self._cache, self._mine, self._partition_of
+        keys = self._decoded_keys(events)
+        for event, k in zip(events, keys if keys is not None else map(self._key, events), strict=True):
             p = cache.get(k)
             if p is None:
                 p = partition_of(k)
@@ -115,6 +116,15 @@ class Router:
             else:
                 bucket.append(event)
         return parts
+
+    def _decoded_keys(self, events: list[Event]) -> list[str] | None:
+        """The keys the codec decoded with the batch (in one C loop), or None for events it did not make."""
+        if self.key_field is None:
+            return None
+        try:
+            return list(map(_decoded_key, events))
+        except AttributeError:
+            return None
 
     def _sift(self, events: list[Event], predicate: Predicate | None) -> tuple[list[Event], list[Poison]]:
         """The events whose filter and key can be computed, and the others as Poison."""
@@ -138,6 +148,10 @@ def _key_function(partition_by: str | None, ordering: str) -> Callable[[Event], 
     if partition_by is None or partition_by == STREAM_KEY:
         return lambda e: e.stream
     return partial(_data_key, partition_by)
+
+
+_decoded_key = attrgetter("key")
+"""The partition key `codec.LazyEvent` holds when the codec decoded it."""
 
 
 def _data_key(field: str, event: Event) -> str:

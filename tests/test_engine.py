@@ -558,13 +558,13 @@ async def test_a_lane_waits_for_its_commit_only_when_its_handler_may_read(handle
             async for request in requests:
                 await release.wait()
                 committed.append(list(request.checkpoints.values()))
-                request.done.set()
                 if request.then is not None:
                     request.then()
 
     async def commit(request: CommitRequest) -> None:
-        await queue.send(request)
-        await request.done.wait()
+        done = anyio.Event()
+        await queue.send(request._replace(then=done.set))
+        await done.wait()
 
     handled: list[int] = []
     original = handler.handle_batch
