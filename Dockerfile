@@ -19,7 +19,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_INPUT=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# Every runtime dependency (redis/hiredis, uvloop, orjson, pydantic-core) ships manylinux wheels for
+# Every runtime dependency (redis/hiredis, uvloop, msgspec, pydantic-core) ships manylinux wheels for
 # CPython 3.12 on amd64 and arm64, so no compiler is installed, not even in the builder.
 RUN python -m venv /app/.venv
 

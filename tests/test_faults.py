@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from replayd.commit import Committer, Watermark
 from replayd.config import JobSpec, RedisConfig
-from replayd.connection import RETRIABLE, create_redis
+from replayd.connection import RETRIABLE, connects, count_received, create_redis
 from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import CommitError, SourceError
 from replayd.metrics import Metrics
@@ -433,3 +433,18 @@ async def test_commit_late_attempt_is_fenced(proxy: FaultProxy, client: Redis) -
         await anyio.sleep(0.3)
 
     assert await commit_incr(client, proxy, fault) == 1
+
+
+@pytest.mark.anyio
+async def test_connections_are_counted_when_made_and_replies_by_their_bytes(raw_redis: Redis) -> None:
+    """`connects()` moves when a connection is made (a reader then checks its stream for a gap), not on every
+    command; `count_received` counts the bytes of the calling task's replies (a reader sizes its reads by them)."""
+    await raw_redis.ping()
+    before, received = connects(), count_received()
+    for _ in range(5):
+        await raw_redis.ping()
+    assert connects() == before
+    assert received[0] == 5 * len(b"+PONG\r\n")
+    await raw_redis.connection_pool.disconnect()
+    await raw_redis.ping()
+    assert connects() == before + 1
