@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from replayd.codec import Codec
+from replayd.config import FieldNames
 from replayd.events import Event
 from replayd.router import Router
 
@@ -96,3 +98,19 @@ def test_skip_drops_what_a_partition_already_committed() -> None:
 def test_skip_everything_of_a_partition_leaves_no_empty_bucket() -> None:
     parts = by_customer(16).split([ev(1, {"customer_id": "cust_1"})], skip={7: (9, 0)})
     assert parts == {}
+
+
+def test_keys_the_codec_decodes_alone_route_as_the_whole_data_does() -> None:
+    """Routing by a data field, the codec decodes that field alone: every event lands where its decoded `data`
+    would put it (numbers, nulls, objects, a missing field, a missing `data`), and `data` that is not a JSON
+    object is poison at once."""
+    datas = [b'{"customer_id":"cust_1","x":[1,{"y":"z"}]}', b'{"customer_id":42}', b'{"other":1}',
+             b'{"customer_id":4.5}', b'{"customer_id":null}', b'{"customer_id":{"a":[1]}}']  # fmt: skip
+    entries: list[Any] = [[f"{i}-0".encode(), [b"event_type", b"A", b"data", d]] for i, d in enumerate(datas, 1)]
+    entries += [[b"8-0", [b"event_type", b"A"]], [b"9-0", [b"event_type", b"A", b"data", b"[1, 2]"]]]
+    events, poison = Codec("orders", FieldNames(), key="customer_id").decode(entries)
+    assert [p.stream_id for p in poison] == ["9-0"]
+    router = by_customer()
+    expected = {e.stream_id: router.partition(ev(0, e.data)) for e in events}  # a plain Event decodes `data` whole
+    assert {e.stream_id: router.partition(e) for e in events} == expected
+    assert {e.stream_id: p for p, part in router.split(events).items() for e in part} == expected
