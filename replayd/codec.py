@@ -173,7 +173,8 @@ class Codec:
     def _poison(self, stream_id: str, flat: list[bytes] | None, exc: Exception) -> Poison:
         if flat is None:  # an entry deleted between listing and reading (XDEL): a tombstone
             return Poison(self.stream, stream_id, {}, "tombstone: entry has no fields")
-        return Poison(self.stream, stream_id, _lenient(flat), f"{type(exc).__name__}: {exc}")
+        field = "data: " if isinstance(exc, msgspec.MsgspecError) else ""  # only the partition key uses msgspec here
+        return Poison(self.stream, stream_id, _lenient(flat), f"{type(exc).__name__}: {field}{exc}")
 
 
 def _lenient(flat: list[bytes]) -> dict[str, str]:
