@@ -75,7 +75,11 @@ class EmbeddedRedis:
             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", "--logfile", "redis.log",
             *self.extra_args,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+        # a process group of its own: a terminal's Ctrl-C reaches replayd, which drains (committing through this
+        # server) and then stops it, instead of reaching redis-server too, which would shut down mid-drain
+        self.proc = subprocess.Popen(  # noqa: S603
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

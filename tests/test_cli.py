@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +15,7 @@ import pytest
 import redis
 
 from replayd.sample import load_history_sync
-from tests.helpers import replayd
+from tests.helpers import cli_env, replayd
 from tests.servers import RedisServer
 
 STREAM = "events:orders"
@@ -135,3 +139,22 @@ def test_unreachable_redis_exits_69_after_retrying_and_hides_the_password() -> N
 
 def test_replay_on_embedded_server_version(redis_server: RedisServer) -> None:
     assert redis_server.version() >= (6, 2)
+
+
+def test_demo_drains_and_exits_0_on_a_terminal_ctrl_c(tmp_path: Path) -> None:
+    """`make run`'s demo, stopped as a terminal stops it: SIGINT to its whole process group. The embedded
+    redis-server is in a group of its own, so it outlives the drain that commits through it."""
+    command = [sys.executable, "-m", "replayd", "demo", "--events", "2000", "--rate", "50"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the demo rebuilds, then follows the producer live
+            if line.startswith("live:"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped cleanly" in out
