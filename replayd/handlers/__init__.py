@@ -298,15 +298,8 @@ async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Co
                 result = call(event, ctx)
                 if result is not None and inspect.isawaitable(result):
                     await result
-            except StopReplay:
-                outcome.handled += 1
-                outcome.stopped_at = index
-                break
-            except DecodeError as error:  # a field the handler read cannot be decoded: poison, never retried
-                tx._rollback(mark)
-                verdict = _poisoned(event, error, tx, policy, outcome)
-            except Exception as exc:  # noqa: BLE001 - any handler error: retried, then the failure policy
-                verdict = await _retry(event, ctx, call, outcome, exc, mark)
+            except Exception as exc:  # noqa: BLE001 - StopReplay, poison, or an error to retry: `_settle` says
+                verdict = await _settle(event, ctx, call, outcome, exc, mark)
             else:
                 outcome.handled += 1
                 continue
@@ -335,41 +328,48 @@ def _poisoned(event: Event, error: DecodeError, tx: Tx, policy: FailurePolicy | 
     return _count(outcome, policy.give_up(event, error, 1, tx) if policy else "skipped")
 
 
-async def _retry(
+async def _settle(
     event: Event, ctx: Context, call: Callable[[Event, Context], Any], outcome: Outcome, exc: Exception, mark: int
 ) -> str:
-    """The handler raised on `event`: retried as the policy says (its queued writes dropped after each failed
-    attempt), then given up on."""
+    """The verdict after the handler raised `exc` on `event` (the slow path): a StopReplay ends the batch with the
+    event handled; an undecodable field makes it poison, never retried; any other error is retried as the policy
+    says, its queued writes dropped after each failed attempt, then given up on."""
     tx, policy = ctx.tx, ctx.failures
     attempt = 1
     while True:
+        if isinstance(exc, StopReplay):
+            outcome.handled += 1
+            return "stopped"
         tx._rollback(mark)
+        if isinstance(exc, DecodeError):
+            return _poisoned(event, exc, tx, policy, outcome)
         if policy is None or attempt > policy.retries:
             break
         attempt += 1
         outcome.retried += 1
         await anyio.sleep(policy.backoff_s(attempt))
-        try:
-            result = call(event, ctx)
-            if result is not None and inspect.isawaitable(result):
-                await result
-        except StopReplay:
-            outcome.handled += 1
-            return "stopped"
-        except DecodeError as error:
-            tx._rollback(mark)
-            return _poisoned(event, error, tx, policy, outcome)
-        except Exception as again:  # noqa: BLE001 - the next attempt, or the policy, decides
-            exc = again
-        else:
+        failed = await _attempt(event, ctx, call)
+        if failed is None:
             outcome.handled += 1
             return "handled"
+        exc = failed
     logger.error(
         "handler failed on %s %s (event %s, %s) after %d attempt(s)",
         event.stream, event.stream_id, event.event_id, event.event_type, attempt, exc_info=exc,
     )  # fmt: skip
     outcome.failed += 1
     return _count(outcome, policy.give_up(event, exc, attempt, tx) if policy else "skipped")
+
+
+async def _attempt(event: Event, ctx: Context, call: Callable[[Event, Context], Any]) -> Exception | None:
+    """One more call of the handler on `event`: what it raised, or None."""
+    try:
+        result = call(event, ctx)
+        if result is not None and inspect.isawaitable(result):
+            await result
+    except Exception as exc:  # noqa: BLE001 - the caller decides
+        return exc
+    return None
 
 
 def _count(outcome: Outcome, verdict: str) -> str:
