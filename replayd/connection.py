@@ -124,6 +124,10 @@ def connects() -> int:
     return _FailFast.connects
 
 
+READ_SIZE = 1 << 20
+"""Bytes a connection takes from its socket buffer at once (redis-py reads 32 KiB): an XRANGE reply of 1000 entries
+is about 230 KiB, and each partial read copied the rest of the buffer again."""
+
 _received: ContextVar[list[int] | None] = ContextVar("replayd_received", default=None)
 
 
@@ -253,6 +257,7 @@ def _url_options(cfg: RedisConfig) -> dict[str, Any]:
     kind = kwargs.get("connection_class", Connection)
     kwargs["connection_class"] = _FAIL_FAST.get(kind, kind)
     kwargs["parser_class"] = _CountingParser
+    kwargs.setdefault("socket_read_size", READ_SIZE)
     return kwargs
 
 

@@ -30,7 +30,7 @@ from replayd.filters import Predicate, build_filter
 from replayd.gaps import find_gap
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import load_handler, load_predicate
-from replayd.lanes import InFlight, Lanes, Slice, deliver
+from replayd.lanes import InFlight, Lanes, Slice
 from replayd.lease import Lease
 from replayd.logs import current_job
 from replayd.metrics import JobView, Metrics
@@ -373,7 +373,7 @@ class Engine:
             discard=self.discard,
         )
         inflight = self.inflight
-        lanes = Lanes(
+        self.lanes = lanes = Lanes(
             self.spec.partitions,
             self.handler,
             self.new_context,
@@ -616,7 +616,7 @@ class Engine:
         # big entries, fewer of them in flight: memory stays near IN_FLIGHT_READS x max_batch_bytes
         inflight.limit = min(self.spec.max_in_flight, IN_FLIGHT_READS * self.sizer.fit)
         await inflight.acquire(routed)
-        await deliver(senders, parts, mark, batch.replaying)
+        await self.lanes.deliver(senders, parts, mark, batch.replaying)
 
     def _account_poison(self, poison: list[Poison]) -> None:
         self.stats.poison += len(poison)

@@ -2,8 +2,9 @@
 
 A lane takes the slices waiting in its bounded inbox (up to the current batch size), runs the handler on them,
 then hands its `ctx.tx` writes and checkpoints to the committer and waits for the transaction. A handler whose
-event code never awaits (sync `@on` methods: they only queue writes, they cannot read) does not wait: its lane
-handles the next batch while Redis commits the previous one, whose events are released when it is committed.
+event code never awaits (sync `@on` methods: they only queue writes, they cannot read) needs no lanes: the router
+calls it on each partition's slice in turn, and does not wait for the commit: it routes and handles the next read
+batch while Redis commits the previous one, whose events are released when it is committed.
 The reader side waits while `max_in_flight` events are routed but not committed, so memory stays bounded.
 """
 
@@ -39,23 +40,6 @@ class Slice(NamedTuple):
     """The read batch's mark, done when all its slices are committed (None on a piece cut off a slice's front)."""
     replaying: bool
     """History or live."""
-
-
-async def deliver(
-    senders: list[MemoryObjectSendStream[Slice]], parts: dict[int, list[Event]], mark: Mark, replaying: bool
-) -> None:
-    """Hand a read batch's slices to their lanes, all before yielding: the lanes then run together and their
-    commits meet in the committer's queue, so they share one transaction (one per read batch when handlers
-    are quick) instead of each lane committing alone. Waits only while an inbox is full."""
-    for partition, events in parts.items():
-        piece = Slice(events, mark, replaying)
-        try:
-            try:
-                senders[partition].send_nowait(piece)
-            except anyio.WouldBlock:
-                await senders[partition].send(piece)
-        except anyio.BrokenResourceError:  # that lane stopped (StopReplay): the job is ending
-            return
 
 
 class InFlight:
@@ -121,6 +105,32 @@ class Lanes:
         pairs = [anyio.create_memory_object_stream[Slice](max_buffer_size=16) for _ in range(partitions)]
         self._inboxes: list[MemoryObjectSendStream[Slice]] = [send for send, _ in pairs]
         self._outboxes: list[MemoryObjectReceiveStream[Slice]] = [receive for _, receive in pairs]
+        self._halted: set[int] = set()
+        """Partitions whose handler asked to stop or failed for good: the job is ending."""
+
+    async def deliver(
+        self, senders: list[MemoryObjectSendStream[Slice]], parts: dict[int, list[Event]], mark: Mark, replaying: bool
+    ) -> None:
+        """Hand a read batch's slices to their lanes, all before yielding: the lanes then run together and their
+        commits meet in the committer's queue, so they share one transaction (one per read batch when handlers
+        are quick) instead of each lane committing alone. Waits only while an inbox is full.
+
+        A handler that never awaits is called right here instead, partition after partition, and the read batch
+        commits as one request: lanes could not run it concurrently anyway, and waking a lane costs more than
+        handling a slice of 60 events. Once routed, the batch is handled whole, as lanes drain on a stop."""
+        if self.submit is not None:
+            with anyio.CancelScope(shield=True):
+                await self._process([(p, Slice(events, mark, replaying)) for p, events in parts.items()])
+            return
+        for partition, events in parts.items():
+            piece = Slice(events, mark, replaying)
+            try:
+                try:
+                    senders[partition].send_nowait(piece)
+                except anyio.WouldBlock:
+                    await senders[partition].send(piece)
+            except anyio.BrokenResourceError:  # that lane stopped (StopReplay): the job is ending
+                return
 
     def senders(self) -> list[MemoryObjectSendStream[Slice]]:
         """One set of inbox handles per router: the lanes end when every router has closed its set."""
@@ -148,11 +158,14 @@ class Lanes:
                     slices.append(more)
                     size += len(more.events)
                 for chunk in _chunks(slices, self.sizer):
-                    if not await self._process(partition, chunk):
+                    await self._process([(partition, piece) for piece in chunk])
+                    if partition in self._halted:
                         return
 
-    async def _process(self, partition: int, chunk: list[Slice]) -> bool:
-        """Handle and commit one lane batch; False when a handler asked to stop."""
+    async def _process(self, work: list[tuple[int, Slice]]) -> None:
+        """Handle and commit one lane batch, or a read batch's slices of a handler that never awaits. A partition
+        whose handler asked to stop, or failed for good under the `stop` policy, is halted: its later events are
+        left for the next run."""
         ctx = self.new_context()
         checkpoints: dict[str, str] = {}
         done: list[Mark] = []
@@ -160,34 +173,37 @@ class Lanes:
         failure: Event | None = None
         async with self.limiter:
             began = time.monotonic()
-            for piece in chunk:
+            for partition, piece in work:
+                if partition in self._halted:
+                    continue
                 ctx.replaying = piece.replaying
                 started = time.monotonic()
                 outcome = await self.handler.handle_batch(piece.events, ctx)
                 self.on_outcome(piece.events[0].stream, outcome, time.monotonic() - started)
+                where = f"{piece.events[0].stream}#{partition}"
                 if outcome.failed_at is not None:  # policy `stop`: commit what came before, then fail the job
-                    failure = piece.events[outcome.failed_at]
+                    if failure is None:
+                        failure = piece.events[outcome.failed_at]
                     if outcome.failed_at:
-                        before = piece.events[outcome.failed_at - 1]
-                        checkpoints[f"{before.stream}#{partition}"] = before.stream_id
-                    break
-                if outcome.stopped_at is not None:
-                    last = piece.events[outcome.stopped_at]
-                    checkpoints[f"{last.stream}#{partition}"] = last.stream_id
+                        checkpoints[where] = piece.events[outcome.failed_at - 1].stream_id
+                    self._halted.add(partition)
+                elif outcome.stopped_at is not None:
+                    checkpoints[where] = piece.events[outcome.stopped_at].stream_id
+                    self._halted.add(partition)
                     stopped = True
-                    break
-                last = piece.events[-1]
-                checkpoints[f"{last.stream}#{partition}"] = last.stream_id
-                if piece.mark is not None:
-                    done.append(piece.mark)
+                else:
+                    checkpoints[where] = piece.events[-1].stream_id
+                    if piece.mark is not None:
+                        done.append(piece.mark)
             self.sizer.observe(time.monotonic() - began)
-        events = sum(len(piece.events) for piece in chunk)
+        events = sum(len(piece.events) for _, piece in work)
+        await self._commit(CommitRequest(ctx.tx.commands, checkpoints, done), events, failure, stopped)
+
+    async def _commit(self, request: CommitRequest, events: int, failure: Event | None, stopped: bool) -> None:
         if self.submit is not None and failure is None and not stopped:  # released once it is committed
-            await self.submit(
-                CommitRequest(ctx.tx.commands, checkpoints, done, then=partial(self.inflight.release, events))
-            )
-            return True
-        await self.commit(CommitRequest(ctx.tx.commands, checkpoints, done))
+            await self.submit(request._replace(then=partial(self.inflight.release, events)))
+            return
+        await self.commit(request)
         self.inflight.release(events)
         if failure is not None:
             raise DataError(
@@ -196,9 +212,8 @@ class Lanes:
                 "(on_poison = 'dead-letter' or 'skip' goes on)"
             )
         if stopped:
-            logger.info("handler asked to stop at %s", checkpoints)
+            logger.info("handler asked to stop at %s", request.checkpoints)
             self.stop.set()
-        return not stopped
 
 
 YOUNG_THRESHOLD = 100_000

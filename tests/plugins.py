@@ -56,6 +56,9 @@ class Recorder:
         self.hooks.append("startup")
 
     async def handle(self, event: Event, ctx: Context) -> None:
+        self.record(event, ctx)
+
+    def record(self, event: Event, ctx: Context) -> None:
         if self.decode:
             event.astuple()
         if self.write:
@@ -72,6 +75,13 @@ class Recorder:
 
     async def shutdown(self, ctx: Context) -> None:
         self.hooks.append("shutdown")
+
+
+class SyncRecorder(Recorder):
+    """A Recorder whose `handle` never awaits: the engine calls it inline, without lanes."""
+
+    def handle(self, event: Event, ctx: Context) -> None:  # type: ignore[override]
+        self.record(event, ctx)
 
 
 class BatchRecorder:

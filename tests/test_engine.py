@@ -20,6 +20,7 @@ from replayd.errors import ConfigError, DataError
 from replayd.events import Event, parse_id
 from replayd.handlers import Context, FunctionHandler, ObjectHandler, Outcome, Projection, on
 from replayd.lanes import InFlight, Lanes, Slice
+from replayd.router import Router
 from replayd.source import BatchSizer
 from tests import plugins
 from tests.helpers import (
@@ -36,7 +37,7 @@ from tests.helpers import (
     stream_ids,
     wait_until,
 )
-from tests.plugins import BatchRecorder, Notifier, Recorder
+from tests.plugins import BatchRecorder, Notifier, Recorder, SyncRecorder
 
 pytestmark = pytest.mark.anyio
 
@@ -430,11 +431,16 @@ async def test_small_max_in_flight_still_completes(
 # --- handler failures and StopReplay
 
 
+RECORDERS = pytest.mark.parametrize("recorder", [Recorder, SyncRecorder], ids=["lanes", "inline"])
+"""Handlers that await run in lanes; those that never await are called inline by the router."""
+
+
+@RECORDERS
 async def test_a_failing_event_is_counted_and_its_writes_are_dropped_under_skip(
-    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, recorder: type[Recorder]
 ) -> None:
     ids = add(sync_redis, orders(40))
-    rec = Recorder(write=True, fail_on=lambda e: e.data["seq"] % 10 == 3)
+    rec = recorder(write=True, fail_on=lambda e: e.data["seq"] % 10 == 3)
     stats, _ = await run(spec(partition_by="customer_id", on_poison="skip", retries=0), raw_redis, redis_cfg, rec)
     failing = {ids[i] for i in (3, 13, 23, 33)}
     assert (stats.processed, stats.failed, stats.status) == (36, 4, "completed")
@@ -444,17 +450,39 @@ async def test_a_failing_event_is_counted_and_its_writes_are_dropped_under_skip(
     assert checkpoint(sync_redis)["orders#*"] == ids[-1]
 
 
+@RECORDERS
 async def test_stop_replay_ends_the_run_at_the_stopping_event(
-    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, recorder: type[Recorder]
 ) -> None:
     ids = add(sync_redis, orders(100))
-    rec = Recorder(write=True, stop_on=lambda e: e.data["seq"] == 25)
+    rec = recorder(write=True, stop_on=lambda e: e.data["seq"] == 25)
     stats, _ = await run(spec(partitions=1, batch_size=10), raw_redis, redis_cfg, rec)
     assert rec.ids == ids[:26]
     assert stats.status in ("completed", "stopped")
     assert checkpoint(sync_redis)["orders#0"] == ids[25]
     assert sync_redis.exists(f"projection:recorder:seen:{ids[25]}")  # its own work is committed
     assert not sync_redis.exists(f"projection:recorder:seen:{ids[26]}")
+
+
+@RECORDERS
+async def test_stop_replay_halts_its_partition_and_the_others_commit_their_slices(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, recorder: type[Recorder]
+) -> None:
+    ids = add(sync_redis, orders(50))
+    rec = recorder(write=True, stop_on=lambda e: e.data["seq"] == 12, partition_by="customer_id")
+    stats, _ = await run(spec(partitions=4, batch_size=10, min_batch_size=10), raw_redis, redis_cfg, rec)
+    assert stats.status in ("completed", "stopped")
+    router = Router(4, partition_by="customer_id", ordering="key")
+
+    def partition(seq: int) -> int:  # orders(): event `seq` is customer c<seq % 7>'s
+        return router.partition(Event(ids[seq], "e", "t", {"customer_id": f"c{seq % 7}"}, 0.0, {}, STREAM))
+
+    handled = {e.data["seq"] for e in rec.events}
+    assert max(seq for seq in handled if partition(seq) == partition(12)) == 12
+    assert handled >= {seq for seq in range(20) if seq <= 12 or partition(seq) != partition(12)}  # its read batch
+    written = {k.decode().rsplit(":", 1)[1] for k in sync_redis.scan_iter("projection:recorder:seen:*")}
+    assert written == set(rec.ids)  # what was handled was committed, in every partition
+    assert checkpoint(sync_redis)[f"{STREAM}#{partition(12)}"] == ids[12]
 
 
 # --- handler kinds
