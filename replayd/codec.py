@@ -100,7 +100,7 @@ def key_decoder(field: str) -> Callable[[bytes], Any]:
     """Decodes `field` of a JSON object into `.value` (`default` when absent), checking the rest of the document
     without building it: about half the cost of a full decode, and nothing to free."""
 
-    class Key(msgspec.Struct, rename={"value": field}):
+    class Key(msgspec.Struct, rename={"value": field}, gc=False):  # gc=False: freed at once, never in a cycle
         value: Any = "default"
 
     return msgspec.json.Decoder(Key).decode

@@ -122,7 +122,6 @@ class Engine:
                                 max_bytes=spec.max_batch_bytes)  # fmt: skip
         self.pacer = Pacer(spec.rate_limit, spec.speed)
         self.metrics = metrics or Metrics()
-        self._batch_seconds = self.metrics.handler_batch.labels(spec.name)
         self._handled: dict[str, Counter] = {}
         """Stream -> its `replayd_handler_events{outcome="ok"}` counter: looked up once, not per lane batch."""
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
@@ -337,7 +336,7 @@ class Engine:
                 self.view.last_progress[stream] = now
             self._check_caught_up()
 
-    def _on_outcome(self, stream: str, outcome: Outcome, seconds: float) -> None:
+    def _on_outcome(self, stream: str, outcome: Outcome) -> None:
         self.stats.processed += outcome.handled
         self.stats.failed += outcome.failed
         self.stats.dead_lettered += outcome.dead_lettered
@@ -352,7 +351,6 @@ class Engine:
                              ("dead_lettered", outcome.dead_lettered)):  # fmt: skip
             if count:
                 events.labels(stream, self.spec.name, label).inc(count)
-        self._batch_seconds.observe(seconds)
 
     async def _pipeline(self) -> None:
         commit_send, commit_receive = anyio.create_memory_object_stream[CommitRequest](
@@ -383,6 +381,7 @@ class Engine:
             sizer=self.sizer,
             inflight=inflight,
             on_outcome=self._on_outcome,
+            on_batch=self.metrics.handler_batch.labels(self.spec.name).observe,
             stop=self.stop_requested,
         )
         self._check_caught_up()

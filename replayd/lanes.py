@@ -84,7 +84,8 @@ class Lanes:
         concurrency: int,
         sizer: BatchSizer,
         inflight: InFlight,
-        on_outcome: Callable[[str, Outcome, float], None],
+        on_outcome: Callable[[str, Outcome], None],
+        on_batch: Callable[[float], None],
         stop: anyio.Event,
     ) -> None:
         self.handler = handler
@@ -96,6 +97,9 @@ class Lanes:
         self.sizer = sizer
         self.inflight = inflight
         self.on_outcome = on_outcome
+        """Called with each slice's outcome."""
+        self.on_batch = on_batch
+        """Called with the handler time of each lane batch (of each read batch, inline)."""
         # a limiter that can never be full is skipped: every lane batch would pay for it for nothing
         self.limiter: AbstractAsyncContextManager[Any] = (
             anyio.CapacityLimiter(concurrency) if concurrency < partitions else _Unlimited()
@@ -177,9 +181,8 @@ class Lanes:
                 if partition in self._halted:
                     continue
                 ctx.replaying = piece.replaying
-                started = time.monotonic()
                 outcome = await self.handler.handle_batch(piece.events, ctx)
-                self.on_outcome(piece.events[0].stream, outcome, time.monotonic() - started)
+                self.on_outcome(piece.events[0].stream, outcome)
                 where = f"{piece.events[0].stream}#{partition}"
                 if outcome.failed_at is not None:  # policy `stop`: commit what came before, then fail the job
                     if failure is None:
@@ -195,7 +198,9 @@ class Lanes:
                     checkpoints[where] = piece.events[-1].stream_id
                     if piece.mark is not None:
                         done.append(piece.mark)
-            self.sizer.observe(time.monotonic() - began)
+            took = time.monotonic() - began
+        self.sizer.observe(took)
+        self.on_batch(took)
         events = sum(len(piece.events) for _, piece in work)
         await self._commit(CommitRequest(ctx.tx.commands, checkpoints, done), events, failure, stopped)
 

@@ -606,7 +606,7 @@ async def test_a_lane_waits_for_its_commit_only_when_its_handler_may_read(handle
     lanes = Lanes(
         1, handler, lambda: Context("job", None, "projection:x"), commit,  # type: ignore[arg-type]
         submit=queue.send, concurrency=1, sizer=BatchSizer(1, minimum=1, target_s=1.0), inflight=inflight,
-        on_outcome=lambda stream, outcome, seconds: None, stop=anyio.Event(),
+        on_outcome=lambda stream, outcome: None, on_batch=lambda seconds: None, stop=anyio.Event(),
     )  # fmt: skip
     events = [Event(f"{i}-0", f"e{i}", "OrderCreated", {"customer_id": "c", "seq": i}, 0.0, {}, "s") for i in (1, 2)]
     await inflight.acquire(2)
