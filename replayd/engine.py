@@ -515,6 +515,8 @@ class Engine:
         skip = plan.skip or None
         skip_until = max(skip.values()) if skip else ZERO
         stats = self.stats
+        events_read = self.metrics.events_read.labels(plan.stream)
+        read_batch = self.metrics.read_batch.labels(plan.stream)
         try:
             async with receive:
                 async for batch in receive:
@@ -524,8 +526,8 @@ class Engine:
                     events, poison = codec.decode(batch.entries)
                     read = len(batch.entries) + len(batch.oversized)
                     stats.total += read
-                    self.metrics.events_read.labels(plan.stream).inc(read)
-                    self.metrics.read_batch.labels(plan.stream).observe(read)
+                    events_read.inc(read)
+                    read_batch.observe(read)
                     routed = self.router.route(events, self.filter, skip)
                     poison = [*batch.oversized, *poison, *routed.poison]
                     if len(poison) > 1:  # found at three stages: `stop` must name the first in stream order
