@@ -280,9 +280,9 @@ class JobSpec(_Section):
     lease_ttl_s: float = Field(15.0, gt=0)
     """How long a lease outlives its owner (a SIGKILLed or paused instance) before another may take it."""
     allow_reset: bool = False
+    """Start over when the checkpoint vanished while the job's progress remains (refused otherwise)."""
     require_stream: bool = False
     """A stream key that does not exist at start stops the job (exit 65) instead of reading as empty."""
-    """Start over when the checkpoint vanished while the job's progress remains (refused otherwise)."""
     retain_old_s: float = Field(60.0, ge=0)
     """After a rebuild flips the projection to its new version, readers still on the old one have this long
     before it is deleted."""
