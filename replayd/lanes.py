@@ -121,10 +121,10 @@ class Lanes:
 
         A handler that never awaits is called right here instead, partition after partition, and the read batch
         commits as one request: lanes could not run it concurrently anyway, and waking a lane costs more than
-        handling a slice of 60 events. Once routed, the batch is handled whole, as lanes drain on a stop."""
+        handling a slice of 60 events. Such a call yields only in a retry's backoff or while the committer's
+        queue is full: a stop that lands there leaves the batch uncommitted, for the next run."""
         if self.submit is not None:
-            with anyio.CancelScope(shield=True):
-                await self._process([(p, Slice(events, mark, replaying)) for p, events in parts.items()])
+            await self._process([(p, Slice(events, mark, replaying)) for p, events in parts.items()])
             return
         for partition, events in parts.items():
             piece = Slice(events, mark, replaying)
