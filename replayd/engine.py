@@ -110,6 +110,8 @@ class Engine:
         self._plans: list[_Plan] = []
         self.seq = ""
         self.inflight = InFlight(spec.max_in_flight)
+        self.lanes: Lanes
+        """Made with the committer when the job runs (`_pipeline`)."""
         self.dead_letters = DeadLetters(
             spec.name, spec.poison_policy, retries=spec.retries, backoff_s=spec.retry_backoff_s,
             key_of=self.router.key_of if spec.ordering == "key" else None,

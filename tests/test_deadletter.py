@@ -18,7 +18,7 @@ from replayd.errors import DataError
 from replayd.handlers import ObjectHandler
 from replayd.metrics import Metrics
 from tests.helpers import replayd
-from tests.plugins import Recorder
+from tests.plugins import Recorder, SyncRecorder
 
 STREAM = "orders"
 
@@ -83,11 +83,12 @@ async def test_transient_failures_are_retried_and_succeed(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("recorder", [Recorder, SyncRecorder], ids=["lanes", "inline"])
 async def test_stop_commits_what_came_before_and_exits_65(
-    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis, recorder: type[Recorder]
 ) -> None:
     ids = fill(sync_redis, [("a", i) for i in range(10)])
-    handler = Recorder(write=True, fail_on=lambda e: e.data["seq"] == 6)
+    handler = recorder(write=True, fail_on=lambda e: e.data["seq"] == 6)
     with pytest.raises(DataError, match=f"{STREAM} {ids[6]}") as caught:
         await run(raw_redis, redis_cfg, handler, retries=1, partitions=1)  # a bounded job stops by default
     assert caught.value.exit_code == 65
