@@ -123,10 +123,11 @@ def projection(client: redis.Redis) -> dict[Any, Any]:
 def test_sigkill_20_times_during_an_atomic_replay_then_the_projection_equals_a_clean_rebuild(
     tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]]
 ) -> None:
-    """T1, atomic: 100k order events; 20 runs to `now` killed at random, restarted; then one run to the end.
+    """T1, atomic: 200k order events; 20 runs to `now` killed at random, restarted; then one run to the end.
     The order_summary projection (float sums: order and exactly-once matter) equals `rebuild --in-place`'s."""
-    load_history_sync(sync_redis, STREAM, EVENTS)
-    # small batches: the replay lasts several seconds, so the 20 kills fall across it
+    load_history_sync(sync_redis, STREAM, 2 * EVENTS)
+    # small batches and 200k events (order_summary is called inline, without lanes: 100k were over before the 20th
+    # kill): the replay lasts several seconds, so the 20 kills fall across it
     config = write_config(tmp_path, redis_url, handler="order_summary", batch_size=50)
     mid_replay = kill_trials(sync_redis, config, redis_url, processes, seed=20240501, max_sleep_s=0.45)
     assert mid_replay > TRIALS // 2, f"only {mid_replay} of {TRIALS} kills landed mid-replay"
