@@ -126,7 +126,7 @@ def connects() -> int:
 
 READ_SIZE = 1 << 20
 """Bytes a connection takes from its socket buffer at once (redis-py reads 32 KiB): an XRANGE reply of 1000 entries
-is about 230 KiB, and each partial read copied the rest of the buffer again."""
+is about 230 KiB, so a reply takes fewer reads and parser feeds (a small gain: 2 % of the raw loop's instructions)."""
 
 _received: ContextVar[list[int] | None] = ContextVar("replayd_received", default=None)
 

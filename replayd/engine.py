@@ -30,7 +30,7 @@ from replayd.filters import Predicate, build_filter
 from replayd.gaps import find_gap
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import load_handler, load_predicate
-from replayd.lanes import InFlight, Lanes, Slice
+from replayd.lanes import InFlight, Lanes, Slice, fewer_collections
 from replayd.lease import Lease
 from replayd.logs import current_job
 from replayd.metrics import JobView, Metrics
@@ -397,9 +397,10 @@ class Engine:
                 pipeline.start_soon(committer.run, commit_receive)
                 async with commit_send:
                     routes = [lanes.senders() for _ in self._plans]
-                    async with anyio.create_task_group() as work:
-                        await work.start(lanes.run)
-                        work.start_soon(self._read_all, routes, committer, inflight)
+                    with fewer_collections():
+                        async with anyio.create_task_group() as work:
+                            await work.start(lanes.run)
+                            work.start_soon(self._read_all, routes, committer, inflight)
             tg.cancel_scope.cancel()
 
     async def _watch_heads(self, interval_s: float = 5.0) -> None:

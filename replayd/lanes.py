@@ -106,7 +106,9 @@ class Lanes:
         )
         self.stop = stop
         """Set when a handler raised StopReplay: the engine stops reading."""
-        pairs = [anyio.create_memory_object_stream[Slice](max_buffer_size=16) for _ in range(partitions)]
+        # no lanes for a handler that never awaits: `deliver` calls it itself
+        lanes = partitions if self.submit is None else 0
+        pairs = [anyio.create_memory_object_stream[Slice](max_buffer_size=16) for _ in range(lanes)]
         self._inboxes: list[MemoryObjectSendStream[Slice]] = [send for send, _ in pairs]
         self._outboxes: list[MemoryObjectReceiveStream[Slice]] = [receive for _, receive in pairs]
         self._halted: set[int] = set()
@@ -143,11 +145,10 @@ class Lanes:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         for inbox in self._inboxes:  # only the routers' clones keep the inboxes open now
             inbox.close()
-        with fewer_collections():
-            async with anyio.create_task_group() as tg:
-                for partition, outbox in enumerate(self._outboxes):
-                    tg.start_soon(self._lane, partition, outbox)
-                task_status.started()
+        async with anyio.create_task_group() as tg:
+            for partition, outbox in enumerate(self._outboxes):
+                tg.start_soon(self._lane, partition, outbox)
+            task_status.started()
 
     async def _lane(self, partition: int, outbox: MemoryObjectReceiveStream[Slice]) -> None:
         async with outbox:
@@ -222,19 +223,19 @@ class Lanes:
 
 
 YOUNG_THRESHOLD = 100_000
-"""Allocations between two collections of the collector's young generation while lanes run (Python: 700)."""
+"""Allocations between two collections of the collector's young generation while a job runs (Python: 700)."""
 
 
 class _Collector:
     jobs = 0
-    """Jobs whose lanes run now."""
+    """Jobs whose pipeline runs now."""
     saved = gc.get_threshold()
     """The process's own thresholds, restored when the last of them stops."""
 
 
 @contextmanager
 def fewer_collections() -> Iterator[None]:
-    """While any job's lanes run, raise the garbage collector's young-generation threshold.
+    """While any job's pipeline runs, raise the garbage collector's young-generation threshold.
 
     Every entry read allocates a few container objects (hiredis's lists, the event) that live until their
     batch commits: with the default threshold the collector examines the same in-flight batches over and over

@@ -13,13 +13,13 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from replayd.commit import CommitRequest
+from replayd.commit import CommitRequest, Mark
 from replayd.config import RedisConfig
 from replayd.engine import Engine
 from replayd.errors import ConfigError, DataError
 from replayd.events import Event, parse_id
 from replayd.handlers import Context, FunctionHandler, ObjectHandler, Outcome, Projection, on
-from replayd.lanes import InFlight, Lanes, Slice
+from replayd.lanes import InFlight, Lanes
 from replayd.router import Router
 from replayd.source import BatchSizer
 from tests import plugins
@@ -574,9 +574,10 @@ def test_only_handlers_that_never_await_overlap_their_commits() -> None:
 
 @pytest.mark.parametrize("handler", [ReadsItsTotal(), QueuesOnly()], ids=["async", "sync"])
 async def test_a_lane_waits_for_its_commit_only_when_its_handler_may_read(handler: Projection) -> None:
-    """1. Two slices of one partition reach the lane; the committer holds the first commit.
+    """1. Two slices of one partition are delivered; the committer holds the first commit.
     2. An async handler's lane waits: the second slice is not handled until the first commit is done.
-    3. A sync handler's lane goes on to the second slice meanwhile; both commit, in order, and release."""
+    3. A sync handler (called by `deliver`, no lane) goes on to the second slice meanwhile; both commit, in
+    order, and release."""
     committed: list[list[str]] = []
     release = anyio.Event()
     queue, requests = anyio.create_memory_object_stream[CommitRequest](10)
@@ -616,8 +617,8 @@ async def test_a_lane_waits_for_its_commit_only_when_its_handler_may_read(handle
             async with queue, anyio.create_task_group() as tg:
                 senders = lanes.senders()
                 await tg.start(lanes.run)
-                for event in events:
-                    await senders[0].send(Slice([event], None, True))
+                for event in events:  # as the router hands them over: to the lane, or to the handler itself
+                    await lanes.deliver(senders, {0: [event]}, Mark("s", parse_id(event.stream_id), 1), True)
                 for sender in senders:
                     sender.close()
                 await wait_until(lambda: bool(handled))
