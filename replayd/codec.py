@@ -56,22 +56,45 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
-_LAZY: dict[str, tuple[Callable[[bytes], Any], Callable[[], Any]]] = {
-    "data": (_json_object, dict),
-    "timestamp": (float, float),
-    "metadata": (_json_object, dict),
-}
-"""Lazy field -> (decoder, default when the entry lacks the field: a fresh `{}`, or 0.0)."""
+class _Lazy:
+    """A field of `LazyEvent` decoded on its first read and kept in the event's `__dict__`.
+
+    A non-data descriptor: once the value is in the instance dict, reads find it there and never call this.
+    """
+
+    __slots__ = ("decode", "default", "name")
+
+    def __init__(self, decode: Callable[[bytes], Any], default: Callable[[], Any]) -> None:
+        self.decode = decode
+        self.default = default
+        """The value when the entry lacks the field: a fresh `{}`, or 0.0."""
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, event: LazyEvent | None, owner: type | None = None) -> Any:
+        if event is None:
+            return self
+        index = event._layout.get(self.name)
+        try:
+            value = self.default() if index is None else self.decode(event._flat[index])
+        except _UNDECODABLE as exc:
+            reason = f"{type(exc).__name__}: {self.name}: {exc}"
+            raise DecodeError(event.stream, event.stream_id, _lenient(event._flat), reason) from None
+        event.__dict__[self.name] = value
+        return value
 
 
 class LazyEvent(Event):
     """An `Event` whose `data`, `timestamp` and `metadata` are decoded when first read.
 
-    Their slots start empty: the first read of one falls through to `__getattr__`, which decodes the field and
-    fills its slot; later reads are plain slot reads. Only `Codec` makes them.
+    Their values live in the instance dict, filled by `_Lazy` on the first read; later reads find them there.
+    No `__getattr__`: on Python 3.11 a class with one pays for it on every attribute read, and a first read that
+    falls through to it first builds an AttributeError. Only `Codec` makes them.
     """
 
-    __slots__ = ("_flat", "_layout", "key")
+    __slots__ = ("__dict__", "_flat", "_layout", "key")
 
     key: str
     """The partition key, when the codec decoded it with the batch (see `Codec`)."""
@@ -81,19 +104,9 @@ class LazyEvent(Event):
     _layout: dict[str, int]
     """Lazy field -> index of its value in `_flat` (absent: the entry lacks the field)."""
 
-    def __getattr__(self, name: str) -> Any:
-        lazy = _LAZY.get(name)
-        if lazy is None:  # not a lazy field (and never our private slots, so copy/pickle probes stay safe)
-            raise AttributeError(name)
-        decode, default = lazy
-        index = self._layout.get(name)
-        try:
-            value = default() if index is None else decode(self._flat[index])
-        except _UNDECODABLE as exc:
-            reason = f"{type(exc).__name__}: {name}: {exc}"
-            raise DecodeError(self.stream, self.stream_id, _lenient(self._flat), reason) from None
-        setattr(self, name, value)
-        return value
+    data = _Lazy(_json_object, dict)
+    timestamp = _Lazy(float, float)
+    metadata = _Lazy(_json_object, dict)
 
 
 def key_decoder(field: str) -> Callable[[bytes], Any]:
