@@ -1,25 +1,29 @@
 """Entry fields -> `Event`, with the article's defaults; what cannot be decoded becomes a `Poison` record.
 
 Decoding is lazy where it costs: the entry ID, `event_id` and `event_type` (short texts every stage may log or
-filter on) are decoded with the batch, `data`, `metadata` (JSON) and `timestamp` when first read. When the
-router partitions by a field of `data`, that one field is decoded with the batch, and the rest of the document
-is only checked, not built. An entry whose text fields cannot be decoded, or that has no fields (a tombstone),
-or whose partition key cannot be read, is Poison at once; a JSON or timestamp field that cannot be decoded
-raises `DecodeError` where it is first read: in a filter (the engine turns it into Poison before any handler
-runs) or in a handler (`handlers` sends it to the same `on_poison` policy). A field nobody reads is never
-decoded, so it never makes an entry poison.
+filter on) are decoded with the batch, `data`, `metadata` (JSON) and `timestamp` when first read. When the router
+partitions by a field of `data`, that one field is decoded with the batch (the rest of the document is only
+checked, not built) and the batch is split by partition in the same pass; a shard leaves the entries of other
+shards' partitions unbuilt. An entry whose text fields cannot be decoded, or that has no fields (a tombstone), or
+whose partition key cannot be read, is Poison at once; a JSON or timestamp field that cannot be decoded raises
+`DecodeError` where it is first read: in a filter (the engine turns it into Poison before any handler runs) or in a
+handler (`handlers` sends it to the same `on_poison` policy). A field nobody reads is never decoded, so it never
+makes an entry poison.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
 from replayd.config import FieldNames
 from replayd.errors import DecodeError
 from replayd.events import Event
+
+if TYPE_CHECKING:
+    from replayd.router import Partitioner
 
 RawEntry = Sequence[Any]
 """An XRANGE/XREAD reply element as hiredis returns it: `[id, [field, value, field, value, ...]]`."""
@@ -119,26 +123,45 @@ def key_decoder(field: str) -> Callable[[bytes], Any]:
     return msgspec.json.Decoder(Key).decode
 
 
+class Decoded(NamedTuple):
+    """A read batch, decoded."""
+
+    events: list[Event]
+    """In stream order: with a partitioner only this shard's, else every entry that decoded."""
+    poison: list[Poison]
+    """Entries that could not be decoded (with a partitioner, those of other shards are left to them)."""
+    parts: dict[int, list[Event]] | None
+    """With a partitioner: `events` split by partition."""
+
+
 class Codec:
     """Decodes the entries of one stream. Field names are configurable for other producers.
 
     A producer writes its fields in the same order every time, so the positions of the five fields are
     learnt once per field layout and each entry is then read by index: no per-entry dict (the hot path).
-    With `key`, the named field of `data` is decoded into each event's `key` (the router reads it).
+    With `key`, the named field of `data` is decoded into each event's `key` (the router reads it); with a
+    `partitioner` as well, the batch is split by partition in the same pass, and an entry of another shard's
+    partition is left unbuilt (that shard decodes it).
     """
 
-    def __init__(self, stream: str, names: FieldNames, *, key: str | None = None) -> None:
+    def __init__(
+        self, stream: str, names: FieldNames, *, key: str | None = None, partitioner: Partitioner | None = None
+    ) -> None:
         self.stream = stream
         self._names = names
         self._key = key_decoder(key) if key is not None else None
+        self._partitioner = partitioner if key is not None else None
         self._keys: list[bytes] = []
         self._texts: tuple[int | None, int | None] = (None, None)
         self._layout: dict[str, int] = {}
 
-    def decode(self, entries: Sequence[RawEntry]) -> tuple[list[Event], list[Poison]]:
+    def decode(self, entries: Sequence[RawEntry]) -> Decoded:
         events: list[Event] = []
         poison: list[Poison] = []
         append, decode_key, new = events.append, self._key, object.__new__
+        split = self._partitioner
+        parts: dict[int, list[Event]] | None = None if split is None else {}
+        mine = split.mine if split is not None else []
         stream, keys, layout, (i_id, i_type) = self.stream, self._keys, self._layout, self._texts
         i_data = layout.get("data")
         for raw_id, flat in entries:
@@ -148,6 +171,13 @@ class Codec:
                     keys = self._learn(flat[::2])
                     layout, (i_id, i_type) = self._layout, self._texts
                     i_data = layout.get("data")
+                if decode_key is not None:
+                    key = decode_key(flat[i_data]).value if i_data is not None else "default"
+                    key = key if type(key) is str else str(key)  # a number and its text are one key
+                if split is not None:
+                    p = split[key]
+                    if not mine[p]:
+                        continue  # another shard's partition: that shard decodes this entry
                 # the slots filled here, not in an __init__: a class call costs a third of the rest of the loop
                 event = new(LazyEvent)
                 event.stream_id = stream_id
@@ -156,13 +186,18 @@ class Codec:
                 event.stream = stream
                 event._flat = flat
                 event._layout = layout
-                if decode_key is not None:
-                    key = decode_key(flat[i_data]).value if i_data is not None else "default"
-                    event.key = key if type(key) is str else str(key)  # a number and its text are one key
                 append(event)
+                if decode_key is not None:
+                    event.key = key
+                if parts is not None:
+                    bucket = parts.get(p)
+                    if bucket is None:
+                        parts[p] = [event]
+                    else:
+                        bucket.append(event)
             except _UNDECODABLE as exc:  # a text field that is not UTF-8; no fields; an unreadable key
                 poison.append(self._poison(stream_id, flat, exc))
-        return events, poison
+        return Decoded(events, poison, parts)
 
     def _learn(self, keys: list[bytes]) -> list[bytes]:
         positions = {key: 2 * index + 1 for index, key in enumerate(keys)}

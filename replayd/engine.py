@@ -36,7 +36,7 @@ from replayd.logs import current_job
 from replayd.metrics import JobView, Metrics
 from replayd.pacing import Pacer
 from replayd.progress import ProgressWriter, Stats
-from replayd.router import Router
+from replayd.router import Routed, Router
 from replayd.source import IN_FLIGHT_READS, Batch, BatchSizer, StreamReader, head, redis_time_ms
 from replayd.versions import ProjectionFlipped, Versions
 
@@ -514,7 +514,7 @@ class Engine:
         committer: Committer,
         inflight: InFlight,
     ) -> None:
-        codec = Codec(plan.stream, self.spec.fields, key=self.router.key_field)
+        codec = Codec(plan.stream, self.spec.fields, key=self.router.key_field, partitioner=self.router.partitioner)
         skip = plan.skip or None
         skip_until = max(skip.values()) if skip else ZERO
         stats = self.stats
@@ -526,36 +526,34 @@ class Engine:
                     # let the reader send its next XRANGE before this batch is decoded: that overlap is
                     # what the one-batch prefetch is for
                     await anyio.lowlevel.checkpoint()
-                    events, poison = codec.decode(batch.entries)
+                    events, poison, parts = codec.decode(batch.entries)
                     read = len(batch.entries) + len(batch.oversized)
                     stats.total += read
                     events_read.inc(read)
                     read_batch.observe(read)
-                    routed = self.router.route(events, self.filter, skip)
+                    routed = self.router.route(events, self.filter, skip, parts)
                     poison = [*batch.oversized, *poison, *routed.poison]
                     if len(poison) > 1:  # found at three stages: `stop` must name the first in stream order
                         poison.sort(key=lambda entry: parse_id(entry.stream_id))
                     if poison and self.spec.poison_policy == "stop":
                         await self._stop_at(poison[0], batch, events, skip, senders, committer, inflight)
                     letters = self._handle_poison(poison) if poison else []
-                    skipped = len(events) - routed.routed - routed.foreign - len(routed.poison)
-                    if self.shard.ordinal:  # every shard reads every entry: shard 0 alone counts the filtered ones
-                        skipped -= routed.filtered
-                    if skipped:
-                        stats.skipped += skipped
-                        self.metrics.handler_events.labels(plan.stream, self.spec.name, "skipped").inc(skipped)
+                    if routed.skipped:
+                        stats.skipped += routed.skipped
+                        self.metrics.handler_events.labels(plan.stream, self.spec.name, "skipped").inc(routed.skipped)
                     if skip and batch.last_id >= skip_until:
                         skip = None
                     await self._running.wait()  # set unless the job is paused
-                    await self.pacer.admit(len(batch.entries), self._pace_from(routed.first))
+                    await self.pacer.admit(len(batch.entries), self._pace_from(routed))
                     await self._dispatch(batch, routed.parts, routed.routed, senders, committer, inflight, letters)
         finally:
             for sender in senders:
                 sender.close()
 
-    def _pace_from(self, first: Event | None) -> float | None:
+    def _pace_from(self, routed: Routed) -> float | None:
         """The timestamp playback at the original pace starts a batch from (None: not paced)."""
-        if first is None or not self.pacer.speed:
+        first = routed.first if self.pacer.speed else None
+        if first is None:
             return None
         try:
             return first.timestamp

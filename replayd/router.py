@@ -19,24 +19,42 @@ Predicate = Callable[[Event], bool]
 
 
 class Routed(NamedTuple):
-    """One read batch, routed."""
+    """This shard's share of one read batch, routed."""
 
     parts: dict[int, list[Event]]
     """Partition -> its events of the batch, in stream order (only this shard's partitions)."""
     routed: int
     """Events in `parts`."""
-    foreign: int
-    """Events of other shards' partitions (read, not ours to handle)."""
+    skipped: int
+    """This shard's events the filter left out, or (resuming) that its partitions had already committed."""
     poison: list[Poison]
-    """Entries whose fields the filter or the partition key needed cannot be decoded."""
-    first: Event | None
-    """The first event that passed the filter (whatever its shard), for pacing."""
-    filtered: int
-    """Events the filter left out (whatever their shard)."""
+    """This shard's entries whose filtered field, and entries whose partition key, cannot be decoded."""
+
+    @property
+    def first(self) -> Event | None:
+        """The first event handed to handlers, for pacing."""
+        return min((events[0] for events in self.parts.values()), key=_position, default=None)
+
+
+class Partitioner(dict[str, int]):
+    """Partition key -> partition (`partitioner[key]`), learnt as keys come: most streams have far fewer keys
+    than events."""
+
+    def __init__(self, partitions: int, mine: list[bool]) -> None:
+        super().__init__()
+        self.partitions = partitions
+        self.mine = mine
+        """Partition -> whether this shard handles it."""
+
+    def __missing__(self, key: str) -> int:
+        if len(self) >= 100_000:
+            self.clear()
+        p = self[key] = crc32(key.encode()) % self.partitions
+        return p
 
 
 class Router:
-    """Splits a decoded batch into per-partition lists, keeping stream order within each."""
+    """Splits a decoded batch into this shard's partitions, keeping stream order within each."""
 
     def __init__(self, partitions: int, *, partition_by: str | None, ordering: str, shard: Shard = WHOLE) -> None:
         self.partitions = partitions
@@ -46,68 +64,68 @@ class Router:
         by_data = partitions > 1 and ordering == "key" and not self._by_stream
         self.key_field = partition_by if by_data else None
         """The field of `data` routing reads from every event (for the codec to decode with the batch), or None."""
-        self._mine = [shard.owns(p) for p in range(partitions)]
-        self._cache: dict[str, int] = {}
-        """Partition of recently seen keys: most streams have far fewer keys than events."""
+        self.partitioner = Partitioner(partitions, [shard.owns(p) for p in range(partitions)])
+        """With `key_field`, the codec splits each batch as it decodes it (one pass), and leaves other shards'
+        entries unbuilt."""
 
     def key_of(self, event: Event) -> str:
         """The partition key: events of one key are handled in stream order."""
         return self._key(event)
 
     def partition(self, event: Event) -> int:
-        return self._partition_of(self._key(event))
+        return self.partitioner[self._key(event)]
 
-    def _partition_of(self, key: str) -> int:
-        p = self._cache.get(key)
-        if p is None:
-            if len(self._cache) >= 100_000:
-                self._cache.clear()
-            p = self._cache[key] = crc32(key.encode()) % self.partitions
-        return p
-
-    def route(self, events: list[Event], predicate: Predicate | None, skip: dict[int, Id] | None = None) -> Routed:
-        """Filter and split a batch. An entry whose filtered or key field cannot be decoded is set apart as
-        Poison; the batch is then filtered and split again without it (the rare, slow path)."""
-        poison: list[Poison] = []
+    def route(
+        self,
+        events: list[Event],
+        predicate: Predicate | None,
+        skip: dict[int, Id] | None = None,
+        parts: dict[int, list[Event]] | None = None,
+    ) -> Routed:
+        """Split a batch into this shard's partitions (`parts`: the codec's split of `events`, when it made one),
+        then filter it and, resuming, drop what each partition has committed. An entry whose key or (in this
+        shard) filtered field cannot be decoded is set apart as Poison; the batch is then split and filtered again
+        without it (the rare, slow path)."""
         try:
-            kept = [e for e in events if predicate(e)] if predicate is not None else events
-            parts, foreign = self._split(kept, skip)
+            return self._filter(parts if parts is not None else self._split(events), predicate, skip, [])
         except DecodeError:
             events, poison = self._sift(events, predicate)
-            kept = [e for e in events if predicate(e)] if predicate is not None else events
-            parts, foreign = self._split(kept, skip)
-        routed = sum(map(len, parts.values()))
-        return Routed(parts, routed, foreign, poison, kept[0] if kept else None, len(events) - len(kept))
+            return self._filter(self._split(events), predicate, skip, poison)
 
     def split(self, events: list[Event], skip: dict[int, Id] | None = None) -> dict[int, list[Event]]:
-        """Group events by partition; with `skip`, drop those at or below their partition's checkpoint."""
-        return self._split(events, skip)[0]
+        """This shard's partitions of `events`; with `skip`, without those at or below their partition's checkpoint."""
+        return self._filter(self._split(events), None, skip, []).parts
 
-    def _split(self, events: list[Event], skip: dict[int, Id] | None) -> tuple[dict[int, list[Event]], int]:
+    def _split(self, events: list[Event]) -> dict[int, list[Event]]:
         if not events:
-            return {}, 0
+            return {}
         if self.partitions == 1 or self._by_stream:
             p = self.partition(events[0])  # a batch comes from one stream: one partition
-            parts = {p: events} if self._mine[p] else {}
-        else:
-            parts = self._group(events)
-        foreign = len(events) - sum(map(len, parts.values()))
+            return {p: events} if self.partitioner.mine[p] else {}
+        return self._group(events)
+
+    @staticmethod
+    def _filter(
+        parts: dict[int, list[Event]], predicate: Predicate | None, skip: dict[int, Id] | None, poison: list[Poison]
+    ) -> Routed:
+        owned = sum(map(len, parts.values()))
+        if predicate is not None:
+            parts = {p: kept for p, events in parts.items() if (kept := [e for e in events if predicate(e)])}
         if skip:  # resuming: drop what each partition has already committed
             for p, below in skip.items():
                 if p in parts:
                     parts[p] = [e for e in parts[p] if parse_id(e.stream_id) > below]
                     if not parts[p]:
                         del parts[p]
-        return parts, foreign
+        routed = sum(map(len, parts.values())) if predicate is not None or skip else owned
+        return Routed(parts, routed, owned - routed, poison)
 
     def _group(self, events: list[Event]) -> dict[int, list[Event]]:
         parts: dict[int, list[Event]] = {}
-        cache, mine, partition_of = self._cache, self._mine, self._partition_of
+        partition, mine = self.partitioner, self.partitioner.mine
         keys = self._decoded_keys(events)
         for event, k in zip(events, keys if keys is not None else map(self._key, events), strict=True):
-            p = cache.get(k)
-            if p is None:
-                p = partition_of(k)
+            p = partition[k]
             if not mine[p]:
                 continue
             bucket = parts.get(p)
@@ -127,18 +145,22 @@ class Router:
             return None
 
     def _sift(self, events: list[Event], predicate: Predicate | None) -> tuple[list[Event], list[Poison]]:
-        """The events whose filter and key can be computed, and the others as Poison."""
+        """The events whose key and (in this shard) filter can be computed, and the others as Poison."""
         good: list[Event] = []
         poison: list[Poison] = []
         for event in events:
             try:
-                if predicate is None or predicate(event):
-                    self._key(event)
+                if self.partitioner.mine[self.partition(event)] and predicate is not None:
+                    predicate(event)
             except DecodeError as error:
                 poison.append(Poison.of(error))
             else:
                 good.append(event)
         return good, poison
+
+
+def _position(event: Event) -> Id:
+    return parse_id(event.stream_id)
 
 
 def _key_function(partition_by: str | None, ordering: str) -> Callable[[Event], str]:

@@ -71,7 +71,7 @@ async def replay(spec: JobSpec, r: Redis, cfg: RedisConfig) -> Engine:
 async def source_events(r: Redis, stream: str = STREAM) -> list[Event]:
     """The stream decoded as replayd decodes it."""
     raw: Any = await r.xrange(stream)  # the data path's client: raw `[id, [field, value, ...]]` entries
-    events, poison = Codec(stream, FieldNames()).decode(raw)
+    events, poison, _ = Codec(stream, FieldNames()).decode(raw)
     assert not poison
     return events
 

@@ -26,7 +26,7 @@ def raw(entry_id: str, **fields: bytes | str) -> RawEntry:
 
 def decoded(entries: list[RawEntry], codec: Codec = CODEC) -> tuple[list[Event], list[Poison]]:
     """Decode, then read every field (lazy fields included)."""
-    events, poison = codec.decode(entries)
+    events, poison, _ = codec.decode(entries)
     events, unreadable = decode_all(events)
     return events, sorted(poison + unreadable, key=lambda p: p.stream_id)
 
@@ -135,7 +135,7 @@ def test_poison_does_not_stop_the_rest_of_the_batch() -> None:
 
 
 def test_json_and_timestamp_are_decoded_only_when_read() -> None:
-    events, poison = CODEC.decode([raw("1-0", event_type="A", data="{broken", timestamp="x", metadata='{"m": 1}')])
+    events, poison, _ = CODEC.decode([raw("1-0", event_type="A", data="{broken", timestamp="x", metadata='{"m": 1}')])
     assert poison == []
     (event,) = events
     assert (event.stream_id, event.event_type, event.metadata) == ("1-0", "A", {"m": 1})
@@ -148,7 +148,7 @@ def test_json_and_timestamp_are_decoded_only_when_read() -> None:
 
 
 def test_a_decoded_field_is_kept() -> None:
-    events, _ = CODEC.decode([raw("1-0", data='{"x": 1}')])
+    events, *_ = CODEC.decode([raw("1-0", data='{"x": 1}')])
     assert events[0].data is events[0].data
     events[0].data["y"] = 2  # a handler may change its own copy; nothing is shared between events
     assert events[0].data == {"x": 1, "y": 2}

@@ -212,7 +212,7 @@ def batches(draw: st.DrawFn) -> tuple[FieldNames, list[Pairs | None]]:
 def decode_fully(codec: Codec, entries: list[RawEntry]) -> tuple[list[Event], list[Poison]]:
     """Decode, then read every field (`data`, `timestamp`, `metadata` are decoded when first read), as a job
     whose filter, router or handler reads every field does; poison in stream order."""
-    events, poison = codec.decode(entries)
+    events, poison, _ = codec.decode(entries)
     events, unreadable = decode_all(events)
     order = {entry[0].decode(): index for index, entry in enumerate(entries)}
     return events, sorted(poison + unreadable, key=lambda p: order[p.stream_id])

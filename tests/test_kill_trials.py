@@ -165,8 +165,8 @@ def handled_matches_checkpoint(client: redis.Redis, partitions: int) -> tuple[in
     """Every entry with an effect is at or below its partition's checkpoint, and every entry at or below it has
     its effect, once. Returns (entries with an effect, entries)."""
     raw: Any = client.xrange(STREAM)
-    events, poison = Codec(STREAM, FieldNames()).decode([[i, [f for pair in fields.items() for f in pair]]
-                                                        for i, fields in raw])  # fmt: skip
+    events, poison, _ = Codec(STREAM, FieldNames()).decode([[i, [f for pair in fields.items() for f in pair]]
+                                                           for i, fields in raw])  # fmt: skip
     assert not poison
     fields: Any = client.hgetall(CHECKPOINT)
     positions = partition_positions({k.decode(): v.decode() for k, v in fields.items()}, STREAM, partitions) or {}

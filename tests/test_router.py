@@ -6,7 +6,7 @@ from typing import Any
 
 from replayd.codec import Codec
 from replayd.config import FieldNames
-from replayd.events import Event
+from replayd.events import Event, Shard
 from replayd.router import Router
 
 
@@ -108,10 +108,36 @@ def test_keys_the_codec_decodes_alone_route_as_the_whole_data_does() -> None:
              b'{"customer_id":4.5}', b'{"customer_id":null}', b'{"customer_id":{"a":[1]}}']  # fmt: skip
     entries: list[Any] = [[f"{i}-0".encode(), [b"event_type", b"A", b"data", d]] for i, d in enumerate(datas, 1)]
     entries += [[b"8-0", [b"event_type", b"A"]], [b"9-0", [b"event_type", b"A", b"data", b"[1, 2]"]]]
-    events, poison = Codec("orders", FieldNames(), key="customer_id").decode(entries)
+    events, poison, _ = Codec("orders", FieldNames(), key="customer_id").decode(entries)
     (bad,) = poison
     assert (bad.stream_id, bad.error) == ("9-0", "ValidationError: data: Expected `object`, got `array`")
     router = by_customer()
     expected = {e.stream_id: router.partition(ev(0, e.data)) for e in events}  # a plain Event decodes `data` whole
     assert {e.stream_id: router.partition(e) for e in events} == expected
     assert {e.stream_id: p for p, part in router.split(events).items() for e in part} == expected
+
+
+def test_each_shard_decodes_only_the_entries_of_its_partitions() -> None:
+    """Routing by a data field, the codec splits the batch as it decodes it; a shard builds only its partitions'
+    events (in stream order, split as the router splits them) and reports only their undecodable entries. An
+    entry whose key cannot be read belongs to no partition: every shard reports it."""
+    entries: list[Any] = [
+        [f"{i}-0".encode(), [b"event_type", b"A", b"data", f'{{"customer_id": "c{i % 7}"}}'.encode()]]
+        for i in range(1, 41)
+    ]
+    entries[4][1][1] = b"\xff"  # 5-0: an event type that is not UTF-8
+    entries[9][1][3] = b"{broken"  # 10-0: no key to route by
+    whole = Router(4, partition_by="customer_id", ordering="key")
+    shards = [Router(4, partition_by="customer_id", ordering="key", shard=Shard(i, 2)) for i in range(2)]
+    everything = Codec("orders", FieldNames(), key="customer_id").decode(entries)
+    owner = whole.partition(ev(0, {"customer_id": "c5"})) % 2  # the shard that owns 5-0
+    seen: list[str] = []
+    for index, router in enumerate(shards):
+        events, poison, parts = Codec("orders", FieldNames(), key="customer_id", partitioner=router.partitioner).decode(
+            entries
+        )
+        assert parts == router.split(everything.events)
+        assert events == [e for e in everything.events if router.partitioner.mine[router.partition(e)]]
+        assert sorted(p.stream_id for p in poison) == (["10-0", "5-0"] if index == owner else ["10-0"])
+        seen += [e.stream_id for e in events]
+    assert sorted(seen) == sorted(e.stream_id for e in everything.events)  # each event in exactly one shard
