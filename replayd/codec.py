@@ -196,7 +196,7 @@ class Codec:
                     else:
                         bucket.append(event)
             except _UNDECODABLE as exc:  # a text field that is not UTF-8; no fields; an unreadable key
-                poison.append(self._poison(stream_id, flat, exc))
+                self._reject(poison, stream_id, flat, exc)
         return Decoded(events, poison, parts)
 
     def _learn(self, keys: list[bytes]) -> list[bytes]:
@@ -207,6 +207,28 @@ class Codec:
         self._layout = {field: positions[name.encode()] for field, name in lazy.items() if name.encode() in positions}
         self._keys = keys
         return keys
+
+    def _reject(self, poison: list[Poison], stream_id: str, flat: list[bytes] | None, exc: Exception) -> None:
+        """Set an undecodable entry apart. An entry with no partition key to route it by (a tombstone, unreadable
+        `data`) is in no shard's partitions: shard 0 reports it, the other shards leave it."""
+        split = self._partitioner
+        if split is not None and not split.mine[0] and self._keyless(flat):
+            return
+        poison.append(self._poison(stream_id, flat, exc))
+
+    def _keyless(self, flat: list[bytes] | None) -> bool:
+        """Whether an undecodable entry has no partition key: no fields, or `data` the key cannot be read from."""
+        if flat is None:
+            return True
+        names = flat[::2]
+        data = self._names.data.encode()
+        if self._key is None or data not in names:
+            return False
+        try:
+            self._key(flat[2 * names.index(data) + 1])
+        except _UNDECODABLE:
+            return True
+        return False
 
     def _poison(self, stream_id: str, flat: list[bytes] | None, exc: Exception) -> Poison:
         if flat is None:  # an entry deleted between listing and reading (XDEL): a tombstone
