@@ -532,7 +532,9 @@ class Engine:
                     events_read.inc(read)
                     read_batch.observe(read)
                     routed = self.router.route(events, self.filter, skip, parts)
-                    poison = [*batch.oversized, *poison, *routed.poison]
+                    if parts is None:  # else the codec has left other shards' entries to them
+                        poison = self.router.own(poison)
+                    poison = [*self.router.own(batch.oversized), *poison, *routed.poison]
                     if len(poison) > 1:  # found at three stages: `stop` must name the first in stream order
                         poison.sort(key=lambda entry: parse_id(entry.stream_id))
                     if poison and self.spec.poison_policy == "stop":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from operator import attrgetter
 from typing import NamedTuple
@@ -74,6 +74,18 @@ class Router:
 
     def partition(self, event: Event) -> int:
         return self.partitioner[self._key(event)]
+
+    def own(self, entries: Sequence[Poison]) -> list[Poison]:
+        """This shard's share of entries it read and could not decode: those of its partitions, where an entry's
+        partition does not depend on what is in it (one partition, by stream, `ordering = "none"`), else shard 0's
+        (routing by a field of `data`, the codec leaves the entries whose key it can read to their shards)."""
+        if self.shard.total == 1 or not entries:
+            return list(entries)
+        mine = self.partitioner.mine
+        if self.key_field is not None or self.partitions == 1:
+            return list(entries) if mine[0] else []
+        by_id = not self._by_stream  # ordering "none": an entry's partition comes from its ID
+        return [e for e in entries if mine[self.partitioner[e.stream_id if by_id else e.stream]]]
 
     def route(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from replayd.codec import Codec
+from replayd.codec import Codec, Poison
 from replayd.config import FieldNames
 from replayd.events import Event, Shard
 from replayd.router import Router
@@ -143,3 +143,24 @@ def test_each_shard_decodes_only_the_entries_of_its_partitions() -> None:
         assert sorted(p.stream_id for p in poison) == sorted(expected)
         seen += [e.stream_id for e in events]
     assert sorted(seen) == sorted(e.stream_id for e in everything.events)  # each event in exactly one shard
+
+
+def test_each_undecodable_entry_is_one_shards_to_report() -> None:
+    """Entries set apart before routing (too large, or undecodable without a partitioning codec) are reported by
+    one shard: the owner of their partition when it does not depend on their data, else shard 0."""
+    entries = [Poison("a", f"{i}-0", {}, "tombstone") for i in range(1, 40)] + [Poison("b", "1-0", {}, "too large")]
+
+    def shares(partitions: int, partition_by: str, ordering: str) -> list[list[Poison]]:
+        shards = [Shard(i, 3) for i in range(3)]
+        return [Router(partitions, partition_by=partition_by, ordering=ordering, shard=s).own(entries) for s in shards]
+
+    cases = [(8, "@stream", "key"), (8, "customer_id", "none"), (8, "customer_id", "key"), (1, "customer_id", "key")]
+    for case in cases:
+        reported = [(e.stream, e.stream_id) for share in shares(*case) for e in share]
+        assert sorted(reported) == sorted((e.stream, e.stream_id) for e in entries), case  # each entry once
+    by_stream = shares(8, "@stream", "key")
+    for stream in "ab":  # a stream is one partition: one shard reports all its entries
+        assert sum(any(e.stream == stream for e in share) for share in by_stream) == 1
+    assert sum(map(bool, shares(8, "customer_id", "none"))) > 1  # by entry ID: spread over the shards
+    assert [len(share) for share in shares(8, "customer_id", "key")] == [40, 0, 0]  # no key read: shard 0's
+    assert Router(8, partition_by="customer_id", ordering="key").own(entries) == entries

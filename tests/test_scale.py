@@ -32,21 +32,30 @@ def spec(**overrides: Any) -> JobSpec:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("partition_by", [None, "@stream"])
 async def test_three_shards_build_the_same_projection_as_one_process(
-    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis, partition_by: str | None
 ) -> None:
     load_history_sync(sync_redis, STREAM, 6000)
-    single_stats = await rebuild_in_place(Engine(spec(name="single"), raw_redis, redis_cfg=redis_cfg))
+    sync_redis.xadd(STREAM, {"event_type": "OrderCreated", "data": "{not json"})  # no key to route by
+    sync_redis.xadd(STREAM, {"event_type": b"\xff", "data": '{"customer_id": "c1"}'})  # in one partition
+    single_stats = await rebuild_in_place(
+        Engine(spec(name="single", partition_by=partition_by, on_poison="skip"), raw_redis, redis_cfg=redis_cfg)
+    )
     single = projection(sync_redis)
     for key in sync_redis.scan_iter(match="projection:*"):
         sync_redis.delete(key)
-    engines = [Engine(spec(shard=f"{i}/3"), raw_redis, redis_cfg=redis_cfg) for i in range(3)]
+    engines = [
+        Engine(spec(shard=f"{i}/3", partition_by=partition_by, on_poison="skip"), raw_redis, redis_cfg=redis_cfg)
+        for i in range(3)
+    ]
     async with anyio.create_task_group() as tg:
         for engine in engines:
             tg.start_soon(engine.run)
     assert projection(sync_redis) == single
     assert sum(engine.stats.processed for engine in engines) == single_stats.processed
     assert sum(engine.stats.skipped for engine in engines) == single_stats.skipped > 0, "filtered: counted once"
+    assert sum(engine.stats.poison for engine in engines) == single_stats.poison == 2, "undecodable: counted once"
 
 
 @pytest.mark.anyio
