@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 from prometheus_client import Counter
 from redis.asyncio import RedisCluster
 
@@ -30,7 +30,7 @@ from replayd.filters import Predicate, build_filter
 from replayd.gaps import find_gap
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import load_handler, load_predicate
-from replayd.lanes import InFlight, Lanes, Slice, fewer_collections
+from replayd.lanes import Feed, InFlight, Lanes, fewer_collections
 from replayd.lease import Lease
 from replayd.logs import current_job
 from replayd.metrics import JobView, Metrics
@@ -110,8 +110,6 @@ class Engine:
         self._plans: list[_Plan] = []
         self.seq = ""
         self.inflight = InFlight(spec.max_in_flight)
-        self.lanes: Lanes
-        """Made with the committer when the job runs (`_pipeline`)."""
         self.dead_letters = DeadLetters(
             spec.name, spec.poison_policy, retries=spec.retries, backoff_s=spec.retry_backoff_s,
             key_of=self.router.key_of if spec.ordering == "key" else None,
@@ -373,7 +371,7 @@ class Engine:
             discard=self.discard,
         )
         inflight = self.inflight
-        self.lanes = lanes = Lanes(
+        lanes = Lanes(
             self.spec.partitions,
             self.handler,
             self.new_context,
@@ -396,11 +394,11 @@ class Engine:
             async with anyio.create_task_group() as pipeline:
                 pipeline.start_soon(committer.run, commit_receive)
                 async with commit_send:
-                    routes = [lanes.senders() for _ in self._plans]
+                    feeds = [lanes.feed() for _ in self._plans]
                     with fewer_collections():
                         async with anyio.create_task_group() as work:
                             await work.start(lanes.run)
-                            work.start_soon(self._read_all, routes, committer, inflight)
+                            work.start_soon(self._read_all, feeds, committer, inflight)
             tg.cancel_scope.cancel()
 
     async def _watch_heads(self, interval_s: float = 5.0) -> None:
@@ -443,14 +441,12 @@ class Engine:
             else:
                 gauge.pop(stream, None)
 
-    async def _read_all(
-        self, routes: list[list[MemoryObjectSendStream[Slice]]], committer: Committer, inflight: InFlight
-    ) -> None:
+    async def _read_all(self, feeds: list[Feed], committer: Committer, inflight: InFlight) -> None:
         """Readers and routers; cancelled as one on stop, which closes the lanes' inboxes so they drain."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch, tg.cancel_scope)
             async with anyio.create_task_group() as readers:
-                for plan, senders in zip(self._plans, routes, strict=True):
+                for plan, feed in zip(self._plans, feeds, strict=True):
                     send, receive = anyio.create_memory_object_stream[Batch](max_buffer_size=0)
                     reader = StreamReader(
                         self.redis,
@@ -465,7 +461,7 @@ class Engine:
                     readers.start_soon(
                         partial(reader.run, send, after=plan.after, end=plan.end, replay_until=plan.replay_until)
                     )
-                    readers.start_soon(self._route, plan, receive, senders, committer, inflight)
+                    readers.start_soon(self._route, plan, receive, feed, committer, inflight)
             tg.cancel_scope.cancel()  # everything was read: stop the watcher
 
     async def _watch(self, scope: anyio.CancelScope) -> None:
@@ -510,7 +506,7 @@ class Engine:
         self,
         plan: _Plan,
         receive: MemoryObjectReceiveStream[Batch],
-        senders: list[MemoryObjectSendStream[Slice]],
+        feed: Feed,
         committer: Committer,
         inflight: InFlight,
     ) -> None:
@@ -538,7 +534,7 @@ class Engine:
                     if len(poison) > 1:  # found at three stages: `stop` must name the first in stream order
                         poison.sort(key=lambda entry: parse_id(entry.stream_id))
                     if poison and self.spec.poison_policy == "stop":
-                        await self._stop_at(poison[0], batch, events, skip, senders, committer, inflight)
+                        await self._stop_at(poison[0], batch, events, skip, feed, committer, inflight)
                     letters = self._handle_poison(poison) if poison else []
                     if routed.skipped:
                         stats.skipped += routed.skipped
@@ -547,10 +543,9 @@ class Engine:
                         skip = None
                     await self._running.wait()  # set unless the job is paused
                     await self.pacer.admit(len(batch.entries), self._pace_from(routed))
-                    await self._dispatch(batch, routed.parts, routed.routed, senders, committer, inflight, letters)
+                    await self._dispatch(batch, routed.parts, routed.routed, feed, committer, inflight, letters)
         finally:
-            for sender in senders:
-                sender.close()
+            feed.close()
 
     def _pace_from(self, routed: Routed) -> float | None:
         """The timestamp playback at the original pace starts a batch from (None: not paced)."""
@@ -568,7 +563,7 @@ class Engine:
         batch: Batch,
         events: list[Event],
         skip: dict[int, Id] | None,
-        senders: list[MemoryObjectSendStream[Slice]],
+        feed: Feed,
         committer: Committer,
         inflight: InFlight,
     ) -> None:
@@ -579,7 +574,7 @@ class Engine:
         if before:
             routed = self.router.route(before, self.filter, skip)
             await self._dispatch(batch._replace(last_id=parse_id(before[-1].stream_id)), routed.parts,
-                                 routed.routed, senders, committer, inflight, [])  # fmt: skip
+                                 routed.routed, feed, committer, inflight, [])  # fmt: skip
         await inflight.drained()
         self._handle_poison([entry])
 
@@ -607,7 +602,7 @@ class Engine:
         batch: Batch,
         parts: dict[int, list[Event]],
         routed: int,
-        senders: list[MemoryObjectSendStream[Slice]],
+        feed: Feed,
         committer: Committer,
         inflight: InFlight,
         letters: list[tuple[Any, ...]],
@@ -620,7 +615,7 @@ class Engine:
         # big entries, fewer of them in flight: memory stays near IN_FLIGHT_READS x max_batch_bytes
         inflight.limit = min(self.spec.max_in_flight, IN_FLIGHT_READS * self.sizer.fit)
         await inflight.acquire(routed)
-        await self.lanes.deliver(senders, parts, mark, batch.replaying)
+        await feed.deliver(parts, mark, batch.replaying)
 
     def _account_poison(self, poison: list[Poison]) -> None:
         self.stats.poison += len(poison)

@@ -71,7 +71,7 @@ class InFlight:
 
 
 class Lanes:
-    """P lanes fed by `send(partition, slice)`; closes when every router has closed its inboxes."""
+    """P lanes, fed by one `Feed` per router; they close when every feed is closed."""
 
     def __init__(
         self,
@@ -106,7 +106,7 @@ class Lanes:
         )
         self.stop = stop
         """Set when a handler raised StopReplay: the engine stops reading."""
-        # no lanes for a handler that never awaits: `deliver` calls it itself
+        # no lanes for a handler that never awaits: each feed calls it itself (`Feed.deliver`)
         lanes = partitions if self.submit is None else 0
         pairs = [anyio.create_memory_object_stream[Slice](max_buffer_size=16) for _ in range(lanes)]
         self._inboxes: list[MemoryObjectSendStream[Slice]] = [send for send, _ in pairs]
@@ -114,33 +114,10 @@ class Lanes:
         self._halted: set[int] = set()
         """Partitions whose handler asked to stop or failed for good: the job is ending."""
 
-    async def deliver(
-        self, senders: list[MemoryObjectSendStream[Slice]], parts: dict[int, list[Event]], mark: Mark, replaying: bool
-    ) -> None:
-        """Hand a read batch's slices to their lanes, all before yielding: the lanes then run together and their
-        commits meet in the committer's queue, so they share one transaction (one per read batch when handlers
-        are quick) instead of each lane committing alone. Waits only while an inbox is full.
-
-        A handler that never awaits is called right here instead, partition after partition, and the read batch
-        commits as one request: lanes could not run it concurrently anyway, and waking a lane costs more than
-        handling a slice of 60 events. Such a call yields only in a retry's backoff or while the committer's
-        queue is full: a stop that lands there leaves the batch uncommitted, for the next run."""
-        if self.submit is not None:
-            await self._process([(p, Slice(events, mark, replaying)) for p, events in parts.items()])
-            return
-        for partition, events in parts.items():
-            piece = Slice(events, mark, replaying)
-            try:
-                try:
-                    senders[partition].send_nowait(piece)
-                except anyio.WouldBlock:
-                    await senders[partition].send(piece)
-            except anyio.BrokenResourceError:  # that lane stopped (StopReplay): the job is ending
-                return
-
-    def senders(self) -> list[MemoryObjectSendStream[Slice]]:
-        """One set of inbox handles per router: the lanes end when every router has closed its set."""
-        return [inbox.clone() for inbox in self._inboxes]
+    def feed(self) -> Feed:
+        """A router's way in: its own handles on the lanes' inboxes (the lanes end when every feed is closed), or,
+        for a handler that never awaits, the handler itself."""
+        return Feed([inbox.clone() for inbox in self._inboxes], self._process if self.submit is not None else None)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         for inbox in self._inboxes:  # only the routers' clones keep the inboxes open now
@@ -220,6 +197,45 @@ class Lanes:
         if stopped:
             logger.info("handler asked to stop at %s", request.checkpoints)
             self.stop.set()
+
+
+class Feed:
+    """One router's handles on the lanes' inboxes, or (`handle`) the way to call a handler that never awaits."""
+
+    def __init__(
+        self,
+        inboxes: list[MemoryObjectSendStream[Slice]],
+        handle: Callable[[list[tuple[int, Slice]]], Awaitable[None]] | None = None,
+    ) -> None:
+        self._inboxes = inboxes
+        self._handle = handle
+
+    async def deliver(self, parts: dict[int, list[Event]], mark: Mark, replaying: bool) -> None:
+        """Hand a read batch's slices to their lanes, all before yielding: the lanes then run together and their
+        commits meet in the committer's queue, so they share one transaction (one per read batch when handlers
+        are quick) instead of each lane committing alone. Waits only while an inbox is full.
+
+        A handler that never awaits is called right here instead, partition after partition, and the read batch
+        commits as one request: lanes could not run it concurrently anyway, and waking a lane costs more than
+        handling a slice of 60 events. Such a call yields only in a retry's backoff or while the committer's
+        queue is full: a stop that lands there leaves the batch uncommitted, for the next run."""
+        if self._handle is not None:
+            await self._handle([(p, Slice(events, mark, replaying)) for p, events in parts.items()])
+            return
+        for partition, events in parts.items():
+            piece = Slice(events, mark, replaying)
+            inbox = self._inboxes[partition]
+            try:
+                try:
+                    inbox.send_nowait(piece)
+                except anyio.WouldBlock:
+                    await inbox.send(piece)
+            except anyio.BrokenResourceError:  # that lane stopped (StopReplay): the job is ending
+                return
+
+    def close(self) -> None:
+        for inbox in self._inboxes:
+            inbox.close()
 
 
 YOUNG_THRESHOLD = 100_000

@@ -615,12 +615,11 @@ async def test_a_lane_waits_for_its_commit_only_when_its_handler_may_read(handle
         async with anyio.create_task_group() as outer:
             outer.start_soon(committer)
             async with queue, anyio.create_task_group() as tg:
-                senders = lanes.senders()
+                feed = lanes.feed()
                 await tg.start(lanes.run)
                 for event in events:  # as the router hands them over: to the lane, or to the handler itself
-                    await lanes.deliver(senders, {0: [event]}, Mark("s", parse_id(event.stream_id), 1), True)
-                for sender in senders:
-                    sender.close()
+                    await feed.deliver({0: [event]}, Mark("s", parse_id(event.stream_id), 1), True)
+                feed.close()
                 await wait_until(lambda: bool(handled))
                 for _ in range(20):
                     await anyio.lowlevel.checkpoint()
