@@ -4,7 +4,8 @@
   `ProjectionRebuilder.rebuild("order_summary")`, on a blocking `redis.Redis` with its default settings;
 - the raw read limit: the best plain loop over XRANGE with one request always in flight;
 - the raw write ceilings of the order_summary shape: a redis-py pipeline, and hiredis-packed commands;
-- the sequential loop the I/O-bound handler is compared with.
+- the sequential loop the I/O-bound handler is compared with, and the floor of its 64 lanes: the same sleeps
+  on an event loop with nothing else to do.
 
 Every asyncio client here is `replayd.connection.create_redis`'s (hiredis parser, RESP2, no XRANGE reply
 callback), the client replayd itself reads with.
@@ -13,6 +14,7 @@ callback), the client replayd itself reads with.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,11 +25,14 @@ import redis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
-from replayd.config import RedisConfig
+from replayd.codec import Codec
+from replayd.config import FieldNames, RedisConfig
 from replayd.connection import create_redis
+from replayd.router import Router
 from replayd.sample import order_events
 from tests.article import EventReplayer, ReplayEvent, order_summary_rebuilder
 from tests.bench.core import BATCH, PROJECTION, Sample, clear_projection
+from tests.bench.handlers import PARTITION_BY
 
 Command = tuple[str | int | float, ...]
 
@@ -117,6 +122,30 @@ async def sequential_io(cfg: RedisConfig, stream: str, delay: float = 0.001) -> 
     finally:
         await pool.release(conn)
         await client.aclose()
+
+
+async def lanes_floor(cfg: RedisConfig, stream: str, partitions: int = 64, delay: float = 0.001) -> Sample:
+    """The I/O-bound run at zero cost: one task per partition sleeping `delay` once per event of its partition
+    (partitioned as replayd partitions the stream by customer), nothing read, decoded or committed. Its time is
+    that of the heaviest partition's chain of sleeps on a loop that dozens of timers keep busy: the most any
+    replay with this many partitions could achieve against the sequential loop."""
+    client = create_redis(cfg)
+    try:
+        entries: list[Any] = await client.execute_command("XRANGE", stream, "-", "+")
+    finally:
+        await client.aclose()
+    router = Router(partitions, partition_by=PARTITION_BY, ordering="key")
+    sizes = Counter(router.partition(event) for event in Codec(stream, FieldNames()).decode(entries).events)
+
+    async def lane(n: int) -> None:
+        for _ in range(n):
+            await anyio.sleep(delay)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for n in sizes.values():
+            tg.start_soon(lane, n)
+    return Sample(len(entries), time.perf_counter() - start, {"heaviest_partition": max(sizes.values())})
 
 
 # --- raw write ceilings -------------------------------------------------------------------------------------------

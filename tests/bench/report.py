@@ -49,7 +49,8 @@ ROWS = [
     Row("write_packed", "write ceiling, hiredis-packed", "hiredis-packed ceiling"),
     Row("replayd_rebuild", "replayd order_summary rebuild", "rebuild", "article_rebuild", "write_packed"),
     Row("sequential_io", "sequential loop, sleep 1 ms/event (peer)", "sequential loop"),
-    Row("replayd_io_p64", "replayd sleep 1 ms/event, 64 partitions", "I/O P=64", "sequential_io"),
+    Row("io_floor", "64 lanes of bare sleeps, nothing read (ceiling)", "I/O floor", "sequential_io"),
+    Row("replayd_io_p64", "replayd sleep 1 ms/event, 64 partitions", "I/O P=64", "sequential_io", "io_floor"),
     Row("workers_1", "replayd CPU-bound, --workers 1 (peer)", "workers 1"),
     Row("workers_2", "replayd CPU-bound, --workers 2", "workers 2", "workers_1"),
 ]

@@ -176,6 +176,7 @@ def plan(
         ),
         Step("replayd_rebuild", n, lambda: run_async(partial(replayd_runs.rebuild, cfg, MAIN)), clear),
         Step("sequential_io", args.io_events, lambda: run_async(partial(peers.sequential_io, cfg, IO))),
+        Step("io_floor", args.io_events, lambda: run_async(partial(peers.lanes_floor, cfg, IO))),
         Step("replayd_io_p64", args.io_events, lambda: run_async(partial(replayd_runs.io_bound, cfg, IO))),
     ]
     if has_workers:
