@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 "other processes compete for the same cores"
             )
         notes += describe(args, write_n, len(commands))
+        if results.get("workers_2"):
+            notes.append(workers_ceiling(results, info["nproc"]))
         table = render(summary, notes)
         print()
         print(table)
@@ -264,6 +267,20 @@ def describe(args: argparse.Namespace, write_n: int, commands: int) -> list[str]
         "(also those no handler writes for), as the rebuild's events/s does",
         "I/O and workers runs: partitioned by customer_id; workers figures are CLI wall time, start-up included",
     ]
+
+
+def workers_ceiling(results: dict[str, list[Sample]], cores: int) -> str:
+    """The most `--workers 2` could gain in each round, from the CPU its run took: with both workers, their
+    supervisor and redis-server keeping every core busy all along, its wall time is their CPU seconds / cores."""
+    ceilings = [
+        min(2.0, one.seconds * cores / (two.extra["client_cpu_s"] + two.extra["redis_cpu_s"]))
+        for one, two in zip(results["workers_1"], results["workers_2"], strict=False)
+    ]
+    return (
+        f"--workers 2 ceiling on {cores} cores: {statistics.median(ceilings):.2f}x workers 1 (median; per round "
+        f"{', '.join(f'{c:.2f}x' for c in ceilings)}): workers 1's wall time over workers 2's CPU seconds (its "
+        "processes and redis-server's) spread over every core; each worker reads and decodes every entry"
+    )
 
 
 def cpu_cost_us(calls: int = 5000) -> float:
