@@ -378,12 +378,25 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     async with _client(settings) as client:
         metrics = Metrics()
         engine = Engine(spec, client, redis_cfg=settings.redis, metrics=metrics)
-        if args.metrics_port is None:
-            stats = await with_progress(engine.stats, engine.run())
-        else:
-            stats = await _serving_metrics(args, settings, metrics, with_progress(engine.stats, engine.run()))
-    print(summary("replayed", stats), file=sys.stderr)  # stdout belongs to handlers that write data (jsonl_dump)
-    return 0
+        work = with_progress(engine.stats, engine.run())
+        if args.metrics_port is not None:
+            work = _serving_metrics(args, settings, metrics, work)
+        signals = await _drained_on_signals(engine.stop, work, settings.shutdown_timeout_s)
+    print(summary("replayed", engine.stats), file=sys.stderr)  # stdout belongs to handlers writing data (jsonl_dump)
+    return 128 + signals[0] if signals else 0
+
+
+async def _drained_on_signals(stop: Callable[[], None], work: Awaitable[Stats], timeout_s: float) -> list[int]:
+    """Await `work`; a SIGINT or SIGTERM meanwhile stops it as it stops the daemon (`drain_on_signals`: what is
+    routed drains and commits). Returns the signals received: the command then exits 128 + the first's number."""
+    from replayd.daemon import drain_on_signals
+
+    received: list[int] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain_on_signals, stop, tg.cancel_scope, timeout_s, received)
+        await work
+        tg.cancel_scope.cancel()
+    return received
 
 
 async def _serving_metrics(

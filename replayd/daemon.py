@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -74,7 +75,7 @@ class Daemon:
         try:
             async with anyio.create_task_group() as tg:
                 if self.handle_signals:
-                    tg.start_soon(self._signals, tg)
+                    tg.start_soon(drain_on_signals, self.stop, tg.cancel_scope, self.settings.shutdown_timeout_s)
                 http = self.settings.http
                 if http.enabled:
                     self.http_port = await start_http(
@@ -111,21 +112,28 @@ class Daemon:
             if self.stopping:
                 return
 
-    async def _signals(self, tg: anyio.abc.TaskGroup) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if self.stopping:
-                    logger.warning("second %s: exiting now", name)
-                    for handler in logging.getLogger().handlers:
-                        handler.flush()
-                    os._exit(128 + signum)
-                logger.info("%s: draining, up to %.0fs", name, self.settings.shutdown_timeout_s)
-                self.stop()
-                tg.start_soon(self._deadline, tg.cancel_scope)
 
-    async def _deadline(self, scope: anyio.CancelScope) -> None:
-        await anyio.sleep(self.settings.shutdown_timeout_s)
+async def drain_on_signals(
+    stop: Callable[[], None], scope: anyio.CancelScope, timeout_s: float, received: list[int] | None = None
+) -> None:
+    """The first SIGTERM or SIGINT calls `stop` (stop reading, drain what is routed, commit) and, should that take
+    longer than `timeout_s`, cancels `scope`: in-flight work is then left uncommitted, to be replayed. A second
+    signal exits at once with 128 + its number. Each signal received is appended to `received`.
+
+    Explicit handlers rather than asyncio's default Ctrl-C (which cancels the main task, and a cancellation
+    meeting one of anyio's own cancel scopes can be absorbed by it): the stop is a drain, whatever runs then."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        signum = await anext(signals)
+        if received is not None:
+            received.append(signum)
+        logger.info("%s: draining, up to %.0fs", signal.Signals(signum).name, timeout_s)
+        stop()
+        with anyio.move_on_after(timeout_s):
+            async for again in signals:
+                logger.warning("second %s: exiting now", signal.Signals(again).name)
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os._exit(128 + again)
         logger.warning("drain deadline passed: cancelling in-flight work (it is not committed and will be replayed)")
         scope.cancel()
 

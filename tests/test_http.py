@@ -366,10 +366,16 @@ def scrape_or_nothing(port: int) -> Samples:
         return {}
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_replay_metrics_port(
-    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, children: list[subprocess.Popen[bytes]]
+    tmp_path: Path,
+    redis_url: str,
+    sync_redis: redis.Redis,
+    children: list[subprocess.Popen[bytes]],
+    signum: signal.Signals,
 ) -> None:
-    """1. `replayd replay --to follow --metrics-port P`  2. /metrics counts the history, /readyz 200  3. SIGINT."""
+    """1. `replayd replay --to follow --metrics-port P`  2. /metrics counts the history, /readyz 200  3. SIGINT or
+    SIGTERM: it drains (as the daemon does) and exits 128 + the signal's number."""
     load_history_sync(sync_redis, ORDERS, 150)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
@@ -388,6 +394,13 @@ def test_replay_metrics_port(
 
     poll(counted)
     poll(lambda: fetch(port, "/readyz").status == 200)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=10) == 130
-    assert f"on http://127.0.0.1:{port}" in log.read_text()
+    proc.send_signal(signum)
+    try:
+        code = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 10 s after {signum.name}:\n{log.read_text()[-3000:]}") from None
+    text = log.read_text()
+    assert code == 128 + signum, text[-3000:]
+    assert f"on http://127.0.0.1:{port}" in text
+    assert f"{signum.name}: draining" in text
+    assert "replayed 150 events" in text
