@@ -118,7 +118,7 @@ async def drain_on_signals(
 ) -> None:
     """The first SIGTERM or SIGINT calls `stop` (stop reading, drain what is routed, commit) and, should that take
     longer than `timeout_s`, cancels `scope`: in-flight work is then left uncommitted, to be replayed. A second
-    signal exits at once with 128 + its number. Each signal received is appended to `received`.
+    signal exits at once with 128 + its number. The first signal's number is appended to `received`.
 
     Explicit handlers rather than asyncio's default Ctrl-C (which cancels the main task, and a cancellation
     meeting one of anyio's own cancel scopes can be absorbed by it): the stop is a drain, whatever runs then."""
