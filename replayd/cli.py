@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import redis.exceptions
@@ -39,6 +39,8 @@ from replayd.versions import Versions, namespace
 from replayd.workers import Supervisor, without_workers
 
 logger = logging.getLogger("replayd")
+
+T = TypeVar("T")
 
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
@@ -381,22 +383,24 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         work = with_progress(engine.stats, engine.run())
         if args.metrics_port is not None:
             work = _serving_metrics(args, settings, metrics, work)
-        signals = await _drained_on_signals(engine.stop, work, settings.shutdown_timeout_s)
+        _, code = await _drained_on_signals(engine.stop, work, settings)
     print(summary("replayed", engine.stats), file=sys.stderr)  # stdout belongs to handlers writing data (jsonl_dump)
-    return 128 + signals[0] if signals else 0
+    return code
 
 
-async def _drained_on_signals(stop: Callable[[], None], work: Awaitable[Stats], timeout_s: float) -> list[int]:
+async def _drained_on_signals(stop: Callable[[], None], work: Awaitable[T], settings: Settings) -> tuple[T | None, int]:
     """Await `work`; a SIGINT or SIGTERM meanwhile stops it as it stops the daemon (`drain_on_signals`: what is
-    routed drains and commits). Returns the signals received: the command then exits 128 + the first's number."""
+    routed drains and commits). Returns what `work` returned (None if the drain deadline cancelled it) and the
+    exit code: 0, or 128 + the signal's number when a signal stopped it before its end."""
     from replayd.daemon import drain_on_signals
 
     received: list[int] = []
+    result: T | None = None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(drain_on_signals, stop, tg.cancel_scope, timeout_s, received)
-        await work
+        tg.start_soon(drain_on_signals, stop, tg.cancel_scope, settings.shutdown_timeout_s, received)
+        result = await work
         tg.cancel_scope.cancel()
-    return received
+    return result, 128 + received[0] if received else 0
 
 
 async def _serving_metrics(
@@ -430,16 +434,25 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     async with _client(settings) as client:
         if args.in_place:
             engine = Engine(spec, client, redis_cfg=settings.redis)
-            stats = await with_progress(engine.stats, rebuild_in_place(engine))
-            print(summary(f"rebuilt projection:{engine.handler.name} from", stats), file=sys.stderr)
-            return 0
+            work = with_progress(engine.stats, rebuild_in_place(engine))
+            _, code = await _drained_on_signals(engine.stop, work, settings)
+            done = "stopped rebuilding" if code else "rebuilt"
+            print(summary(f"{done} projection:{engine.handler.name} from", engine.stats), file=sys.stderr)
+            return code
         rebuild = Rebuild(spec, client, redis_cfg=settings.redis)
-        stats, old = await rebuild.run(retain_s=spec.retain_old_s, watch=with_progress)
-        built, replaced = (namespace(rebuild.handler.name, v) for v in (rebuild.version, old))
-        print(summary(f"rebuilt {built} from", stats), file=sys.stderr)
+        result, code = await _drained_on_signals(rebuild.stop, rebuild.run(retain_s=spec.retain_old_s,
+                                                                          watch=with_progress), settings)  # fmt: skip
+        built, old = namespace(rebuild.handler.name, rebuild.version), result[1] if result else None
+        if old is None:  # stopped before the flip
+            if rebuild.stats:
+                print(summary(f"stopped building {built} from", rebuild.stats[0]), file=sys.stderr)
+            print(f"nothing flipped: the same `replayd rebuild` resumes {built}", file=sys.stderr)
+            return code
+        print(summary(f"rebuilt {built} from", rebuild.stats[0]), file=sys.stderr)
         retained = f"is kept {spec.retain_old_s:g} s (the live job or the next rebuild deletes it)"
+        replaced = namespace(rebuild.handler.name, old)
         print(f"{built} is current; {replaced} {retained if spec.retain_old_s else 'is deleted'}", file=sys.stderr)
-    return 0
+    return code
 
 
 async def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:

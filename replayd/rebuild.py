@@ -56,6 +56,15 @@ class Rebuild:
         self.version = 0
         """The version being written (set by `begin`)."""
         self.stats: list[Stats] = []
+        self.stopped = False
+        """Set by `stop`: the build drains and ends before the flip."""
+        self._engines: list[Engine] = []
+
+    def stop(self) -> None:
+        """Stop the build: what is routed drains and commits, nothing flips, and the next run resumes the build."""
+        self.stopped = True
+        for engine in self._engines:
+            engine.stop()
 
     async def begin(self) -> int:
         """Pick the version to write (an interrupted rebuild's, else current + 1), after deleting the versions
@@ -74,12 +83,17 @@ class Rebuild:
         engine = Engine(spec, self.redis, redis_cfg=self.redis_cfg, handler=self.handler, metrics=self.metrics,
                         version=self.version, ends=ends)  # fmt: skip
         self.stats.append(engine.stats)
+        self._engines.append(engine)
+        if self.stopped:
+            engine.stop()
         return engine
 
     async def catch_up(self, *, rounds: int = 5) -> None:
         """Run again to the head until a round reads less than a batch: the live job, which goes on after the
         flip from the rebuild's positions, then has little to redo."""
         for _ in range(rounds):
+            if self.stopped:
+                return
             stats = await self.engine().run()
             if stats.total < self.spec.batch_size:
                 return
@@ -100,11 +114,14 @@ class Rebuild:
             await self.versions.sweep()
         return old
 
-    async def run(self, *, retain_s: float, watch: Watch = _unwatched) -> tuple[Stats, int]:
+    async def run(self, *, retain_s: float, watch: Watch = _unwatched) -> tuple[Stats, int | None]:
         """The whole rebuild: build (under `watch`, e.g. a progress bar), catch up, flip; return the build's
-        stats and the version it replaced (deleted at once when `retain_s` is 0)."""
+        stats and the version it replaced (deleted at once when `retain_s` is 0), or None when it was stopped
+        before the flip."""
         await self.begin()
         first = self.engine()
         stats = await watch(first.stats, first.run())
         await self.catch_up()
+        if self.stopped:
+            return stats, None
         return stats, await self.flip(retain_s=retain_s)

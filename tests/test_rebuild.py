@@ -217,6 +217,32 @@ def test_a_killed_rebuild_leaves_one_whole_version_current_and_resumes(
         assert int(sync_redis.get(f"projection:{NAME}:current") or 0) == version
 
 
+def test_a_rebuild_stopped_by_sigint_drains_flips_nothing_and_resumes(redis_url: str, sync_redis: redis.Redis) -> None:
+    """Ctrl-C during a build: what is routed commits to the new version's checkpoint, the alias still names the
+    old version (whole), exit 130; the same command then resumes the build and flips."""
+    load_history_sync(sync_redis, STREAM, 20_000)
+    args = ("rebuild", "--redis-url", redis_url, "--stream", STREAM, "--handler", NAME, "--retain-old", "0",
+            "--batch-size", "200")  # fmt: skip
+    assert finish(spawn_replayd(*args))[0] == 0
+    expected = version_of(sync_redis, 1)  # a whole rebuild (the tests above compare it with the article's)
+    proc = spawn_replayd(*args)
+    building = f"replayd:{{{NAME}@v2}}:checkpoint"
+    wait_for(lambda: any(b"#" in field for field in sync_redis.hkeys(building)), proc=proc)  # a batch committed
+    proc.send_signal(signal.SIGINT)
+    code, err = finish(proc)
+    assert code == 130, err
+    assert "nothing flipped: the same `replayd rebuild` resumes projection:order_summary:v2" in err
+    assert sync_redis.get(f"projection:{NAME}:current") == b"1"
+    assert version_of(sync_redis, 1) == expected
+    assert sync_redis.get(f"projection:{NAME}:next") == b"2"
+    code, err = finish(spawn_replayd(*args))
+    assert code == 0, err
+    replayed = re.search(r"([\d,]+) events in ", err)
+    assert replayed and int(replayed[1].replace(",", "")) < 20_000, "it resumed from its own checkpoint"
+    assert sync_redis.get(f"projection:{NAME}:current") == b"2"
+    assert version_of(sync_redis, 2) == expected
+
+
 # --- verify ----------------------------------------------------------------------------------------------------
 
 
