@@ -444,11 +444,11 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
                                                                           watch=with_progress), settings)  # fmt: skip
         built, old = namespace(rebuild.handler.name, rebuild.version), result[1] if result else None
         if old is None:  # stopped before the flip
-            if rebuild.stats:
-                print(summary(f"stopped building {built} from", rebuild.stats[0]), file=sys.stderr)
+            if rebuild.engines:
+                print(summary(f"stopped building {built} from", rebuild.engines[0].stats), file=sys.stderr)
             print(f"nothing flipped: the same `replayd rebuild` resumes {built}", file=sys.stderr)
             return code
-        print(summary(f"rebuilt {built} from", rebuild.stats[0]), file=sys.stderr)
+        print(summary(f"rebuilt {built} from", rebuild.engines[0].stats), file=sys.stderr)
         retained = f"is kept {spec.retain_old_s:g} s (the live job or the next rebuild deletes it)"
         replaced = namespace(rebuild.handler.name, old)
         print(f"{built} is current; {replaced} {retained if spec.retain_old_s else 'is deleted'}", file=sys.stderr)

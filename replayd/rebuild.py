@@ -55,15 +55,15 @@ class Rebuild:
         self.versions = Versions(redis, self.handler.name)
         self.version = 0
         """The version being written (set by `begin`)."""
-        self.stats: list[Stats] = []
+        self.engines: list[Engine] = []
+        """The runs of the rebuild job so far: the build, then the catch-up rounds."""
         self.stopped = False
         """Set by `stop`: the build drains and ends before the flip."""
-        self._engines: list[Engine] = []
 
     def stop(self) -> None:
         """Stop the build: what is routed drains and commits, nothing flips, and the next run resumes the build."""
         self.stopped = True
-        for engine in self._engines:
+        for engine in self.engines:
             engine.stop()
 
     async def begin(self) -> int:
@@ -82,8 +82,7 @@ class Rebuild:
         )  # fmt: skip
         engine = Engine(spec, self.redis, redis_cfg=self.redis_cfg, handler=self.handler, metrics=self.metrics,
                         version=self.version, ends=ends)  # fmt: skip
-        self.stats.append(engine.stats)
-        self._engines.append(engine)
+        self.engines.append(engine)
         if self.stopped:
             engine.stop()
         return engine
@@ -102,11 +101,11 @@ class Rebuild:
         """Make the new version current; return the one it replaced. That one is deleted once `retain_s` has
         passed, by the live job (it sweeps every 30 s) or the next rebuild; at once when `retain_s` is 0."""
         old = await self.versions.flip(self.version, self.spec.name, retain_s=retain_s)
-        total = sum(s.total for s in self.stats)
+        total = sum(e.stats.total for e in self.engines)
         await self.redis.hset(
             f"projection:{self.handler.name}:meta",
             mapping={"rebuilt_at": repr(time.time()), "total_events": total, "version": self.version,
-                     "processed_events": sum(s.processed for s in self.stats)},
+                     "processed_events": sum(e.stats.processed for e in self.engines)},
         )  # fmt: skip
         logger.info("%s is current (it replaced %s)", namespace(self.handler.name, self.version),
                     namespace(self.handler.name, old))  # fmt: skip
