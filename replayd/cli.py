@@ -23,11 +23,13 @@ from replayd.commit import Tally, job_key, stream_positions
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import Client, create_redis, is_retriable, text, text_hash
 from replayd.console import summary, with_progress
+from replayd.daemon import Daemon, drain_on_signals, start_http
 from replayd.deadletter import Letters
 from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
 from replayd.events import format_id, parse_id, parse_shard
 from replayd.handlers.loader import load_handler
+from replayd.http import Readiness
 from replayd.logs import setup_logging
 from replayd.metrics import Metrics
 from replayd.pacing import parse_speed
@@ -392,8 +394,6 @@ async def _drained_on_signals(stop: Callable[[], None], work: Awaitable[T], sett
     """Await `work`; a SIGINT or SIGTERM meanwhile stops it as it stops the daemon (`drain_on_signals`: what is
     routed drains and commits). Returns what `work` returned (None if the drain deadline cancelled it) and the
     exit code: 0, or 128 + the signal's number when a signal stopped it before its end."""
-    from replayd.daemon import drain_on_signals
-
     received: list[int] = []
     result: T | None = None
     async with anyio.create_task_group() as tg:
@@ -407,9 +407,6 @@ async def _serving_metrics(
     args: argparse.Namespace, settings: Settings, metrics: Metrics, work: Awaitable[Stats]
 ) -> Stats:
     """Await `work` while /metrics, /healthz and /readyz are served on --metrics-host:--metrics-port."""
-    from replayd.daemon import start_http
-    from replayd.http import Readiness
-
     readiness = Readiness(config_ok=True, plugins_loaded=True)  # the engine is built: its plugins loaded
     async with anyio.create_task_group() as tg:
         await start_http(tg, metrics, readiness, settings.redis, host=args.metrics_host, port=args.metrics_port)
@@ -487,8 +484,6 @@ async def _dry_run(spec: JobSpec, settings: Settings, *, next_version: bool = Fa
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from replayd.daemon import Daemon
-
     if not settings.jobs:
         raise ConfigError("no jobs configured: add [[jobs]] tables to the config file (see config.example.toml)")
     await Daemon(settings).run()

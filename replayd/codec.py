@@ -165,7 +165,6 @@ class Codec:
         stream, keys, layout, (i_id, i_type) = self.stream, self._keys, self._layout, self._texts
         i_data = layout.get("data")
         for raw_id, flat in entries:
-            stream_id = raw_id.decode()
             try:
                 if flat[::2] != keys:
                     keys = self._learn(flat[::2])
@@ -180,7 +179,7 @@ class Codec:
                         continue  # another shard's partition: that shard decodes this entry
                 # the slots filled here, not in an __init__: a class call costs a third of the rest of the loop
                 event = new(LazyEvent)
-                event.stream_id = stream_id
+                event.stream_id = stream_id = raw_id.decode()
                 event.event_id = flat[i_id].decode() if i_id is not None else stream_id
                 event.event_type = flat[i_type].decode() if i_type is not None else "unknown"
                 event.stream = stream
@@ -196,7 +195,7 @@ class Codec:
                     else:
                         bucket.append(event)
             except _UNDECODABLE as exc:  # a text field that is not UTF-8; no fields; an unreadable key
-                self._reject(poison, stream_id, flat, exc)
+                self._reject(poison, raw_id.decode(), flat, exc)
         return Decoded(events, poison, parts)
 
     def _learn(self, keys: list[bytes]) -> list[bytes]:
