@@ -675,7 +675,7 @@ async def rebuild_in_place(engine: Engine) -> Stats:
 
     engine.on_leased = clear
     stats = await engine.run()
-    if engine.stop_requested.is_set():  # stopped part way: not rebuilt (the next run starts over)
+    if stats.status == "stopped":  # stopped part way: not rebuilt (the next run starts over)
         return stats
     await redis.hset(
         f"{engine.namespace}:meta",
