@@ -14,6 +14,7 @@ makes an entry poison.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -23,7 +24,7 @@ from replayd.errors import DecodeError
 from replayd.events import Event
 
 if TYPE_CHECKING:
-    from replayd.router import Partitioner
+    from replayd.router import Partitioner, Router
 
 RawEntry = Sequence[Any]
 """An XRANGE/XREAD reply element as hiredis returns it: `[id, [field, value, field, value, ...]]`."""
@@ -127,11 +128,11 @@ class Decoded(NamedTuple):
     """A read batch, decoded."""
 
     events: list[Event]
-    """In stream order: with a partitioner only this shard's, else every entry that decoded."""
+    """In stream order: routing by a field of `data`, only this shard's; else every entry that decoded."""
     poison: list[Poison]
-    """Entries that could not be decoded (with a partitioner, those of other shards are left to them)."""
+    """This shard's entries that could not be decoded (`Router.keeps`)."""
     parts: dict[int, list[Event]] | None
-    """With a partitioner: `events` split by partition."""
+    """Routing by a field of `data`: `events` split by partition."""
 
 
 class Codec:
@@ -139,18 +140,23 @@ class Codec:
 
     A producer writes its fields in the same order every time, so the positions of the five fields are
     learnt once per field layout and each entry is then read by index: no per-entry dict (the hot path).
-    With `key`, the named field of `data` is decoded into each event's `key` (the router reads it); with a
-    `partitioner` as well, the batch is split by partition in the same pass, and an entry of another shard's
-    partition is left unbuilt (that shard decodes it).
+    Given the `router`: when it routes by a field of `data`, that field is decoded into each event's `key` and
+    the batch is split by partition in the same pass, an entry of another shard's partition left unbuilt (that
+    shard decodes it); an entry that cannot be decoded is reported by the shard the router says keeps it.
     """
 
-    def __init__(
-        self, stream: str, names: FieldNames, *, key: str | None = None, partitioner: Partitioner | None = None
-    ) -> None:
+    def __init__(self, stream: str, names: FieldNames, router: Router | None = None) -> None:
         self.stream = stream
         self._names = names
-        self._key = key_decoder(key) if key is not None else None
-        self._partitioner = partitioner if key is not None else None
+        self._key: Callable[[bytes], Any] | None = None
+        self._partitioner: Partitioner | None = None
+        """Routing by a field of `data`: the events' partitions, and which are this shard's."""
+        self._keeps: Callable[[str], bool] = _always
+        """Whether this shard reports an undecodable entry (by its ID) that no key places in its partitions."""
+        if router is not None:
+            self._keeps = partial(router.keeps, stream)
+            if router.key_field is not None:
+                self._key, self._partitioner = key_decoder(router.key_field), router.partitioner
         self._keys: list[bytes] = []
         self._texts: tuple[int | None, int | None] = (None, None)
         self._layout: dict[str, int] = {}
@@ -160,7 +166,7 @@ class Codec:
         poison: list[Poison] = []
         append, decode_key, new = events.append, self._key, object.__new__
         split = self._partitioner
-        parts: dict[int, list[Event]] | None = None if split is None else {}
+        parts: dict[int, list[Event]] = {}
         mine = split.mine if split is not None else []
         stream, keys, layout, (i_id, i_type) = self.stream, self._keys, self._layout, self._texts
         i_data = layout.get("data")
@@ -173,30 +179,34 @@ class Codec:
                 if decode_key is not None:
                     key = decode_key(flat[i_data]).value if i_data is not None else "default"
                     key = key if type(key) is str else str(key)  # a number and its text are one key
-                if split is not None:
-                    p = split[key]
-                    if not mine[p]:
-                        continue  # another shard's partition: that shard decodes this entry
+            except _UNDECODABLE as exc:  # no fields (a tombstone), or `data` no key can be read from
+                self._reject(poison, raw_id, flat, exc)
+                continue
+            if split is not None:
+                p = split[key]
+                if not mine[p]:
+                    continue  # another shard's partition: that shard decodes this entry
+            try:
                 # the slots filled here, not in an __init__: a class call costs a third of the rest of the loop
                 event = new(LazyEvent)
                 event.stream_id = stream_id = raw_id.decode()
                 event.event_id = flat[i_id].decode() if i_id is not None else stream_id
                 event.event_type = flat[i_type].decode() if i_type is not None else "unknown"
-                event.stream = stream
-                event._flat = flat
-                event._layout = layout
-                append(event)
-                if decode_key is not None:
-                    event.key = key
-                if parts is not None:
-                    bucket = parts.get(p)
-                    if bucket is None:
-                        parts[p] = [event]
-                    else:
-                        bucket.append(event)
-            except _UNDECODABLE as exc:  # a text field that is not UTF-8; no fields; an unreadable key
-                self._reject(poison, raw_id.decode(), flat, exc)
-        return Decoded(events, poison, parts)
+            except _UNDECODABLE as exc:  # a text field that is not UTF-8; with a split, in this shard's partition
+                self._reject(poison, raw_id, flat, exc, placed=split is not None)
+                continue
+            event.stream = stream
+            event._flat = flat
+            event._layout = layout
+            append(event)
+            if split is not None:
+                event.key = key
+                bucket = parts.get(p)
+                if bucket is None:
+                    parts[p] = [event]
+                else:
+                    bucket.append(event)
+        return Decoded(events, poison, parts if split is not None else None)
 
     def _learn(self, keys: list[bytes]) -> list[bytes]:
         positions = {key: 2 * index + 1 for index, key in enumerate(keys)}
@@ -207,33 +217,24 @@ class Codec:
         self._keys = keys
         return keys
 
-    def _reject(self, poison: list[Poison], stream_id: str, flat: list[bytes] | None, exc: Exception) -> None:
-        """Set an undecodable entry apart. An entry with no partition key to route it by (a tombstone, unreadable
-        `data`) is in no shard's partitions: shard 0 reports it, the other shards leave it."""
-        split = self._partitioner
-        if split is not None and not split.mine[0] and self._keyless(flat):
-            return
-        poison.append(self._poison(stream_id, flat, exc))
-
-    def _keyless(self, flat: list[bytes] | None) -> bool:
-        """Whether an undecodable entry has no partition key: no fields, or `data` the key cannot be read from."""
-        if flat is None:
-            return True
-        names = flat[::2]
-        data = self._names.data.encode()
-        if self._key is None or data not in names:
-            return False
-        try:
-            self._key(flat[2 * names.index(data) + 1])
-        except _UNDECODABLE:
-            return True
-        return False
+    def _reject(
+        self, poison: list[Poison], raw_id: bytes, flat: list[bytes] | None, exc: Exception, *, placed: bool = False
+    ) -> None:
+        """Set an undecodable entry apart, if it is this shard's to report: `placed` in one of its partitions by its
+        key, else as `keeps` says (an entry with no key to route it by is in no shard's partitions)."""
+        stream_id = raw_id.decode()
+        if placed or self._keeps(stream_id):
+            poison.append(self._poison(stream_id, flat, exc))
 
     def _poison(self, stream_id: str, flat: list[bytes] | None, exc: Exception) -> Poison:
         if flat is None:  # an entry deleted between listing and reading (XDEL): a tombstone
             return Poison(self.stream, stream_id, {}, "tombstone: entry has no fields")
         field = "data: " if isinstance(exc, msgspec.MsgspecError) else ""  # only the partition key uses msgspec here
         return Poison(self.stream, stream_id, _lenient(flat), f"{type(exc).__name__}: {field}{exc}")
+
+
+def _always(stream_id: str) -> bool:
+    return True
 
 
 def _lenient(flat: list[bytes]) -> dict[str, str]:

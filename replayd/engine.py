@@ -510,7 +510,8 @@ class Engine:
         committer: Committer,
         inflight: InFlight,
     ) -> None:
-        codec = Codec(plan.stream, self.spec.fields, key=self.router.key_field, partitioner=self.router.partitioner)
+        router = self.router
+        codec = Codec(plan.stream, self.spec.fields, router)
         skip = plan.skip or None
         skip_until = max(skip.values()) if skip else ZERO
         stats = self.stats
@@ -527,10 +528,8 @@ class Engine:
                     stats.total += read
                     events_read.inc(read)
                     read_batch.observe(read)
-                    routed = self.router.route(events, self.filter, skip, parts)
-                    if parts is None:  # else the codec has left other shards' entries to them
-                        poison = self.router.own(poison)
-                    poison = [*self.router.own(batch.oversized), *poison, *routed.poison]
+                    routed = router.route(events, self.filter, skip, parts)
+                    poison = [*router.own(batch.oversized), *poison, *routed.poison]
                     if len(poison) > 1:  # found at three stages: `stop` must name the first in stream order
                         poison.sort(key=lambda entry: parse_id(entry.stream_id))
                     if poison and self.spec.poison_policy == "stop":

@@ -28,7 +28,7 @@ class Routed(NamedTuple):
     skipped: int
     """This shard's events the filter left out, or (resuming) that its partitions had already committed."""
     poison: list[Poison]
-    """This shard's entries whose filtered field, and entries whose partition key, cannot be decoded."""
+    """This shard's entries whose filtered field or partition key cannot be decoded (`Router.keeps`)."""
 
     @property
     def first(self) -> Event | None:
@@ -75,17 +75,20 @@ class Router:
     def partition(self, event: Event) -> int:
         return self.partitioner[self._key(event)]
 
-    def own(self, entries: Sequence[Poison]) -> list[Poison]:
-        """This shard's share of entries it read and could not decode: those of its partitions, where an entry's
-        partition does not depend on what is in it (one partition, by stream, `ordering = "none"`), else shard 0's
-        (routing by a field of `data`, the codec leaves the entries whose key it can read to their shards)."""
-        if self.shard.total == 1 or not entries:
-            return list(entries)
+    def keeps(self, stream: str, stream_id: str) -> bool:
+        """Whether this shard reports an entry it read and cannot place by its content (undecodable, too large):
+        the owner of its partition where that does not depend on the content (one partition, by stream,
+        `ordering = "none"`), else shard 0 (routing by a field of `data`, such an entry has no key to go by)."""
+        if self.shard.total == 1:
+            return True
         mine = self.partitioner.mine
         if self.key_field is not None or self.partitions == 1:
-            return list(entries) if mine[0] else []
-        by_id = not self._by_stream  # ordering "none": an entry's partition comes from its ID
-        return [e for e in entries if mine[self.partitioner[e.stream_id if by_id else e.stream]]]
+            return mine[0]
+        return mine[self.partitioner[stream if self._by_stream else stream_id]]
+
+    def own(self, entries: Sequence[Poison]) -> list[Poison]:
+        """The entries of `entries` this shard reports (`keeps`)."""
+        return [e for e in entries if self.keeps(e.stream, e.stream_id)]
 
     def route(
         self,
@@ -157,12 +160,18 @@ class Router:
             return None
 
     def _sift(self, events: list[Event], predicate: Predicate | None) -> tuple[list[Event], list[Poison]]:
-        """The events whose key and (in this shard) filter can be computed, and the others as Poison."""
+        """The events whose key and (in this shard) filter can be computed, and this shard's others as Poison."""
         good: list[Event] = []
         poison: list[Poison] = []
         for event in events:
             try:
-                if self.partitioner.mine[self.partition(event)] and predicate is not None:
+                p = self.partition(event)
+            except DecodeError as error:  # no key to route by: in no partition
+                if self.keeps(event.stream, event.stream_id):
+                    poison.append(Poison.of(error))
+                continue
+            try:
+                if predicate is not None and self.partitioner.mine[p]:
                     predicate(event)
             except DecodeError as error:
                 poison.append(Poison.of(error))

@@ -108,10 +108,10 @@ def test_keys_the_codec_decodes_alone_route_as_the_whole_data_does() -> None:
              b'{"customer_id":4.5}', b'{"customer_id":null}', b'{"customer_id":{"a":[1]}}']  # fmt: skip
     entries: list[Any] = [[f"{i}-0".encode(), [b"event_type", b"A", b"data", d]] for i, d in enumerate(datas, 1)]
     entries += [[b"8-0", [b"event_type", b"A"]], [b"9-0", [b"event_type", b"A", b"data", b"[1, 2]"]]]
-    events, poison, _ = Codec("orders", FieldNames(), key="customer_id").decode(entries)
+    router = by_customer()
+    events, poison, _ = Codec("orders", FieldNames(), router).decode(entries)
     (bad,) = poison
     assert (bad.stream_id, bad.error) == ("9-0", "ValidationError: data: Expected `object`, got `array`")
-    router = by_customer()
     expected = {e.stream_id: router.partition(ev(0, e.data)) for e in events}  # a plain Event decodes `data` whole
     assert {e.stream_id: router.partition(e) for e in events} == expected
     assert {e.stream_id: p for p, part in router.split(events).items() for e in part} == expected
@@ -130,13 +130,11 @@ def test_each_shard_decodes_only_the_entries_of_its_partitions() -> None:
     entries.append([b"41-0", None])  # a tombstone: no key either
     whole = Router(4, partition_by="customer_id", ordering="key")
     shards = [Router(4, partition_by="customer_id", ordering="key", shard=Shard(i, 2)) for i in range(2)]
-    everything = Codec("orders", FieldNames(), key="customer_id").decode(entries)
+    everything = Codec("orders", FieldNames(), whole).decode(entries)
     owner = whole.partition(ev(0, {"customer_id": "c5"})) % 2  # the shard that owns 5-0
     seen: list[str] = []
     for index, router in enumerate(shards):
-        events, poison, parts = Codec("orders", FieldNames(), key="customer_id", partitioner=router.partitioner).decode(
-            entries
-        )
+        events, poison, parts = Codec("orders", FieldNames(), router).decode(entries)
         assert parts == router.split(everything.events)
         assert events == [e for e in everything.events if router.partitioner.mine[router.partition(e)]]
         expected = (["5-0"] if index == owner else []) + (["10-0", "41-0"] if index == 0 else [])
@@ -164,3 +162,15 @@ def test_each_undecodable_entry_is_one_shards_to_report() -> None:
     assert sum(map(bool, shares(8, "customer_id", "none"))) > 1  # by entry ID: spread over the shards
     assert [len(share) for share in shares(8, "customer_id", "key")] == [40, 0, 0]  # no key read: shard 0's
     assert Router(8, partition_by="customer_id", ordering="key").own(entries) == entries
+
+
+def test_an_event_with_no_key_to_route_by_is_shard_0s_to_report() -> None:
+    """Events whose key the codec did not decode (routing reads `data` then): one whose `data` cannot be decoded
+    is in no partition, and only shard 0 reports it, as with the entries the codec sets apart itself."""
+    (bad,) = Codec("orders", FieldNames()).decode([[b"3-0", [b"event_type", b"A", b"data", b"{broken"]]]).events
+    events = [ev(1, {"customer_id": "c1"}), ev(2, {"customer_id": "c2"}), bad]
+    shards = [Router(4, partition_by="customer_id", ordering="key", shard=Shard(i, 2)) for i in range(2)]
+    reported = [[p.stream_id for p in router.route(events, None).poison] for router in shards]
+    assert reported == [["3-0"], []]
+    routed = [e.stream_id for router in shards for part in router.route(events, None).parts.values() for e in part]
+    assert sorted(routed) == ["1-0", "2-0"]
