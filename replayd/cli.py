@@ -403,6 +403,13 @@ async def _drained_on_signals(stop: Callable[[], None], work: Awaitable[T], sett
     return result, 128 + received[0] if received else 0
 
 
+async def _within(scope: anyio.CancelScope, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None when `scope` was cancelled first."""
+    with scope:
+        return await work
+    return None
+
+
 async def _serving_metrics(
     args: argparse.Namespace, settings: Settings, metrics: Metrics, work: Awaitable[Stats]
 ) -> Stats:
@@ -456,7 +463,15 @@ async def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     spec = job_from_args(args, settings, one_shot=_rebuild_name(args))
     async with _client(settings) as client:
         rebuild = Rebuild(spec, client, redis_cfg=settings.redis)
-        diff = await verify(rebuild, keep=args.keep, show=args.show)
+        # a signal cancels at once: what the shadow committed stays (a kept one resumes), nothing else is worth a drain
+        scope = anyio.CancelScope()
+        work = _within(scope, verify(rebuild, keep=args.keep, show=args.show))
+        diff, code = await _drained_on_signals(scope.cancel, work, settings)
+    if diff is None:
+        kept = "kept (`replayd rebuild` resumes it)" if args.keep else "deleted"
+        print(f"verify stopped before its comparison: the live job runs on, the shadow version is {kept}",
+              file=sys.stderr)  # fmt: skip
+        return code
     if args.json:
         print(json.dumps(dataclasses.asdict(diff) | {"equal": diff.equal}, indent=2))
     else:

@@ -80,7 +80,7 @@ class Lanes:
         new_context: Callable[[], Context],
         commit: Callable[[CommitRequest], Awaitable[None]],
         *,
-        submit: Callable[[CommitRequest], Awaitable[None]] | None = None,
+        submit: Callable[[CommitRequest], Awaitable[None]],
         concurrency: int,
         sizer: BatchSizer,
         inflight: InFlight,
@@ -91,9 +91,11 @@ class Lanes:
         self.handler = handler
         self.new_context = new_context
         self.commit = commit
+        self.submit = submit
+        """Queues a commit without waiting for it (for a handler that never awaits)."""
         # getattr: a Handler without `awaits` is taken to await
-        self.submit = submit if submit is not None and not getattr(handler, "awaits", True) else None
-        """Queues a lane batch's commit without waiting for it (handlers that never await), else None."""
+        self.inline = not getattr(handler, "awaits", True)
+        """The handler never awaits: no lanes, each feed calls it (`Feed.deliver`) and does not wait for commits."""
         self.sizer = sizer
         self.inflight = inflight
         self.on_outcome = on_outcome
@@ -106,8 +108,7 @@ class Lanes:
         )
         self.stop = stop
         """Set when a handler raised StopReplay: the engine stops reading."""
-        # no lanes for a handler that never awaits: each feed calls it itself (`Feed.deliver`)
-        lanes = partitions if self.submit is None else 0
+        lanes = 0 if self.inline else partitions
         pairs = [anyio.create_memory_object_stream[Slice](max_buffer_size=16) for _ in range(lanes)]
         self._inboxes: list[MemoryObjectSendStream[Slice]] = [send for send, _ in pairs]
         self._outboxes: list[MemoryObjectReceiveStream[Slice]] = [receive for _, receive in pairs]
@@ -117,7 +118,7 @@ class Lanes:
     def feed(self) -> Feed:
         """A router's way in: its own handles on the lanes' inboxes (the lanes end when every feed is closed), or,
         for a handler that never awaits, the handler itself."""
-        return Feed([inbox.clone() for inbox in self._inboxes], self._process if self.submit is not None else None)
+        return Feed([inbox.clone() for inbox in self._inboxes], self._process if self.inline else None)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         for inbox in self._inboxes:  # only the routers' clones keep the inboxes open now
@@ -183,7 +184,7 @@ class Lanes:
         await self._commit(CommitRequest(ctx.tx.commands, checkpoints, done), events, failure, stopped)
 
     async def _commit(self, request: CommitRequest, events: int, failure: Event | None, stopped: bool) -> None:
-        if self.submit is not None and failure is None and not stopped:  # released once it is committed
+        if self.inline and failure is None and not stopped:  # released once it is committed
             await self.submit(request._replace(then=partial(self.inflight.release, events)))
             return
         await self.commit(request)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from operator import attrgetter
 from typing import NamedTuple
 from zlib import crc32
 
@@ -137,10 +136,9 @@ class Router:
 
     def _group(self, events: list[Event]) -> dict[int, list[Event]]:
         parts: dict[int, list[Event]] = {}
-        partition, mine = self.partitioner, self.partitioner.mine
-        keys = self._decoded_keys(events)
-        for event, k in zip(events, keys if keys is not None else map(self._key, events), strict=True):
-            p = partition[k]
+        key, partition, mine = self._key, self.partitioner, self.partitioner.mine
+        for event in events:
+            p = partition[key(event)]
             if not mine[p]:
                 continue
             bucket = parts.get(p)
@@ -149,15 +147,6 @@ class Router:
             else:
                 bucket.append(event)
         return parts
-
-    def _decoded_keys(self, events: list[Event]) -> list[str] | None:
-        """The keys the codec decoded with the batch (in one C loop), or None for events it did not make."""
-        if self.key_field is None:
-            return None
-        try:
-            return list(map(_decoded_key, events))
-        except AttributeError:
-            return None
 
     def _sift(self, events: list[Event], predicate: Predicate | None) -> tuple[list[Event], list[Poison]]:
         """The events whose key and (in this shard) filter can be computed, and this shard's others as Poison."""
@@ -191,10 +180,6 @@ def _key_function(partition_by: str | None, ordering: str) -> Callable[[Event], 
     if partition_by is None or partition_by == STREAM_KEY:
         return lambda e: e.stream
     return partial(_data_key, partition_by)
-
-
-_decoded_key = attrgetter("key")
-"""The partition key `codec.LazyEvent` holds when the codec decoded it."""
 
 
 def _data_key(field: str, event: Event) -> str:

@@ -276,6 +276,30 @@ def test_verify_reports_each_kind_of_difference_and_exits_1(redis_url: str, sync
     assert replayd("verify", *where).returncode == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_verify_stopped_by_a_signal_withdraws_its_pause_and_deletes_its_shadow(
+    signum: signal.Signals, redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """SIGTERM or Ctrl-C while verify waits for the live job to pause: it exits 128 + the signal at once, having
+    withdrawn the pause it asked for and deleted its shadow version (a SIGTERM used to kill it there, leaving the
+    job paused)."""
+    load_history_sync(sync_redis, STREAM, 3000)
+    where = ("--redis-url", redis_url, "--stream", STREAM, "--handler", NAME)
+    assert replayd("rebuild", *where, "--retain-old", "0").returncode == 0  # v1 current
+    progress = f"replayd:{{{NAME}}}:progress"  # a live job's, which never confirms a pause
+    sync_redis.hset(progress, mapping={"status": "live", "updated_at": str(time.time())})
+    proc = spawn_replayd("verify", *where)
+    wait_for(lambda: bool(sync_redis.hexists(progress, "paused")), proc=proc)
+    proc.send_signal(signum)
+    code, err = finish(proc)
+    assert code == 128 + signum, err
+    assert "verify stopped before its comparison: the live job runs on, the shadow version is deleted" in err
+    assert not sync_redis.hexists(progress, "paused")
+    assert not list(sync_redis.scan_iter(f"projection:{NAME}:v2:*"))
+    assert not sync_redis.exists(f"projection:{NAME}:next")
+    assert sync_redis.get(f"projection:{NAME}:current") == b"1"
+
+
 async def test_verify_pauses_a_running_job_and_compares_at_its_position(
     raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis, redis_url: str
 ) -> None:
