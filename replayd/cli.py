@@ -469,8 +469,7 @@ async def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         diff, code = await _drained_on_signals(scope.cancel, work, settings)
     if diff is None:
         kept = "kept (`replayd rebuild` resumes it)" if args.keep else "deleted"
-        print(f"verify stopped before its comparison: the live job runs on, the shadow version is {kept}",
-              file=sys.stderr)  # fmt: skip
+        print(f"verify stopped before its comparison: the live job runs on, its shadow is {kept}", file=sys.stderr)
         return code
     if args.json:
         print(json.dumps(dataclasses.asdict(diff) | {"equal": diff.equal}, indent=2))

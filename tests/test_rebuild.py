@@ -293,7 +293,7 @@ def test_a_verify_stopped_by_a_signal_withdraws_its_pause_and_deletes_its_shadow
     proc.send_signal(signum)
     code, err = finish(proc)
     assert code == 128 + signum, err
-    assert "verify stopped before its comparison: the live job runs on, the shadow version is deleted" in err
+    assert "verify stopped before its comparison: the live job runs on, its shadow is deleted" in err
     assert not sync_redis.hexists(progress, "paused")
     assert not list(sync_redis.scan_iter(f"projection:{NAME}:v2:*"))
     assert not sync_redis.exists(f"projection:{NAME}:next")
