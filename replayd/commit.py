@@ -31,7 +31,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from replayd.connection import Client, is_retriable, text, text_hash
+from replayd.connection import Client, OwnConnection, is_retriable, text, text_hash
 from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError, RestartJob
 from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
 from replayd.metrics import Metrics
@@ -288,6 +288,8 @@ class Committer:
         self._layout: dict[str, str] = dict(layout or {})
         """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
         self._cluster = redis if isinstance(redis, RedisCluster) else None
+        self._own = OwnConnection(redis) if isinstance(redis, Redis) else None
+        """One server: the commits' own connection."""
         self._slot = slot_of(self.key)
         """Under Redis Cluster, the slot of the job's keys: every key a commit writes must be in it."""
 
@@ -310,15 +312,19 @@ class Committer:
         await self._send.send(CommitRequest([], {}, []))
 
     async def run(self, receive: MemoryObjectReceiveStream[CommitRequest]) -> None:
-        async with receive:
-            async for first in receive:
-                group = [first]
-                while True:
-                    try:
-                        group.append(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                await self._flush(group)
+        try:
+            async with receive:
+                async for first in receive:
+                    group = [first]
+                    while True:
+                        try:
+                            group.append(receive.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    await self._flush(group)
+        finally:
+            if self._own is not None:
+                await self._own.aclose()
 
     async def _flush(self, group: Sequence[CommitRequest]) -> None:
         commands: list[tuple[Any, ...]] = []
@@ -376,8 +382,8 @@ class Committer:
             argv.append(len(command))
             argv.extend(command)
         send = (
-            partial(self._roundtrip, self.redis, hiredis.pack_command(tuple(argv)))
-            if isinstance(self.redis, Redis)
+            partial(self._roundtrip, self._own, hiredis.pack_command(tuple(argv)))
+            if self._own is not None
             else partial(self._cluster_roundtrip, self.redis, argv)
         )
         deadline = time.monotonic() + self.budget_s
@@ -437,7 +443,7 @@ class Committer:
                         f"{{{self._job}}}. Nothing of this commit was written."
                     )
 
-    async def _cluster_roundtrip(self, cluster: RedisCluster, argv: list[Any]) -> Any:
+    async def _cluster_roundtrip(self, cluster: Client, argv: list[Any]) -> Any:
         """The commit script on the node serving the job's slot (redis-py follows MOVED/ASK redirections)."""
         try:
             with anyio.fail_after(self.timeout_s):  # a TimeoutError (OSError): retried like a lost connection
@@ -455,25 +461,18 @@ class Committer:
                 "Redis kept (a one-shot command exits 75): what came after it is replayed"
             )
 
-    async def _roundtrip(self, redis: Redis, payload: bytes) -> Any:
-        pool = redis.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    async def _roundtrip(self, own: OwnConnection, payload: bytes) -> Any:
         try:
             with anyio.fail_after(self.timeout_s):  # a TimeoutError (OSError): retried like a lost connection
-                await conn.send_packed_command(payload, check_health=False)
-                return await conn.read_response()
-        except BaseException as exc:
-            # the connection's state is unknown (half-read, or cancelled mid-reply): never reuse it
-            with anyio.CancelScope(shield=True):
-                await conn.disconnect()
-            if isinstance(exc, RuntimeError) and is_retriable(exc):
+                return await own.call(payload)
+        except RuntimeError as exc:
+            if is_retriable(exc):
                 raise RedisConnectionError(str(exc)) from exc
-            if isinstance(exc, ResponseError) and not is_retriable(exc):
+            raise
+        except ResponseError as exc:
+            if not is_retriable(exc):
                 raise ReplaydError(f"Redis refused the commit to {self.key}: {exc}") from exc
             raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await pool.release(conn)
 
 
 _FIRST_KEY_ONLY = frozenset(

@@ -310,6 +310,35 @@ class ClusterClient(RedisCluster):
         return ClusterClient(self.cfg)
 
 
+class OwnConnection:
+    """A connection of one task's own beside the client's pool, for a loop of commands on the data path (a stream's
+    reads, the commits): taking a connection from redis-py's pool and giving it back costs about as much client
+    time as the command itself. Connects on first use and again after a failure (a failed or cancelled command
+    closes it, as the pool's users do: its state is unknown); `aclose` closes it."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._pool = redis.connection_pool
+        self._conn: AbstractConnection | None = None
+
+    async def call(self, packed: bytes) -> Any:
+        """Send a command packed with `hiredis.pack_command`; its reply as hiredis parses it."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            return await conn.read_response()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.disconnect()
+            raise
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            with anyio.CancelScope(shield=True):
+                await self._conn.disconnect()
+
+
 def reads_client(client: Client) -> Client:
     """A client with redis-py's usual reply parsing beside the data path's raw one: on the same pool for one
     server; for a cluster, a client of its own that the caller closes (`close_reads_client`)."""

@@ -9,10 +9,12 @@ from itertools import chain
 from operator import itemgetter
 from typing import Any, NamedTuple
 
+import hiredis
 from anyio.streams.memory import MemoryObjectSendStream
+from redis.asyncio import Redis
 
 from replayd.codec import Poison, RawEntry
-from replayd.connection import Client, connects, count_received, retrying
+from replayd.connection import Client, OwnConnection, connects, count_received, retrying
 from replayd.events import Id, format_id, parse_id
 from replayd.metrics import Metrics
 
@@ -100,6 +102,8 @@ class StreamReader:
         max_entry_bytes: int = 1 << 62,
     ) -> None:
         self.redis = redis
+        self._own = OwnConnection(redis) if isinstance(redis, Redis) else None
+        """One server: the reads' own connection."""
         self.stream = stream
         self.sizer = sizer
         self.block_ms = block_ms
@@ -122,16 +126,20 @@ class StreamReader:
         Entries up to `replay_until` are marked as replayed history, later ones as live.
         """
         self._received = count_received()
-        async with send:
-            pos = after
-            await self._probe(pos)
-            if pos < replay_until:
-                history_end = replay_until if end is None else min(end, replay_until)
-                pos = await self._read_range(send, pos, history_end, True)
-            if end is None or pos < end:
-                pos = await self._read_range(send, pos, end, False)
-            if end is None:
-                await self._follow(send, pos)
+        try:
+            async with send:
+                pos = after
+                await self._probe(pos)
+                if pos < replay_until:
+                    history_end = replay_until if end is None else min(end, replay_until)
+                    pos = await self._read_range(send, pos, history_end, True)
+                if end is None or pos < end:
+                    pos = await self._read_range(send, pos, end, False)
+                if end is None:
+                    await self._follow(send, pos)
+        finally:
+            if self._own is not None:
+                await self._own.aclose()
 
     async def _read_range(self, send: MemoryObjectSendStream[Batch], pos: Id, end: Id | None, replaying: bool) -> Id:
         upper = format_id(end) if end is not None else "+"
@@ -164,9 +172,12 @@ class StreamReader:
         """The reply, whether a connection was made meanwhile (Redis may have come back holding less), and the
         reply's size in bytes."""
         epoch, received = connects(), self._received[0]
-        reply = await retrying(
-            partial(self.redis.execute_command, *command), what=what, budget_s=self.budget_s, metrics=self.metrics
-        )
+        own = self._own
+        if own is not None:
+            call = partial(own.call, hiredis.pack_command(command))
+        else:
+            call = partial(self.redis.execute_command, *command)
+        reply = await retrying(call, what=what, budget_s=self.budget_s, metrics=self.metrics)
         size = self._received[0] - received
         if not size and reply:  # a client whose connections do not count (none of `create_redis`'s)
             size = reply_bytes(reply if what == "XRANGE" else reply[0][1])

@@ -406,6 +406,8 @@ async def commit_incr(client: Redis, proxy: FaultProxy, fault: Callable[[], Awai
         proxy.clear()
         send.close()
         receive.close()
+        if committer._own is not None:
+            await committer._own.aclose()
     return int(await client.get("applied") or 0)
 
 
