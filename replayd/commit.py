@@ -20,15 +20,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, NamedTuple
 
 import anyio
-import hiredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from replayd.connection import Client, OwnConnection, is_retriable, text, text_hash
@@ -288,8 +285,7 @@ class Committer:
         self._layout: dict[str, str] = dict(layout or {})
         """Written with the first commit of the run (P, so a changed P is caught at the next start)."""
         self._cluster = redis if isinstance(redis, RedisCluster) else None
-        self._own = OwnConnection(redis) if isinstance(redis, Redis) else None
-        """One server: the commits' own connection."""
+        self._own = OwnConnection(redis)
         self._slot = slot_of(self.key)
         """Under Redis Cluster, the slot of the job's keys: every key a commit writes must be in it."""
 
@@ -312,19 +308,15 @@ class Committer:
         await self._send.send(CommitRequest([], {}, []))
 
     async def run(self, receive: MemoryObjectReceiveStream[CommitRequest]) -> None:
-        try:
-            async with receive:
-                async for first in receive:
-                    group = [first]
-                    while True:
-                        try:
-                            group.append(receive.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    await self._flush(group)
-        finally:
-            if self._own is not None:
-                await self._own.aclose()
+        async with receive, self._own:
+            async for first in receive:
+                group = [first]
+                while True:
+                    try:
+                        group.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._flush(group)
 
     async def _flush(self, group: Sequence[CommitRequest]) -> None:
         commands: list[tuple[Any, ...]] = []
@@ -381,16 +373,11 @@ class Committer:
         for command in commands:
             argv.append(len(command))
             argv.extend(command)
-        send = (
-            partial(self._roundtrip, self._own, hiredis.pack_command(tuple(argv)))
-            if self._own is not None
-            else partial(self._cluster_roundtrip, self.redis, argv)
-        )
         deadline = time.monotonic() + self.budget_s
         delay = 0.05
         while True:
             try:
-                reply = await send()
+                reply = await self._roundtrip(argv)
                 break
             except Exception as exc:
                 if not is_retriable(exc):
@@ -443,14 +430,6 @@ class Committer:
                         f"{{{self._job}}}. Nothing of this commit was written."
                     )
 
-    async def _cluster_roundtrip(self, cluster: Client, argv: list[Any]) -> Any:
-        """The commit script on the node serving the job's slot (redis-py follows MOVED/ASK redirections)."""
-        try:
-            with anyio.fail_after(self.timeout_s):  # a TimeoutError (OSError): retried like a lost connection
-                return await cluster.execute_command(*argv)
-        except ResponseError as exc:
-            raise ReplaydError(f"Redis refused the commit to {self.key}: {exc}") from exc
-
     def _check_rolled_back(self, current: str) -> None:
         """Our own token with a lower number: Redis lost commits it acknowledged (FAULTS T9/T10)."""
         number, _, token = current.partition(":")
@@ -461,14 +440,11 @@ class Committer:
                 "Redis kept (a one-shot command exits 75): what came after it is replayed"
             )
 
-    async def _roundtrip(self, own: OwnConnection, payload: bytes) -> Any:
+    async def _roundtrip(self, argv: list[Any]) -> Any:
+        """The commit script (under a cluster, on the node serving the job's slot)."""
         try:
             with anyio.fail_after(self.timeout_s):  # a TimeoutError (OSError): retried like a lost connection
-                return await own.call(payload)
-        except RuntimeError as exc:
-            if is_retriable(exc):
-                raise RedisConnectionError(str(exc)) from exc
-            raise
+                return await self._own.call(*argv)
         except ResponseError as exc:
             if not is_retriable(exc):
                 raise ReplaydError(f"Redis refused the commit to {self.key}: {exc}") from exc

@@ -8,9 +8,10 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import anyio
+import hiredis
 from redis._parsers.hiredis import _AsyncHiredisParser
 from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -311,29 +312,38 @@ class ClusterClient(RedisCluster):
 
 
 class OwnConnection:
-    """A connection of one task's own beside the client's pool, for a loop of commands on the data path (a stream's
-    reads, the commits): taking a connection from redis-py's pool and giving it back costs about as much client
-    time as the command itself. Connects on first use and again after a failure (a failed or cancelled command
-    closes it, as the pool's users do: its state is unknown); `aclose` closes it."""
+    """The connection a loop of data-path commands (a stream's reads, the commits) sends on, beside the client's
+    pool: taking a connection from redis-py's pool and giving it back costs about as much client time as the
+    command itself. For one server, a connection of its own, made on first use and again after a failure (a
+    failed or cancelled command closes it, as the pool's users do: its state is unknown); for a cluster, the
+    cluster client (which keeps a connection per node and follows redirections). Closed on leaving `async with`."""
 
-    def __init__(self, redis: Redis) -> None:
-        self._pool = redis.connection_pool
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._pool = client.connection_pool if isinstance(client, Redis) else None
         self._conn: AbstractConnection | None = None
 
-    async def call(self, packed: bytes) -> Any:
-        """Send a command packed with `hiredis.pack_command`; its reply as hiredis parses it."""
+    async def call(self, *argv: Any) -> Any:
+        """Send a command; its reply as hiredis parses it (no response callback)."""
+        if self._pool is None:
+            return await self._client.execute_command(*argv)
         conn = self._conn
         if conn is None:
             conn = self._conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(packed, check_health=False)
+            await conn.send_packed_command(hiredis.pack_command(argv), check_health=False)
             return await conn.read_response()
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await conn.disconnect()
+            if isinstance(exc, RuntimeError) and is_retriable(exc):  # uvloop's word for a reset transport
+                raise RedisConnectionError(str(exc)) from exc
             raise
 
-    async def aclose(self) -> None:
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._conn is not None:
             with anyio.CancelScope(shield=True):
                 await self._conn.disconnect()

@@ -9,9 +9,7 @@ from itertools import chain
 from operator import itemgetter
 from typing import Any, NamedTuple
 
-import hiredis
 from anyio.streams.memory import MemoryObjectSendStream
-from redis.asyncio import Redis
 
 from replayd.codec import Poison, RawEntry
 from replayd.connection import Client, OwnConnection, connects, count_received, retrying
@@ -102,8 +100,7 @@ class StreamReader:
         max_entry_bytes: int = 1 << 62,
     ) -> None:
         self.redis = redis
-        self._own = OwnConnection(redis) if isinstance(redis, Redis) else None
-        """One server: the reads' own connection."""
+        self._own = OwnConnection(redis)
         self.stream = stream
         self.sizer = sizer
         self.block_ms = block_ms
@@ -126,20 +123,16 @@ class StreamReader:
         Entries up to `replay_until` are marked as replayed history, later ones as live.
         """
         self._received = count_received()
-        try:
-            async with send:
-                pos = after
-                await self._probe(pos)
-                if pos < replay_until:
-                    history_end = replay_until if end is None else min(end, replay_until)
-                    pos = await self._read_range(send, pos, history_end, True)
-                if end is None or pos < end:
-                    pos = await self._read_range(send, pos, end, False)
-                if end is None:
-                    await self._follow(send, pos)
-        finally:
-            if self._own is not None:
-                await self._own.aclose()
+        async with send, self._own:
+            pos = after
+            await self._probe(pos)
+            if pos < replay_until:
+                history_end = replay_until if end is None else min(end, replay_until)
+                pos = await self._read_range(send, pos, history_end, True)
+            if end is None or pos < end:
+                pos = await self._read_range(send, pos, end, False)
+            if end is None:
+                await self._follow(send, pos)
 
     async def _read_range(self, send: MemoryObjectSendStream[Batch], pos: Id, end: Id | None, replaying: bool) -> Id:
         upper = format_id(end) if end is not None else "+"
@@ -172,11 +165,7 @@ class StreamReader:
         """The reply, whether a connection was made meanwhile (Redis may have come back holding less), and the
         reply's size in bytes."""
         epoch, received = connects(), self._received[0]
-        own = self._own
-        if own is not None:
-            call = partial(own.call, hiredis.pack_command(command))
-        else:
-            call = partial(self.redis.execute_command, *command)
+        call = partial(self._own.call, *command)
         reply = await retrying(call, what=what, budget_s=self.budget_s, metrics=self.metrics)
         size = self._received[0] - received
         if not size and reply:  # a client whose connections do not count (none of `create_redis`'s)

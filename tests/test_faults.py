@@ -19,7 +19,7 @@ import redis
 from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 
-from replayd.commit import Committer, Watermark
+from replayd.commit import CommitRequest, Committer, Watermark
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import RETRIABLE, connects, count_received, create_redis
 from replayd.engine import Engine, rebuild_in_place
@@ -393,21 +393,24 @@ async def test_t15_cancel_mid_command_discards_the_connection(proxy: FaultProxy,
 
 
 async def commit_incr(client: Redis, proxy: FaultProxy, fault: Callable[[], Awaitable[None]]) -> int:
-    """Run one commit (INCR + checkpoint HSET) while `fault` runs; return how many times the INCR applied."""
-    await client.ping()  # one idle pooled connection: the commit takes it
+    """Run one commit (INCR + checkpoint HSET) while `fault` runs, on the connection an earlier commit made (the
+    fault hits the connections open when it starts); return how many times the INCR applied."""
     send, receive = anyio.create_memory_object_stream[Any](1)
     committer = Committer(client, "rb", Watermark(), send, budget_s=20, timeout_s=1)
+
+    async def incr() -> None:
+        async with send:
+            await committer.commit(CommitRequest([("INCR", "applied")], {"s#0": "1-1"}, []))
+
     try:
         with anyio.fail_after(25):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(committer._transaction, [("INCR", "applied")], {"s#0": "1-1"})
+                tg.start_soon(committer.run, receive)
+                await committer.commit(CommitRequest([], {"s#0": "1-0"}, []))
+                tg.start_soon(incr)
                 await fault()
     finally:
         proxy.clear()
-        send.close()
-        receive.close()
-        if committer._own is not None:
-            await committer._own.aclose()
     return int(await client.get("applied") or 0)
 
 
@@ -429,8 +432,8 @@ async def test_commit_late_attempt_is_fenced(proxy: FaultProxy, client: Redis) -
 
     async def fault() -> None:
         proxy.stall("upstream")
-        await wait_until(lambda: proxy.stats.active >= 2 and proxy.stats.bytes_up > 0, within=15)
-        await anyio.sleep(2.5)  # timed out and resent on a fresh connection
+        await wait_until(lambda: proxy.stats.accepted >= 2, within=15)  # timed out, resent on a fresh connection
+        await anyio.sleep(0.5)
         proxy.clear()  # the first attempt lands now
         await anyio.sleep(0.3)
 
