@@ -7,7 +7,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,8 +47,47 @@ def free_port() -> int:
         return port
 
 
+_REAPER = """
+import os, signal, sys
+pids = set()
+for line in sys.stdin:
+    pid = int(line)
+    pids.add(pid) if pid > 0 else pids.discard(-pid)
+for pid in pids:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+"""
+
+
+class _Reaper:
+    """Kills the servers this process started when it dies without stopping them (SIGKILL, a killed test run):
+    a child reads their PIDs from a pipe and, when the pipe ends (this process's end, however it came), kills
+    those still listed. Started with the first server; a server that stops is struck off."""
+
+    _lock = threading.Lock()
+    _child: subprocess.Popen[str] | None = None
+
+    @classmethod
+    def send(cls, pid: int) -> None:
+        """`pid` to kill if this process dies, `-pid` to strike it off."""
+        with cls._lock:
+            if cls._child is None:
+                cls._child = subprocess.Popen(  # noqa: S603
+                    [sys.executable, "-c", _REAPER], stdin=subprocess.PIPE, text=True, start_new_session=True
+                )
+            assert cls._child.stdin is not None
+            try:
+                cls._child.stdin.write(f"{pid}\n")
+                cls._child.stdin.flush()
+            except OSError:  # the reaper was killed: the servers are still stopped the usual way
+                pass
+
+
 class EmbeddedRedis:
-    """A redis-server child on a free loopback port with its own data directory; stopped on exit."""
+    """A redis-server child on a free loopback port with its own data directory; stopped on exit (and killed
+    if this process dies first)."""
 
     def __init__(
         self,
@@ -80,6 +121,7 @@ class EmbeddedRedis:
         self.proc = subprocess.Popen(  # noqa: S603
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0
         )
+        _Reaper.send(self.proc.pid)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -97,7 +139,10 @@ class EmbeddedRedis:
 
     def stop(self, *, kill: bool = False) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        _Reaper.send(-proc.pid)
+        if proc.poll() is not None:
             return
         proc.kill() if kill else proc.terminate()
         try:

@@ -158,3 +158,30 @@ def test_demo_drains_and_exits_0_on_a_terminal_ctrl_c(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 0, out[-2000:]
     assert "stopped cleanly" in out
+
+
+def test_an_embedded_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """1. a process starts an embedded redis-server  2. the process is killed (SIGKILL: no clean-up of its own)
+    3. the server is killed too (by the reaper it started), instead of living on."""
+    script = (
+        "import sys, time; from pathlib import Path; from replayd.embedded import EmbeddedRedis; "
+        "print(EmbeddedRedis(Path(sys.argv[1])).start().proc.pid, flush=True); time.sleep(60)"
+    )
+    with subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=cli_env(), stdout=subprocess.PIPE,
+                          text=True) as owner:  # fmt: skip
+        assert owner.stdout is not None
+        server = int(owner.stdout.readline())
+        assert _running(server)
+        owner.kill()
+    deadline = time.monotonic() + 10
+    while _running(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(server)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie nobody has reaped yet does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
