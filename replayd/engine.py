@@ -397,7 +397,7 @@ class Engine:
                     feeds = [lanes.feed() for _ in self._plans]
                     with fewer_collections():
                         async with anyio.create_task_group() as work:
-                            await work.start(lanes.run)
+                            work.start_soon(lanes.run)
                             work.start_soon(self._read_all, feeds, committer, inflight)
             tg.cancel_scope.cancel()
 

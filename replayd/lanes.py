@@ -19,7 +19,6 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import anyio
-from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from replayd.commit import CommitRequest, Mark
@@ -120,13 +119,12 @@ class Lanes:
         for a handler that never awaits, the handler itself."""
         return Feed([inbox.clone() for inbox in self._inboxes], self._process if self.inline else None)
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(self) -> None:
         for inbox in self._inboxes:  # only the routers' clones keep the inboxes open now
             inbox.close()
         async with anyio.create_task_group() as tg:
             for partition, outbox in enumerate(self._outboxes):
                 tg.start_soon(self._lane, partition, outbox)
-            task_status.started()
 
     async def _lane(self, partition: int, outbox: MemoryObjectReceiveStream[Slice]) -> None:
         async with outbox:

@@ -616,7 +616,7 @@ async def test_a_lane_waits_for_its_commit_only_when_its_handler_may_read(handle
             outer.start_soon(committer)
             async with queue, anyio.create_task_group() as tg:
                 feed = lanes.feed()
-                await tg.start(lanes.run)
+                tg.start_soon(lanes.run)
                 for event in events:  # as the router hands them over: to the lane, or to the handler itself
                     await feed.deliver({0: [event]}, Mark("s", parse_id(event.stream_id), 1), True)
                 feed.close()
