@@ -19,6 +19,7 @@ import redis
 from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 
+from replayd import __version__
 from replayd.commit import CommitRequest, Committer, Watermark
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import RETRIABLE, connects, count_received, create_redis
@@ -453,3 +454,11 @@ async def test_connections_are_counted_when_made_and_replies_by_their_bytes(raw_
     await raw_redis.connection_pool.disconnect()
     await raw_redis.ping()
     assert connects() == before + 1
+
+
+async def test_connections_name_replayd(raw_redis: Redis) -> None:
+    """CLIENT SETINFO (Redis 7.2+ lists it in CLIENT LIST) names replayd beside redis-py; given, the name also
+    spares each new connection redis-py's look-up of its version in the installed packages' metadata."""
+    pytest.importorskip("redis.driver_info")
+    connection = raw_redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    assert connection.driver_info.formatted_name == f"redis-py(replayd_v{__version__})"
