@@ -36,6 +36,12 @@ def mark_seen(event: Event, ctx: Context) -> None:
     ctx.tx.set(f"seen:{event.stream_id}", 1)
 
 
+def seen(event: Event, ctx: Context) -> None:
+    """Marks each event it handles in its projection's namespace (`projection:{seen}:<id>` on a cluster, in the
+    slot of the job `seen`: `dlq retry` on a Redis Cluster)."""
+    ctx.tx.set(ctx.key(event.stream_id), 1)
+
+
 class PeakRss:
     """Does nothing per event; at shutdown writes the process's peak RSS (VmHWM, /proc/self/status) to the file
     named by REPLAYD_TEST_RSS_PATH."""

@@ -172,6 +172,37 @@ async def test_a_commit_writing_outside_the_job_slot_is_refused_and_writes_nothi
         assert not any(b"#" in field for field in node.hkeys(job_key("stray", "checkpoint")))
 
 
+async def test_dead_letters_are_retried_on_a_cluster(
+    cluster: RedisClusterServers, cluster_redis: Client, cluster_cfg: RedisConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1. a job named after its projection dead-letters two events (retries 0) and parks their customers' later
+    events behind them; the others are committed in its slot  2. `dlq retry` with a handler that works now: each
+    letter's writes and its removal are one transaction in that slot  3. every event marked, no letter left."""
+    load(cluster, STREAM, 30)
+    with cluster.node_of(STREAM).client() as node:
+        ids = [raw.decode() for raw, _ in node.xrange(STREAM)]
+    bad = {ids[4], ids[17]}
+
+    def failing(event: Event, ctx: Context) -> None:
+        if event.stream_id in bad:
+            raise RuntimeError("not yet")
+        ctx.tx.set(ctx.key(event.stream_id), 1)
+
+    spec = job(name="seen", handler="tests.lifecycle_plugins:seen", on_poison="dead-letter", retries=0,
+               partitions=4, partition_by="customer_id")  # fmt: skip
+    engine = Engine(spec, cluster_redis, redis_cfg=cluster_cfg, handler=FunctionHandler(failing, "seen"))
+    stats = await engine.run()
+    assert stats.processed + stats.dead_lettered == 30
+    assert 2 <= stats.dead_lettered < 30
+    url = ["--redis-url", cluster.url]
+    assert await anyio.to_thread.run_sync(run_cli, ["dlq", "retry", "seen", "--handler", spec.handler, *url]) == 0
+    assert f"{stats.dead_lettered} handled and removed, 0 left" in capsys.readouterr().out
+    home = cluster.node_of(job_key("seen", "dlq"))
+    with home.client() as node:
+        assert node.xlen(job_key("seen", "dlq")) == 0
+        assert sorted(as_text(key).rsplit(":", 1)[1] for key in node.keys("projection:{seen}:*")) == sorted(ids)
+
+
 def test_replay_refusal_status_and_checkpoint_from_the_command_line(
     cluster: RedisClusterServers, cluster_cfg: RedisConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
