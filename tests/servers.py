@@ -14,7 +14,7 @@ import redis
 
 from replayd.embedded import EmbeddedRedis, find_redis_server, free_port
 
-__all__ = ["RedisClusterServers", "RedisServer", "find_redis_server"]
+__all__ = ["CLUSTER_ARGS", "RedisClusterServers", "RedisServer", "cluster_port", "find_redis_server"]
 
 
 class RedisServer(EmbeddedRedis):
@@ -35,6 +35,7 @@ class RedisServer(EmbeddedRedis):
 
 
 CLUSTER_SLOTS = 16384
+CLUSTER_ARGS = ["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]
 
 
 class RedisClusterServers:
@@ -45,15 +46,13 @@ class RedisClusterServers:
     """
 
     def __init__(self, directory: Path, *, size: int = 3) -> None:
-        self.servers = [
-            RedisServer(
-                directory / f"node{i}", extra_args=["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]
-            )
-            for i in range(size)
-        ]
+        self.servers = [self._node(directory / f"node{i}") for i in range(size)]
         for server in self.servers:
-            server.port = _cluster_port()
+            server.port = cluster_port()
         self.created_by = ""
+
+    def _node(self, directory: Path) -> RedisServer:
+        return RedisServer(directory, extra_args=CLUSTER_ARGS)
 
     @property
     def url(self) -> str:
@@ -134,7 +133,7 @@ def _redis_cli(server_binary: str) -> str | None:
     return str(beside) if beside.exists() else shutil.which("redis-cli")
 
 
-def _cluster_port() -> int:
+def cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too, and a port at all."""
     while True:
         port = free_port()

