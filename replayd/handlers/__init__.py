@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import chain
@@ -256,8 +256,8 @@ class Projection:
         if result is not None:
             await result
 
-    async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
-        return await _each(events, ctx, self._dispatch)
+    def handle_batch(self, events: Sequence[Event], ctx: Context) -> Coroutine[Any, Any, Outcome]:
+        return _each(events, ctx, self._dispatch)  # `_each`'s own coroutine: one await level fewer per event
 
 
 class FailurePolicy(Protocol):
@@ -401,10 +401,8 @@ class FunctionHandler:
     async def shutdown(self, ctx: Context) -> None:
         """Functions have no hooks."""
 
-    async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
-        if self._async:
-            return await _each(events, ctx, self._call)
-        return await _each(events, ctx, self._in_thread)
+    def handle_batch(self, events: Sequence[Event], ctx: Context) -> Coroutine[Any, Any, Outcome]:
+        return _each(events, ctx, self._call if self._async else self._in_thread)  # one await level fewer
 
     def _in_thread(self, event: Event, ctx: Context) -> Awaitable[Any]:
         # blocking code runs in a worker thread, so the event loop (and every other lane) goes on meanwhile
@@ -441,10 +439,14 @@ class ObjectHandler:
     async def shutdown(self, ctx: Context) -> None:
         await self._hook("shutdown", ctx)
 
-    async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
+    def handle_batch(self, events: Sequence[Event], ctx: Context) -> Coroutine[Any, Any, Outcome]:
+        # a plain def handing back `_each`'s coroutine: one await level fewer for every event of the batch
         batch = getattr(self.obj, "handle_batch", None)
         if batch is None:
-            return await _each(events, ctx, self.obj.handle)
+            return _each(events, ctx, self.obj.handle)
+        return self._batch(batch, events, ctx)
+
+    async def _batch(self, batch: Callable[..., Any], events: Sequence[Event], ctx: Context) -> Outcome:
         mark = len(ctx.tx)
         try:
             result = batch(events, ctx)
