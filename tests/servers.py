@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from replayd.embedded import EmbeddedRedis, find_redis_server, free_port
+from replayd.embedded import EmbeddedRedis, find_redis_server
 
 __all__ = ["CLUSTER_ARGS", "RedisClusterServers", "RedisServer", "cluster_port", "find_redis_server"]
 
@@ -134,14 +135,20 @@ def _redis_cli(server_binary: str) -> str | None:
 
 
 def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too, and a port at all."""
+    """A free port whose cluster bus port (port + 10000) is free too, both below the kernel's range of ephemeral
+    ports: a port picked from that range (as `free_port` does) can be taken by any connection made before the
+    node binds it, such as the readiness pings of the nodes started first."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     while True:
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
+        port = random.randrange(1024, ephemeral_low - 10000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
