@@ -27,6 +27,7 @@ from replayd.events import Event
 from replayd.handlers import Context, FunctionHandler
 from replayd.sample import load_history_sync
 from tests.helpers import as_text, snapshot
+from tests.lifecycle_plugins import seen
 from tests.servers import RedisClusterServers, RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -186,7 +187,7 @@ async def test_dead_letters_are_retried_on_a_cluster(
     def failing(event: Event, ctx: Context) -> None:
         if event.stream_id in bad:
             raise RuntimeError("not yet")
-        ctx.tx.set(ctx.key(event.stream_id), 1)
+        seen(event, ctx)
 
     spec = job(name="seen", handler="tests.lifecycle_plugins:seen", on_poison="dead-letter", retries=0,
                partitions=4, partition_by="customer_id")  # fmt: skip

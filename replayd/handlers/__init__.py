@@ -257,7 +257,7 @@ class Projection:
             await result
 
     def handle_batch(self, events: Sequence[Event], ctx: Context) -> Coroutine[Any, Any, Outcome]:
-        return _each(events, ctx, self._dispatch)  # `_each`'s own coroutine: one await level fewer per event
+        return _each(events, ctx, self._dispatch)
 
 
 class FailurePolicy(Protocol):
@@ -285,7 +285,8 @@ async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Co
     """Handle events one by one, in order; a StopReplay, or a failure under the `stop` policy, ends the batch.
 
     The loop is the per-event hot path: one call and, for async handlers, one await per event; parked keys
-    and failures take the slower paths below.
+    and failures take the slower paths below. The adapters' `handle_batch` is a plain `def` returning this
+    coroutine, not awaiting it: every suspend and resume of every event then passes one frame fewer.
     """
     outcome = Outcome()
     tx, policy = ctx.tx, ctx.failures
@@ -402,7 +403,7 @@ class FunctionHandler:
         """Functions have no hooks."""
 
     def handle_batch(self, events: Sequence[Event], ctx: Context) -> Coroutine[Any, Any, Outcome]:
-        return _each(events, ctx, self._call if self._async else self._in_thread)  # one await level fewer
+        return _each(events, ctx, self._call if self._async else self._in_thread)
 
     def _in_thread(self, event: Event, ctx: Context) -> Awaitable[Any]:
         # blocking code runs in a worker thread, so the event loop (and every other lane) goes on meanwhile
@@ -440,7 +441,6 @@ class ObjectHandler:
         await self._hook("shutdown", ctx)
 
     def handle_batch(self, events: Sequence[Event], ctx: Context) -> Coroutine[Any, Any, Outcome]:
-        # a plain def handing back `_each`'s coroutine: one await level fewer for every event of the batch
         batch = getattr(self.obj, "handle_batch", None)
         if batch is None:
             return _each(events, ctx, self.obj.handle)
