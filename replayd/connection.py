@@ -164,9 +164,7 @@ class _FailFast(AbstractConnection):
     as ConnectionErrors, which every retry loop (`retrying`, the commit's, redis-py's) would retry for its budget.
 
     Also counts connections for `connects()`: redis-py retries a failed command on a new connection itself,
-    so a caller cannot tell from the reply that Redis went away meanwhile. And a write that uvloop refuses on a
-    reset transport (a RuntimeError) is a ConnectionError here, as asyncio's OSError is: retried, and counted as
-    error=connection."""
+    so a caller cannot tell from the reply that Redis went away meanwhile."""
 
     connects: ClassVar[int] = 0
 
@@ -181,14 +179,6 @@ class _FailFast(AbstractConnection):
                 raise
             raise denied from exc
         _FailFast.connects += 1
-
-    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            await super().send_packed_command(*args, **kwargs)
-        except RuntimeError as exc:  # uvloop's word for a write on a transport the peer has reset
-            if is_retriable(exc):
-                raise RedisConnectionError(str(exc)) from exc
-            raise
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -359,9 +349,11 @@ class OwnConnection:
         try:
             await conn.send_packed_command(hiredis.pack_command(argv), check_health=False)
             return await conn.read_response()
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await conn.disconnect()
+            if isinstance(exc, RuntimeError) and is_retriable(exc):  # uvloop's word for a reset transport
+                raise RedisConnectionError(str(exc)) from exc
             raise
 
     async def __aenter__(self) -> Self:
