@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import anyio
+import hiredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from replayd.connection import Client, OwnConnection, is_retriable, text, text_hash
 from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError, RestartJob
@@ -367,18 +368,18 @@ class Committer:
         """
         expected = self.seq
         new = f"{int(expected.partition(':')[0] or 0) + 1}:{self._token}"
-        argv: list[Any] = ["EVAL", _COMMIT_SCRIPT, 1, self.key, self._seq_field, expected, new, 2 * len(fields)]
-        for item in fields.items():
-            argv.extend(item)
-        for command in commands:
-            argv.append(len(command))
-            argv.extend(command)
+        argv = self._argv(commands, fields, expected, new)
         deadline = time.monotonic() + self.budget_s
         delay = 0.05
         while True:
             try:
                 reply = await self._roundtrip(argv)
                 break
+            except (TypeError, DataError):  # raised packing the command, before anything was sent
+                sendable = self._sendable(commands)
+                if len(sendable) == len(commands):
+                    raise
+                commands, argv = sendable, self._argv(sendable, fields, expected, new)
             except Exception as exc:
                 if not is_retriable(exc):
                     raise
@@ -399,6 +400,28 @@ class Committer:
         self.seq = new
         for error in errors:
             logger.error("a handler's command failed in the commit of %s: %s", self.key, text(error))
+
+    def _argv(self, commands: list[tuple[Any, ...]], fields: dict[str, str], expected: str, new: str) -> list[Any]:
+        argv: list[Any] = ["EVAL", _COMMIT_SCRIPT, 1, self.key, self._seq_field, expected, new, 2 * len(fields)]
+        for item in fields.items():
+            argv.extend(item)
+        for command in commands:
+            argv.append(len(command))
+            argv.extend(command)
+        return argv
+
+    def _sendable(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The commands without those holding a value no Redis command takes (None, a dict: a handler's bug), which
+        are logged and left out, as a command Redis refuses is: the rest of the commit applies, the job goes on."""
+        sendable = []
+        for command in commands:
+            error = _unpackable(command)
+            if error is None:
+                sendable.append(command)
+            else:
+                logger.error("a handler's command cannot be sent, left out of the commit of %s: %s (%s)",
+                             self.key, _shown(command), error)  # fmt: skip
+        return sendable
 
     async def _screen(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """The commands to send: none in a dry run (they are tallied), and under Redis Cluster only when every
@@ -455,6 +478,19 @@ _FIRST_KEY_ONLY = frozenset(
     {"HSET", "HINCRBY", "HINCRBYFLOAT", "HDEL", "SET", "INCRBY", "SADD", "SREM", "RPUSH", "ZADD", "EXPIRE", "XADD"}
 )
 """Commands `ctx.tx` queues whose one key is their first argument (the others ask the command table)."""
+
+
+def _unpackable(command: tuple[Any, ...]) -> str | None:
+    """Why `command` cannot be packed (an argument of a type no Redis command takes), or None."""
+    try:
+        hiredis.pack_command(tuple(command))
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
+def _shown(command: tuple[Any, ...], most: int = 6) -> str:
+    return " ".join(repr(arg)[:60] for arg in command[:most]) + (" ..." if len(command) > most else "")
 
 
 def slot_of(key: str | bytes) -> int:

@@ -513,6 +513,26 @@ async def test_async_function_with_context_commits_its_writes(
     assert totals[b"c0"] == b"5"
 
 
+async def test_a_command_no_redis_command_takes_is_left_out_and_the_rest_commits(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler bug (a dict where Redis takes text or a number) costs that command, logged: not the commit of the
+    batch, nor the job."""
+    ids = add(sync_redis, orders(30))
+
+    async def count(event: Event, ctx: Context) -> None:
+        amount: Any = {"not": "a Redis value"} if event.data["seq"] == 7 else 1
+        ctx.tx.hincrby(ctx.key("by_customer"), event.data["customer_id"], amount)
+
+    stats, _ = await run(spec(partition_by="customer_id"), raw_redis, redis_cfg, FunctionHandler(count, "counter"))
+    assert (stats.status, stats.processed, stats.failed) == ("completed", 30, 0)
+    totals = sync_redis.hgetall("projection:counter:by_customer")
+    assert sum(int(v) for v in totals.values()) == len(ids) - 1
+    assert checkpoint(sync_redis)["orders#*"] == ids[-1]
+    assert "cannot be sent, left out of the commit" in caplog.text
+    assert "{'not': 'a Redis value'}" in caplog.text
+
+
 async def test_function_loaded_by_name(sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig) -> None:
     ids = add(sync_redis, orders(5))
     plugins.record_event_log.clear()
