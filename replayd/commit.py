@@ -310,6 +310,7 @@ class Committer:
 
     async def run(self, receive: MemoryObjectReceiveStream[CommitRequest]) -> None:
         async with receive, self._own:
+            await self._own.warm()  # while the first batch is read: its commit does not wait for a connection
             async for first in receive:
                 group = [first]
                 while True:

@@ -255,6 +255,7 @@ class JobSpec(_Section):
     batch_target_s: float = Field(1.0, gt=0)
     """A lane batch should take about this long: longer halves the batch size, much shorter doubles it."""
     max_in_flight: int = Field(20_000, ge=1)
+    """Events read but not yet committed: the reader waits beyond it (for lanes, beyond 4 x batch_size too)."""
     max_batch_bytes: int = Field(16 << 20, ge=1)
     """Reads shrink so a reply stays near this many bytes, as Redis sends them (big entries, smaller batches)."""
     max_entry_bytes: int = Field(64 << 20, ge=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import ssl
@@ -343,9 +344,7 @@ class OwnConnection:
         """Send a command; its reply as hiredis parses it (no response callback)."""
         if self._pool is None:
             return await self._client.execute_command(*argv)
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        conn = self._connection()
         try:
             await conn.send_packed_command(hiredis.pack_command(argv), check_health=False)
             return await conn.read_response()
@@ -355,6 +354,18 @@ class OwnConnection:
             if isinstance(exc, RuntimeError) and is_retriable(exc):  # uvloop's word for a reset transport
                 raise RedisConnectionError(str(exc)) from exc
             raise
+
+    async def warm(self) -> None:
+        """Connect now, ahead of the first command (a failure is left to that command and its retries)."""
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await self._connection().connect()  # type: ignore[no-untyped-call]
+
+    def _connection(self) -> AbstractConnection:
+        if self._conn is None:
+            assert self._pool is not None
+            self._conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        return self._conn
 
     async def __aenter__(self) -> Self:
         return self

@@ -209,6 +209,11 @@ class Feed:
         self._inboxes = inboxes
         self._handle = handle
 
+    @property
+    def inline(self) -> bool:
+        """Whether the handler is called right here (it never awaits) rather than by lanes."""
+        return self._handle is not None
+
     async def deliver(self, parts: dict[int, list[Event]], mark: Mark, replaying: bool) -> None:
         """Hand a read batch's slices to their lanes, all before yielding: the lanes then run together and their
         commits meet in the committer's queue, so they share one transaction (one per read batch when handlers
