@@ -377,10 +377,10 @@ class Committer:
                 reply = await self._roundtrip(argv)
                 break
             except (TypeError, DataError):  # raised packing the command, before anything was sent
-                sendable = self._sendable(commands)
-                if len(sendable) == len(commands):
+                kept = sendable(commands, f"the commit of {self.key}")
+                if len(kept) == len(commands):
                     raise
-                commands, argv = sendable, self._argv(sendable, fields, expected, new)
+                commands, argv = kept, self._argv(kept, fields, expected, new)
             except Exception as exc:
                 if not is_retriable(exc):
                     raise
@@ -410,19 +410,6 @@ class Committer:
             argv.append(len(command))
             argv.extend(command)
         return argv
-
-    def _sendable(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """The commands without those holding a value no Redis command takes (None, a dict: a handler's bug), which
-        are logged and left out, as a command Redis refuses is: the rest of the commit applies, the job goes on."""
-        sendable = []
-        for command in commands:
-            error = _unpackable(command)
-            if error is None:
-                sendable.append(command)
-            else:
-                logger.error("a handler's command cannot be sent, left out of the commit of %s: %s (%s)",
-                             self.key, _shown(command), error)  # fmt: skip
-        return sendable
 
     async def _screen(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """The commands to send: none in a dry run (they are tallied), and under Redis Cluster only when every
@@ -479,6 +466,19 @@ _FIRST_KEY_ONLY = frozenset(
     {"HSET", "HINCRBY", "HINCRBYFLOAT", "HDEL", "SET", "INCRBY", "SADD", "SREM", "RPUSH", "ZADD", "EXPIRE", "XADD"}
 )
 """Commands `ctx.tx` queues whose one key is their first argument (the others ask the command table)."""
+
+
+def sendable(commands: list[tuple[Any, ...]], where: str) -> list[tuple[Any, ...]]:
+    """The commands without those holding a value no Redis command takes (None, a dict: a handler's bug), which
+    are logged and left out, as a command Redis refuses is: the rest applies, the job goes on."""
+    kept = []
+    for command in commands:
+        error = _unpackable(command)
+        if error is None:
+            kept.append(command)
+        else:
+            logger.error("a handler's command cannot be sent, left out of %s: %s (%s)", where, _shown(command), error)
+    return kept
 
 
 def _unpackable(command: tuple[Any, ...]) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import RedisCluster
 
-from replayd.commit import job_key
+from replayd.commit import job_key, sendable
 from replayd.connection import Client, close_reads_client, reads_client, text, text_hash
 from replayd.errors import DecodeError
 from replayd.events import Event
@@ -163,7 +163,7 @@ class Letters:
                 blocked.add(fields.get("key"))
                 continue
             async with self.redis.pipeline(transaction=True) as tx:
-                for command in ctx.tx.commands:
+                for command in sendable(ctx.tx.commands, f"the retry of dead letter {letter_id}"):
                     tx.execute_command(*command)
                 tx.xdel(self.key, letter_id)
                 await tx.execute()

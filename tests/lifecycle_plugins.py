@@ -36,6 +36,12 @@ def mark_seen(event: Event, ctx: Context) -> None:
     ctx.tx.set(f"seen:{event.stream_id}", 1)
 
 
+def mark_seen_with_a_bad_value(event: Event, ctx: Context) -> None:
+    """`mark_seen`, and a command holding a value no Redis command takes (a handler's bug)."""
+    mark_seen(event, ctx)
+    ctx.tx.execute_command("SET", f"bad:{event.stream_id}", None)  # type: ignore[arg-type]
+
+
 def seen(event: Event, ctx: Context) -> None:
     """Marks each event it handles in its projection's namespace (`projection:{seen}:<id>` on a cluster, in the
     slot of the job `seen`: `dlq retry` on a Redis Cluster)."""

@@ -8,6 +8,7 @@ refused at start, and a commit that would write outside it is refused before any
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -171,6 +172,29 @@ async def test_a_commit_writing_outside_the_job_slot_is_refused_and_writes_nothi
     assert all(not keys for keys in everything(cluster.servers, "totals:*").values())
     with cluster.node_of(job_key("stray", "checkpoint")).client() as node:
         assert not any(b"#" in field for field in node.hkeys(job_key("stray", "checkpoint")))
+
+
+async def test_a_command_no_redis_command_takes_is_left_out_on_a_cluster(
+    cluster: RedisClusterServers, cluster_redis: Client, cluster_cfg: RedisConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cluster client's encoder refuses such a value itself (DataError): the command is left out all the same,
+    logged, and the rest of the commit applies."""
+
+    async def count(event: Event, ctx: Context) -> None:
+        amount: Any = {"not": "a Redis value"} if event.event_type == "OrderShipped" else 1
+        ctx.tx.hincrby(ctx.key("by_type"), event.event_type, amount)
+
+    load(cluster, STREAM, 60)
+    engine = Engine(job(name="counter", handler="tests.test_cluster:count"), cluster_redis, redis_cfg=cluster_cfg,
+                    handler=FunctionHandler(count, "counter"))  # fmt: skip
+    stats = await engine.run()
+    with cluster.node_of(STREAM).client() as node:
+        types = Counter(as_text(fields[b"event_type"]) for _, fields in node.xrange(STREAM))
+    with cluster.node_of(job_key("counter", "checkpoint")).client() as node:
+        totals = {as_text(k): int(v) for k, v in node.hgetall("projection:{counter}:by_type").items()}
+    assert stats.status == "completed" and types["OrderShipped"] > 0
+    assert totals == {kind: n for kind, n in types.items() if kind != "OrderShipped"}
+    assert "cannot be sent, left out of the commit" in caplog.text
 
 
 async def test_dead_letters_are_retried_on_a_cluster(

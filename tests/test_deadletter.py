@@ -173,3 +173,18 @@ async def test_dlq_list_retry_and_discard_from_the_command_line(
     assert replayd("dlq", "discard", "dl", "--all", "--redis-url", redis_url).returncode == 2  # needs --yes
     assert replayd("dlq", "discard", "dl", "--all", "--yes", "--redis-url", redis_url).returncode == 0
     assert sync_redis.xlen("replayd:{dl}:dlq") == 0
+
+
+@pytest.mark.anyio
+async def test_a_retried_letter_s_command_no_redis_command_takes_is_left_out(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis, redis_url: str
+) -> None:
+    """As in a commit: the retry applies the letter's other writes and removes it; the bad command is logged."""
+    ids = fill(sync_redis, [("a", 0), ("a", 2)])
+    await run(raw_redis, redis_cfg, Recorder(fail_on=lambda e: e.data["seq"] == 2), on_poison="dead-letter", retries=0)
+    handler = "tests.lifecycle_plugins:mark_seen_with_a_bad_value"
+    retried = replayd("dlq", "retry", "dl", "--handler", handler, "--redis-url", redis_url)
+    assert retried.returncode == 0, retried.stderr
+    assert "1 handled and removed, 0 left" in retried.stdout
+    assert sync_redis.exists(f"seen:{ids[1]}") and not sync_redis.exists(f"bad:{ids[1]}")
+    assert "cannot be sent, left out of the retry of dead letter" in retried.stderr
