@@ -376,7 +376,7 @@ class Committer:
             try:
                 reply = await self._roundtrip(argv)
                 break
-            except (TypeError, DataError):  # raised packing the command, before anything was sent
+            except (TypeError, DataError):  # raised packing the script's arguments: nothing was sent
                 kept = sendable(commands, f"the commit of {self.key}")
                 if len(kept) == len(commands):
                     raise

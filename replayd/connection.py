@@ -344,9 +344,10 @@ class OwnConnection:
         """Send a command; its reply as hiredis parses it (no response callback)."""
         if self._pool is None:
             return await self._client.execute_command(*argv)
+        packed = hiredis.pack_command(argv)  # a value no command takes raises here: the connection is fine
         conn = self._connection()
         try:
-            await conn.send_packed_command(hiredis.pack_command(argv), check_health=False)
+            await conn.send_packed_command(packed, check_health=False)
             return await conn.read_response()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
