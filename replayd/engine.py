@@ -526,12 +526,15 @@ class Engine:
                     # let the reader send its next XRANGE before this batch is decoded: that overlap is
                     # what the one-batch prefetch is for
                     await anyio.lowlevel.checkpoint()
+                    began = time.perf_counter()
                     events, poison, parts = codec.decode(batch.entries)
+                    routed = router.route(events, self.filter, skip, parts)
+                    if not feed.inline:
+                        self.sizer.observe_decode(len(batch.entries), time.perf_counter() - began)
                     read = len(batch.entries) + len(batch.oversized)
                     stats.total += read
                     events_read.inc(read)
                     read_batch.observe(read)
-                    routed = router.route(events, self.filter, skip, parts)
                     poison = [*router.own(batch.oversized), *poison, *routed.poison]
                     if len(poison) > 1:  # found at three stages: `stop` must name the first in stream order
                         poison.sort(key=lambda entry: parse_id(entry.stream_id))

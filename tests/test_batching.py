@@ -9,12 +9,12 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from replayd import Context, Event, Outcome
+from replayd import Context, Event, Outcome, source
 from replayd.config import JobSpec, RedisConfig
 from replayd.engine import Engine
 from replayd.handlers import ObjectHandler
 from replayd.metrics import Metrics
-from replayd.source import BatchSizer
+from replayd.source import DECODE_BUDGET_S, BatchSizer
 
 
 class Sleepy:
@@ -31,6 +31,21 @@ class Sleepy:
     async def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
         self.sizes.append(len(events))
         await anyio.sleep(self.per_event_s * len(events))
+        return Outcome(handled=len(events))
+
+
+class Quick:
+    """Never awaits (handled inline) and records the size of every batch it gets."""
+
+    name = "quick"
+    partition_by = None
+    event_types = None
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        self.sizes.append(len(events))
         return Outcome(handled=len(events))
 
 
@@ -77,9 +92,46 @@ async def test_a_quick_handler_grows_batches_to_the_maximum(
     raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
 ) -> None:
     fill(sync_redis, 5000)
-    handler = Sleepy(per_event_s=0.0)
+    handler = Quick()
     spec = JobSpec(name="quick", streams=["s"], handler="x:y", end="now", partitions=1, batch_size=800)
     engine = Engine(spec, raw_redis, redis_cfg=redis_cfg, handler=ObjectHandler(handler, "quick"))
     await engine.run()
     assert engine.sizer.size == 800
     assert max(handler.sizes) == 800
+    assert engine.sizer.read_cap is None  # it never awaits: reads are not sized by their decoding
+
+
+def test_reads_for_handlers_that_await_are_sized_to_decode_within_the_budget() -> None:
+    sizer = BatchSizer(1000, minimum=10, target_s=1.0)
+    sizer.size = 1000
+    assert sizer.read_size == 1000  # no read timed yet
+    sizer.observe_decode(1000, 4 * DECODE_BUDGET_S)
+    assert sizer.read_cap == sizer.read_size == 250
+    sizer.observe_decode(250, DECODE_BUDGET_S / 4)  # quicker now: 1000 would fit, averaged with what was
+    assert sizer.read_cap == (3 * 250 + 1000) // 4
+    for _ in range(30):
+        sizer.observe_decode(10, 1.0)
+    assert sizer.read_size == 10  # never below the minimum
+    sizer.size = 5
+    assert sizer.read_size == 5  # nor above what the lanes' batches (and `max_batch_bytes`) allow
+
+
+@pytest.mark.anyio
+async def test_an_awaiting_handler_gets_reads_it_decodes_within_the_budget(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source, "DECODE_BUDGET_S", 1e-9)  # every read decodes too slowly
+    fill(sync_redis, 1000)
+    spec = JobSpec(name="awaits", streams=["s"], handler="x:y", end="now", partitions=4, batch_size=500,
+                   min_batch_size=20)  # fmt: skip
+    metrics = Metrics()
+    handler = Sleepy(per_event_s=0.0)
+    engine = Engine(spec, raw_redis, redis_cfg=redis_cfg, handler=ObjectHandler(handler, "awaits"), metrics=metrics)
+    await engine.run()
+    assert engine.stats.processed == 1000
+    assert engine.sizer.read_cap == 20
+    reads = metrics.registry.get_sample_value("replayd_read_batch_entries_count", {"stream": "s"})
+    # without the budget, 1000 entries in about 6 reads; with it, reads of 20 once the first ones (sent while the
+    # one before was decoded) are in
+    assert reads is not None and reads >= 30
+    assert max(handler.sizes) <= 20 * 16  # a lane batch may gather reads waiting in its inbox (16 at most)
