@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
+from zlib import crc32
 
 import msgspec
 
@@ -167,7 +168,7 @@ class Codec:
         append, decode_key, new = events.append, self._key, object.__new__
         split = self._partitioner
         parts: dict[int, list[Event]] = {}
-        mine = split.mine if split is not None else []
+        mine, partitions = (split.mine, split.partitions) if split is not None else ([], 1)
         stream, keys, layout, (i_id, i_type) = self.stream, self._keys, self._layout, self._texts
         i_data = layout.get("data")
         for raw_id, flat in entries:
@@ -183,7 +184,7 @@ class Codec:
                 self._reject(poison, raw_id, flat, exc)
                 continue
             if split is not None:
-                p = split[key]
+                p = crc32(key.encode()) % partitions  # `split[key]`, without a call per event
                 if not mine[p]:
                     continue  # another shard's partition: that shard decodes this entry
             try:
