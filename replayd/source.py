@@ -76,7 +76,7 @@ class BatchSizer:
     def observe_decode(self, entries: int, seconds: float) -> None:
         """Feed how long a read of `entries` took to decode and route, for handlers that await: later reads take
         about what decodes in `DECODE_BUDGET_S` (averaged over a few reads: one read's timing is noisy)."""
-        if seconds > 0:
+        if entries and seconds > 0:  # a read whose every entry was too big to decode tells nothing
             fit = int(entries * DECODE_BUDGET_S / seconds)
             fit = fit if self.read_cap is None else (3 * self.read_cap + fit) // 4
             self.read_cap = max(self.minimum, min(self.maximum, fit))
