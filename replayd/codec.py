@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
-from zlib import crc32
 
 import msgspec
 
@@ -168,7 +167,7 @@ class Codec:
         append, decode_key, new = events.append, self._key, object.__new__
         split = self._partitioner
         parts: dict[int, list[Event]] = {}
-        mine, partitions = (split.mine, split.partitions) if split is not None else ([], 1)
+        mine = split.mine if split is not None else []
         stream, keys, layout, (i_id, i_type) = self.stream, self._keys, self._layout, self._texts
         i_data = layout.get("data")
         for raw_id, flat in entries:
@@ -184,7 +183,7 @@ class Codec:
                 self._reject(poison, raw_id, flat, exc)
                 continue
             if split is not None:
-                p = crc32(key.encode()) % partitions  # `split[key]`, without a call per event
+                p = split[key]
                 if not mine[p]:
                     continue  # another shard's partition: that shard decodes this entry
             try:
