@@ -32,6 +32,7 @@ from redis.exceptions import DataError, ResponseError
 from replayd.connection import Client, OwnConnection, is_retriable, text, text_hash
 from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError, RestartJob
 from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
+from replayd.handlers import MAX_ARGS
 from replayd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -369,18 +370,17 @@ class Committer:
         """
         expected = self.seq
         new = f"{int(expected.partition(':')[0] or 0) + 1}:{self._token}"
-        argv = self._argv(commands, fields, expected, new)
         deadline = time.monotonic() + self.budget_s
         delay = 0.05
         while True:
             try:
-                reply = await self._roundtrip(argv)
+                reply = await self._roundtrip(self._argv(commands, fields, expected, new))
                 break
-            except (TypeError, DataError):  # raised packing the script's arguments: nothing was sent
+            except (TypeError, DataError):  # raised making or packing the script's arguments: nothing was sent
                 kept = sendable(commands, f"the commit of {self.key}")
                 if len(kept) == len(commands):
                     raise
-                commands, argv = kept, self._argv(kept, fields, expected, new)
+                commands = kept
             except Exception as exc:
                 if not is_retriable(exc):
                     raise
@@ -403,6 +403,8 @@ class Committer:
             logger.error("a handler's command failed in the commit of %s: %s", self.key, text(error))
 
     def _argv(self, commands: list[tuple[Any, ...]], fields: dict[str, str], expected: str, new: str) -> list[Any]:
+        if commands and not 0 < min(map(len, commands)) <= max(map(len, commands)) <= MAX_ARGS:
+            raise DataError("a command the commit script cannot run")  # `sendable` says which, and leaves it out
         argv: list[Any] = ["EVAL", _COMMIT_SCRIPT, 1, self.key, self._seq_field, expected, new, 2 * len(fields)]
         for item in fields.items():
             argv.extend(item)
@@ -482,7 +484,10 @@ def sendable(commands: list[tuple[Any, ...]], where: str) -> list[tuple[Any, ...
 
 
 def _unpackable(command: tuple[Any, ...]) -> str | None:
-    """Why `command` cannot be packed (an argument of a type no Redis command takes), or None."""
+    """Why `command` cannot be sent (no arguments, too many for the commit script, or an argument of a type no Redis
+    command takes), or None."""
+    if not 0 < len(command) <= MAX_ARGS:
+        return f"{len(command)} arguments; a command of the commit script takes 1 to {MAX_ARGS}"
     try:
         hiredis.pack_command(tuple(command))
     except TypeError as exc:
@@ -512,7 +517,9 @@ return {seq, KEYS[2] and redis.call('GET', KEYS[2]) or '0'}
 """
 
 # KEYS[1] checkpoint hash; ARGV: seq field, expected seq, new seq, 2k, k checkpoint field/value pairs, then per
-# command its argument count and arguments. pcall, as EXEC does, keeps going past a failing handler command.
+# command its argument count and arguments. pcall, as EXEC does, keeps going past a failing handler command. A call
+# from Lua takes at most ~8,000 values ("too many results to unpack", an error that ends the script with the commands
+# before it applied): commands have at most MAX_ARGS arguments, and the checkpoint fields are set in parts.
 _COMMIT_SCRIPT = """
 local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if current ~= ARGV[2] then return {'stale', current} end
@@ -524,7 +531,8 @@ while i <= #ARGV do
   if type(result) == 'table' and result.err then reply[#reply + 1] = ARGV[i + 1] .. ': ' .. result.err end
   i = i + n + 1
 end
-if tonumber(ARGV[4]) > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + tonumber(ARGV[4]))) end
+local last = 4 + tonumber(ARGV[4])
+for j = 5, last, 4000 do redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 3999, last))) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return reply
 """

@@ -7,11 +7,11 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from replayd.commit import CheckpointStore, Resume, Watermark
+from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark
 from replayd.config import RedisConfig
 from replayd.errors import ConfigError
 from replayd.events import ZERO, Event, parse_id
-from replayd.handlers import Context
+from replayd.handlers import MAX_ARGS, Arg, Context, FunctionHandler, Tx
 from replayd.router import Router
 from tests.helpers import STREAM, add, checkpoint, engine, orders, run, spec, wait_until
 from tests.plugins import Recorder
@@ -242,3 +242,71 @@ async def test_a_stopped_run_drains_and_the_next_run_neither_loses_nor_repeats(
     _, second = await run(spec(partition_by="customer_id", batch_size=50), raw_redis, redis_cfg)
     assert not set(first.ids) & set(second.ids)
     assert sorted(first.ids + second.ids, key=parse_id) == ids
+
+
+# --- commands a Lua call could not take: Redis's Lua passes at most ~8,000 values to one call, and an error there
+# ends the commit script after the commands before it ran
+
+
+def test_tx_splits_long_variadic_commands_into_commands_of_the_same_effect() -> None:
+    tx = Tx()
+    mapping: dict[str, Arg] = {f"f{i}": i for i in range(5000)}
+    tx.hset("h", "first", 0, mapping=mapping)
+    tx.sadd("s", *range(10_000))
+    tx.zadd("z", {f"m{i}": float(i) for i in range(4000)})
+    tx.delete(*(f"k{i}" for i in range(MAX_ARGS)))
+    assert all(len(command) <= MAX_ARGS for command in tx.commands)
+    hsets = [c for c in tx.commands if c[0] == "HSET"]
+    assert len(hsets) == 2 and all(c[1] == "h" and len(c) % 2 == 0 for c in hsets)
+    assert dict(zip(*[iter(arg for c in hsets for arg in c[2:])] * 2, strict=True)) == {"first": 0, **mapping}
+    assert [m for c in tx.commands if c[0] == "SADD" for m in c[2:]] == list(range(10_000))
+    assert all(len(c) % 2 == 0 for c in tx.commands if c[0] == "ZADD")
+    assert sum(len(c) - 1 for c in tx.commands if c[0] == "DEL") == MAX_ARGS
+
+
+def test_tx_refuses_a_command_it_cannot_split_or_that_has_no_arguments() -> None:
+    tx = Tx()
+    with pytest.raises(ValueError, match="arguments"):
+        tx.execute_command("SADD", "s", *range(MAX_ARGS))
+    with pytest.raises(ValueError, match="arguments"):
+        tx.xadd("x", {f"f{i}": i for i in range(MAX_ARGS // 2)})
+    with pytest.raises(ValueError, match="arguments"):
+        tx.execute_command()
+    assert not tx.commands
+
+
+@pytest.mark.anyio
+async def test_a_handler_writing_a_hash_of_5000_fields_commits_it_whole(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, orders(3))
+
+    def wide(event: Event, ctx: Context) -> None:
+        ctx.tx.hset(ctx.key("wide", event.stream_id), mapping={f"f{i}": i for i in range(5000)})
+        ctx.tx.sadd(ctx.key("members"), *(f"{event.stream_id}:{i}" for i in range(9000)))
+
+    stats, _ = await run(spec(partitions=1), raw_redis, redis_cfg, FunctionHandler(wide, "wide"))
+    assert (stats.status, stats.processed, stats.failed) == ("completed", 3, 0)
+    assert [sync_redis.hlen(f"projection:wide:wide:{i}") for i in ids] == [5000] * 3
+    assert sync_redis.scard("projection:wide:members") == 27_000
+    assert checkpoint(sync_redis)[f"{STREAM}#*"] == ids[-1]
+
+
+@pytest.mark.anyio
+async def test_a_commit_leaves_out_commands_the_script_cannot_run_and_sets_every_checkpoint_field(
+    raw_redis: Redis, sync_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A command put on `ctx.tx.commands` directly, past `Tx`'s checks: one of no arguments, one of MAX_ARGS + 1.
+    Both are left out, logged, and the rest applies once with the checkpoint, 5,000 fields of it."""
+    send, receive = anyio.create_memory_object_stream[CommitRequest](1)
+    committer = Committer(raw_redis, "big", Watermark(), send)
+    fields = {f"s#{p}": f"1-{p}" for p in range(5000)}
+    commands = [("INCR", "a"), (), ("SADD", "s", *range(MAX_ARGS - 1)), ("INCR", "b")]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(committer.run, receive)
+        async with send:
+            await committer.commit(CommitRequest(commands, fields, []))
+    assert (sync_redis.get("a"), sync_redis.get("b"), sync_redis.exists("s")) == (b"1", b"1", 0)
+    stored = checkpoint(sync_redis, "big")
+    assert all(stored[name] == value for name, value in fields.items())
+    assert caplog.text.count("cannot be sent, left out of the commit") == 2

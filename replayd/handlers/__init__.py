@@ -42,6 +42,12 @@ def projection_prefix(name: str, *, cluster: bool = False) -> str:
     return f"projection:{{{name}}}" if cluster else f"projection:{name}"
 
 
+MAX_ARGS = 7_000
+"""The most arguments a queued command may have: the commit runs each from a Lua script, and a call from Lua takes
+at most about 8,000 values. `Tx` splits a longer HSET, HDEL, DEL, SADD, SREM, RPUSH or ZADD into commands of the
+same effect, and refuses a longer `execute_command` or XADD, or one of no arguments (ValueError)."""
+
+
 class Tx:
     """replayd's own command buffer: commands are queued here and packed once per batch into the
     atomic commit (one Lua script) that also moves the checkpoint: effects and checkpoint commit together."""
@@ -56,16 +62,16 @@ class Tx:
 
     def execute_command(self, *args: Arg) -> None:
         """Queue any Redis command (its reply is not returned: it runs at commit)."""
-        self.commands.append(args)
+        self.commands.append(_within_limit(args))
 
     def hset(
         self, key: str, field: str | None = None, value: Arg | None = None, *, mapping: dict[str, Arg] | None = None
     ) -> None:
         pairs = chain.from_iterable(mapping.items()) if mapping else ()
         if field is not None and value is not None:
-            self.commands.append(("HSET", key, field, value, *pairs))
+            self._queue(("HSET", key, field, value, *pairs), 2, 2)
         else:
-            self.commands.append(("HSET", key, *pairs))
+            self._queue(("HSET", key, *pairs), 2, 2)
 
     def hincrby(self, key: str, field: str, amount: int = 1) -> None:
         self.commands.append(("HINCRBY", key, field, amount))
@@ -74,31 +80,31 @@ class Tx:
         self.commands.append(("HINCRBYFLOAT", key, field, amount))
 
     def hdel(self, key: str, *fields: str) -> None:
-        self.commands.append(("HDEL", key, *fields))
+        self._queue(("HDEL", key, *fields), 2)
 
     def set(self, key: str, value: Arg, *, ex: int | None = None) -> None:
         self.commands.append(("SET", key, value) + (("EX", ex) if ex else ()))
 
     def delete(self, *keys: str) -> None:
-        self.commands.append(("DEL", *keys))
+        self._queue(("DEL", *keys), 1)
 
     def incrby(self, key: str, amount: int = 1) -> None:
         self.commands.append(("INCRBY", key, amount))
 
     def sadd(self, key: str, *members: Arg) -> None:
-        self.commands.append(("SADD", key, *members))
+        self._queue(("SADD", key, *members), 2)
 
     def srem(self, key: str, *members: Arg) -> None:
-        self.commands.append(("SREM", key, *members))
+        self._queue(("SREM", key, *members), 2)
 
     def rpush(self, key: str, *values: Arg) -> None:
-        self.commands.append(("RPUSH", key, *values))
+        self._queue(("RPUSH", key, *values), 2)
 
     def zadd(self, key: str, mapping: dict[str, float]) -> None:
         args: list[Arg] = ["ZADD", key]
         for member, score in mapping.items():
             args += [score, member]
-        self.commands.append(tuple(args))
+        self._queue(tuple(args), 2, 2)
 
     def expire(self, key: str, seconds: int) -> None:
         self.commands.append(("EXPIRE", key, seconds))
@@ -107,10 +113,26 @@ class Tx:
         args: list[Arg] = ["XADD", key, id]
         for item in fields.items():
             args.extend(item)
-        self.commands.append(tuple(args))
+        self.commands.append(_within_limit(tuple(args)))
+
+    def _queue(self, command: tuple[Arg, ...], head: int, step: int = 1) -> None:
+        """Queue `command`; past MAX_ARGS, as several with its first `head` arguments and the rest in parts (of
+        whole `step`s: field/value pairs stay together), which in order have the same effect."""
+        if len(command) <= MAX_ARGS:
+            self.commands.append(command)
+            return
+        room = (MAX_ARGS - head) // step * step
+        for start in range(head, len(command), room):
+            self.commands.append(command[:head] + command[start : start + room])
 
     def _rollback(self, mark: int) -> None:
         del self.commands[mark:]
+
+
+def _within_limit(command: tuple[Arg, ...]) -> tuple[Arg, ...]:
+    if not 0 < len(command) <= MAX_ARGS:
+        raise ValueError(f"a command of {len(command)} arguments: a commit runs commands of 1 to {MAX_ARGS}")
+    return command
 
 
 @dataclass(eq=False)
