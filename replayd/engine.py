@@ -549,6 +549,9 @@ class Engine:
                     await self._running.wait()  # set unless the job is paused
                     await self.pacer.admit(len(batch.entries), self._pace_from(routed))
                     await self._dispatch(batch, routed.parts, routed.routed, feed, committer, inflight, letters)
+                    # freed now rather than when the next batch's names replace them, after its decoding: that
+                    # decoding then reuses this memory while the caches hold it (16 partitions, no-op: +9 %)
+                    del batch, events, poison, parts, routed
         finally:
             feed.close()
 
