@@ -28,8 +28,8 @@ format: $(BIN)/replayd
 	$(BIN)/ruff format replayd tests
 	$(BIN)/ruff check --fix replayd tests
 
-bench: $(BIN)/replayd  ## throughput and memory figures (not part of `make test`)
-	$(BIN)/python -m tests.bench
+bench: $(BIN)/replayd  ## throughput and memory figures (not part of `make test`); BENCH_ARGS=--rss-10m adds 10M
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 all: lint mypy test
 
