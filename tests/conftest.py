@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+import traceback
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,24 @@ from redis.asyncio import Redis
 from replayd.config import RedisConfig
 from replayd.connection import create_redis
 from tests.servers import RedisServer
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """A failure pytest cannot format is reported with Python's own traceback instead of an INTERNALERROR that
+    hides which test failed and why. pytest's formatter raises TypeError (`tb_lineno - 1`) on a traceback entry
+    at an instruction that has no line number (`tb_lineno` is None there on Python 3.11+); CI met one once."""
+    try:
+        return (yield)
+    except Exception as error:
+        if call.excinfo is None or call.when == "collect":
+            raise
+        text = "".join(traceback.format_exception(call.excinfo.value))
+        return pytest.TestReport(
+            item.nodeid, item.location, dict.fromkeys(item.keywords, 1), "failed",
+            f"{text}\n(pytest could not format this failure: {error!r})", call.when,
+            duration=call.duration, start=call.start, stop=call.stop,
+        )  # fmt: skip
 
 
 @pytest.fixture(

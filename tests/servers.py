@@ -27,12 +27,14 @@ class RedisServer(EmbeddedRedis):
     def restart(self, sig: int = signal.SIGKILL) -> None:
         """Stop (SIGKILL by default: a crash) and start again on the same port and data directory.
 
-        The crash comes between two of the server's system calls (SIGSTOP first, which lets a write in progress
-        finish): a SIGKILL inside its write of the AOF can tear a transaction there, and Redis 6.2-7.x restarted
-        from that file, and then once more, applies the torn transaction's first commands again with the next one
-        (a server bug, valkey-io/valkey#4342; README "Guarantees"). Torn AOF tails are FAULTS T9's own tests."""
+        The crash comes between two of the server's system calls (it is stopped first, and killed once stopped: a
+        write in progress finishes): a SIGKILL inside its write of the AOF can tear a transaction there, and Redis
+        6.2-7.x restarted from that file, and then once more, applies the torn transaction's first commands again
+        with the next one (a server bug, valkey-io/valkey#4342; README "Guarantees"). Torn AOF tails are FAULTS T9's
+        own tests."""
         if sig == signal.SIGKILL and self.proc is not None:
             self.proc.send_signal(signal.SIGSTOP)
+            os.waitpid(self.proc.pid, os.WUNTRACED)  # SIGSTOP is only queued: a SIGKILL sent now could still tear
         self.stop(kill=sig == signal.SIGKILL)
         self.start()
 
