@@ -45,6 +45,8 @@ class Lease:
                 return False
             owner = await self.redis.get(self.key)
             holder = owner.decode() if isinstance(owner, bytes) else owner
+            if holder == self.token:  # our SET applied, its reply lost: `acquire` is retried on a lost connection
+                break
             if not self.wait:
                 raise FencingError(f"{self.key} is held by {holder}: another instance runs this job (exit 75)")
             if not announced:

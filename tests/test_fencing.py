@@ -14,7 +14,9 @@ from replayd import Context, Event, Outcome
 from replayd.config import JobSpec, RedisConfig
 from replayd.engine import Engine
 from replayd.errors import FencingError
+from replayd.events import WHOLE
 from replayd.handlers import ObjectHandler
+from replayd.lease import Lease
 from replayd.sample import load_history_sync
 
 
@@ -102,6 +104,18 @@ async def test_an_owner_whose_lease_was_taken_over_is_fenced(
     assert outcomes["b"] is None
     assert any(isinstance(leaf, FencingError) for leaf in _leaves(outcomes["a"]))
     assert int(sync_redis.get("handled") or 0) == 3000
+
+
+@pytest.mark.anyio
+async def test_a_lease_set_whose_reply_was_lost_is_held(raw_redis: Redis, sync_redis: redis.Redis) -> None:
+    """The SET NX applied but its reply lost with the connection: the retried acquire finds its own token and
+    holds the lease, instead of waiting out its own TTL (or exiting 75 as if another instance held it)."""
+    lease = Lease(raw_redis, "twin", WHOLE, ttl_ms=60_000, wait=False)
+    sync_redis.set(lease.key, lease.token, px=60_000)
+    with anyio.fail_after(1):
+        assert await lease.acquire(anyio.Event())
+    await lease.release()
+    assert sync_redis.get(lease.key) is None
 
 
 def _leaves(exc: BaseException | None) -> list[BaseException]:
