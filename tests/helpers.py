@@ -109,6 +109,15 @@ def stream_ids(r: redis.Redis, stream: str = STREAM) -> list[str]:
     return [raw.decode() for raw, _ in r.xrange(stream)]  # type: ignore[union-attr]
 
 
+def order_summaries(r: redis.Redis) -> dict[Any, Any]:
+    """The order_summary projection's hashes (not its meta hash), pipelined."""
+    keys = [k for k in r.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
+    pipe = r.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    return dict(zip(keys, pipe.execute(), strict=True))
+
+
 def snapshot(r: redis.Redis, pattern: str) -> dict[str, tuple[str, Any]]:
     """Every key matching `pattern` -> (type, value), read by type (hash, string, set, list, zset), pipelined."""
     keys: list[bytes] = list(r.scan_iter(match=pattern, count=1000))

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from replayd.sample import load_history_sync
-from tests.helpers import wait_for
+from tests.helpers import order_summaries, wait_for
 
 STREAM = "events:orders"
 
@@ -43,11 +43,6 @@ def write_config(tmp_path: Path, redis_url: str, **job: str | int | float) -> Pa
 
 def progress(client: redis.Redis) -> dict[Any, Any]:
     return dict(client.hgetall("replayd:{orders}:progress"))
-
-
-def projection(client: redis.Redis) -> dict[Any, Any]:
-    keys = [k for k in client.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
-    return {key: client.hgetall(key) for key in keys}
 
 
 def last_id(client: redis.Redis) -> Any:
@@ -112,11 +107,11 @@ def test_sigkill_mid_replay_then_restart_equals_a_clean_rebuild(
     processes.append(final)
     _, stderr = final.communicate(timeout=120)
     assert final.returncode == 0, stderr
-    resumed = projection(sync_redis)
+    resumed = order_summaries(sync_redis)
     clean = subprocess.run(
         [sys.executable, "-m", "replayd", "rebuild", "--redis-url", redis_url, "--stream", STREAM,
          "--handler", "order_summary", "--in-place", "--job", "clean"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert clean.returncode == 0, clean.stderr
-    assert resumed == projection(sync_redis)
+    assert resumed == order_summaries(sync_redis)

@@ -25,6 +25,7 @@ from replayd.handlers import ObjectHandler
 from replayd.metrics import Metrics
 from replayd.sample import load_history_sync
 from tests.faultproxy import FaultProxy
+from tests.helpers import order_summaries
 from tests.servers import RedisServer
 
 STREAM = "events:orders"
@@ -123,11 +124,6 @@ def everysec_server(tmp_path: Path) -> RedisServer:
     return RedisServer(tmp_path / "redis", appendonly=True, extra_args=["--appendfsync", "everysec"])
 
 
-def projection(client: redis.Redis) -> dict[Any, Any]:
-    keys = [k for k in client.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
-    return {key: client.hgetall(key) for key in keys}
-
-
 def order_summary(**overrides: Any) -> JobSpec:
     values: dict[str, Any] = {"name": "order_summary", "streams": [STREAM], "handler": "order_summary", "end": "now",
                               "batch_size": 100, "min_batch_size": 100, "max_in_flight": 100,  # a commit a batch
@@ -174,13 +170,13 @@ async def test_t9_torn_aof_checkpoint_rollback_replays_a_bounded_tail(tmp_path: 
         assert stats.status == "completed"
         assert 0 < stats.processed <= 3 * 100, f"{stats.processed} events replayed after a 3-commit rollback"
         with server.client() as client:
-            resumed = projection(client)
+            resumed = order_summaries(client)
             clean = create_redis(cfg)
             try:
                 await rebuild_in_place(Engine(order_summary(name="clean", resume=False), clean, redis_cfg=cfg))
             finally:
                 await clean.aclose()
-            assert resumed == projection(client)
+            assert resumed == order_summaries(client)
     finally:
         server.stop()
 

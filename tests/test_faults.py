@@ -15,7 +15,6 @@ from typing import Any
 
 import anyio
 import pytest
-import redis
 from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 
@@ -28,6 +27,7 @@ from replayd.errors import CommitError, SourceError
 from replayd.metrics import Metrics
 from replayd.sample import load_history_sync
 from tests.faultproxy import FaultProxy
+from tests.helpers import order_summaries
 from tests.servers import RedisServer
 
 STREAM = "events:orders"
@@ -77,11 +77,6 @@ def spec(**overrides: Any) -> JobSpec:
     return JobSpec(**{**values, **overrides})
 
 
-def projection(client: redis.Redis) -> dict[Any, Any]:
-    keys = [k for k in client.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
-    return {key: client.hgetall(key) for key in keys}
-
-
 def errors(metrics: Metrics, *, error: str | None = None, command: str | None = None) -> float:
     """The sum of `replayd_redis_errors_total` over the series matching the labels given."""
     total = 0.0
@@ -126,12 +121,12 @@ async def rebuild_under(
     assert engine.stats.status == "completed"
     assert engine.stats.total == events
     with server.client() as sync:
-        through_faults = projection(sync)
+        through_faults = order_summaries(sync)
         direct = RedisConfig(url=server.url, socket_timeout_s=5, block_ms=200)
         clean = create_redis(direct)
         await rebuild_in_place(Engine(spec(name="clean"), clean, redis_cfg=direct))
         await clean.aclose()
-        assert through_faults == projection(sync)
+        assert through_faults == order_summaries(sync)
     return engine, metrics, elapsed
 
 
@@ -324,12 +319,12 @@ async def test_t18_fragmented_replies_give_identical_results(
         await r.aclose()
     assert engine.stats.status == "completed"
     with fresh_server.client() as sync:
-        fragmented = projection(sync)
+        fragmented = order_summaries(sync)
         direct = RedisConfig(url=fresh_server.url, socket_timeout_s=5, block_ms=200)
         clean = create_redis(direct)
         await rebuild_in_place(Engine(spec(name="clean"), clean, redis_cfg=direct))
         await clean.aclose()
-        assert fragmented == projection(sync)
+        assert fragmented == order_summaries(sync)
     assert proxy.stats.bytes_down > 300 * 100
 
 

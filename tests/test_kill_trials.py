@@ -26,7 +26,7 @@ from replayd.config import FieldNames
 from replayd.events import parse_id
 from replayd.router import Router
 from replayd.sample import load_history_sync
-from tests.helpers import replayd, wait_for
+from tests.helpers import order_summaries, replayd, wait_for
 from tests.trial_plugins import EFFECT_LOG, EFFECTS, SEEN
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -115,11 +115,6 @@ def finish(config: Path, redis_url: str, processes: list[subprocess.Popen[str]])
     assert proc.returncode == 0, stderr[-3000:]
 
 
-def projection(client: redis.Redis) -> dict[Any, Any]:
-    keys = [k for k in client.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
-    return {key: client.hgetall(key) for key in keys}
-
-
 def test_sigkill_20_times_during_an_atomic_replay_then_the_projection_equals_a_clean_rebuild(
     tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]]
 ) -> None:
@@ -133,12 +128,12 @@ def test_sigkill_20_times_during_an_atomic_replay_then_the_projection_equals_a_c
     assert mid_replay > TRIALS // 2, f"only {mid_replay} of {TRIALS} kills landed mid-replay"
     finish(config, redis_url, processes)
     assert floor(sync_redis) == last_id(sync_redis)
-    resumed = projection(sync_redis)
+    resumed = order_summaries(sync_redis)
     assert resumed
     clean = replayd("rebuild", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary",
                     "--in-place", "--job", "clean", timeout=120)  # fmt: skip
     assert clean.returncode == 0, clean.stderr[-3000:]
-    rebuilt = projection(sync_redis)
+    rebuilt = order_summaries(sync_redis)
     assert resumed.keys() == rebuilt.keys()
     differing = [key for key in rebuilt if resumed[key] != rebuilt[key]]
     assert not differing, f"{len(differing)} keys differ, e.g. {differing[:3]}: {[resumed[k] for k in differing[:3]]}"

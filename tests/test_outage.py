@@ -7,21 +7,16 @@ from typing import Any
 
 import anyio
 import pytest
-import redis
 
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import create_redis
 from replayd.engine import Engine, rebuild_in_place
 from replayd.metrics import Metrics
 from replayd.sample import load_history_sync
+from tests.helpers import order_summaries
 from tests.servers import RedisServer
 
 STREAM = "events:orders"
-
-
-def projection(client: redis.Redis) -> dict[Any, Any]:
-    keys = [k for k in client.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
-    return {key: client.hgetall(key) for key in keys}
 
 
 def spec(**overrides: Any) -> JobSpec:
@@ -51,8 +46,8 @@ async def test_redis_restart_mid_rebuild_completes_with_the_same_projection(fres
     assert engine.stats.status == "completed"
     assert (metrics.registry.get_sample_value("replayd_redis_reconnects_total") or 0) > 0
     with fresh_server.client() as client:
-        resumed = projection(client)
+        resumed = order_summaries(client)
         clean = create_redis(cfg)
         await rebuild_in_place(Engine(spec(name="clean"), clean, redis_cfg=cfg))
         await clean.aclose()
-        assert resumed == projection(client)
+        assert resumed == order_summaries(client)

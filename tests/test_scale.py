@@ -17,13 +17,9 @@ from redis.asyncio import Redis
 from replayd.config import JobSpec, RedisConfig
 from replayd.engine import Engine, rebuild_in_place
 from replayd.sample import load_history_sync
+from tests.helpers import order_summaries
 
 STREAM = "events:orders"
-
-
-def projection(client: redis.Redis) -> dict[Any, Any]:
-    keys = [k for k in client.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
-    return {key: client.hgetall(key) for key in keys}
 
 
 def spec(**overrides: Any) -> JobSpec:
@@ -42,7 +38,7 @@ async def test_three_shards_build_the_same_projection_as_one_process(
     single_stats = await rebuild_in_place(
         Engine(spec(name="single", partition_by=partition_by, on_poison="skip"), raw_redis, redis_cfg=redis_cfg)
     )
-    single = projection(sync_redis)
+    single = order_summaries(sync_redis)
     for key in sync_redis.scan_iter(match="projection:*"):
         sync_redis.delete(key)
     engines = [
@@ -52,7 +48,7 @@ async def test_three_shards_build_the_same_projection_as_one_process(
     async with anyio.create_task_group() as tg:
         for engine in engines:
             tg.start_soon(engine.run)
-    assert projection(sync_redis) == single
+    assert order_summaries(sync_redis) == single
     assert sum(engine.stats.processed for engine in engines) == single_stats.processed
     assert sum(engine.stats.skipped for engine in engines) == single_stats.skipped > 0, "filtered: counted once"
     assert sum(engine.stats.poison for engine in engines) == single_stats.poison == 2, "undecodable: counted once"
