@@ -204,8 +204,8 @@ class Engine:
             return await self._run_leased()
         finally:
             with anyio.move_on_after(5, shield=True):
-                try:
-                    await self.lease.release()
+                try:  # through a Redis restart: a lease left behind holds the next run back for its TTL
+                    await retrying(self.lease.release, what="lease", budget_s=4, metrics=self.metrics)
                 except Exception as exc:  # noqa: BLE001 - a lease not released expires by itself
                     logger.warning("lease %s not released (%s): it expires in %.0fs", self.lease.key, exc,
                                    self.spec.lease_ttl_s)  # fmt: skip
@@ -686,12 +686,15 @@ async def rebuild_in_place(engine: Engine) -> Stats:
         await clear_namespace(redis, f"{engine.namespace}:*")
         await redis.unlink(job_key(engine.spec.name, "checkpoint"), engine.progress.key)
 
-    engine.on_leased = clear
+    async def retried(call: Callable[[], Awaitable[object]]) -> None:
+        # both steps are idempotent: a Redis restart as the rebuild starts, or as it ends (every event committed),
+        # is retried like the job's own commands instead of failing the rebuild
+        await retrying(call, what="rebuild", budget_s=engine.budget_s, metrics=engine.metrics)
+
+    engine.on_leased = partial(retried, clear)
     stats = await engine.run()
     if stats.status == "stopped":  # stopped part way: not rebuilt (the next run starts over)
         return stats
-    await redis.hset(
-        f"{engine.namespace}:meta",
-        mapping={"rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed},
-    )
+    meta = {"rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed}
+    await retried(partial(redis.hset, f"{engine.namespace}:meta", mapping=meta))  # type: ignore[arg-type]
     return stats

@@ -9,6 +9,7 @@ and the metrics count the errors.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -24,6 +25,8 @@ from replayd.config import JobSpec, RedisConfig
 from replayd.connection import RETRIABLE, connects, count_received, create_redis
 from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import CommitError, SourceError
+from replayd.handlers import Context
+from replayd.handlers.builtin.order_summary import OrderSummary
 from replayd.metrics import Metrics
 from replayd.sample import load_history_sync
 from tests.faultproxy import FaultProxy
@@ -192,6 +195,33 @@ async def test_t16_blackhole_then_clear_completes(
     _, metrics, _ = await rebuild_under(fresh_server, proxy, cfg, fault, events=10_000)
     assert proxy.stats.discarded > 0
     assert errors(metrics, error="timeout") > 0
+
+
+class RefusedAtTheEnd(OrderSummary):
+    """order_summary; once the run has committed every event, Redis refuses connections for 0.5 s (a restart)."""
+
+    def __init__(self, proxy: FaultProxy) -> None:
+        self.proxy = proxy
+
+    async def shutdown(self, ctx: Context) -> None:
+        self.proxy.reset(refuse=True)
+        threading.Timer(0.5, self.proxy.clear).start()
+
+
+async def test_a_restart_as_a_rebuild_ends_neither_fails_it_nor_leaves_its_lease(
+    fresh_server: RedisServer, proxy: FaultProxy, cfg: RedisConfig, client: Redis
+) -> None:
+    """Every event committed, then Redis away for 0.5 s: the lease release and the meta hash, the rebuild's last
+    two commands, are retried (redis-py's own retries gave up within the restart and failed the rebuild)."""
+    with fresh_server.client() as sync:
+        load_history_sync(sync, STREAM, 2000)
+        engine = Engine(spec(), client, redis_cfg=cfg, handler=RefusedAtTheEnd(proxy))
+        with anyio.fail_after(20):
+            stats = await rebuild_in_place(engine)
+        assert stats.status == "completed"
+        assert sync.hget("projection:order_summary:meta", "total_events") == b"2000"
+        assert sync.get("replayd:{order_summary}:lease") is None
+        assert proxy.stats.refused > 0
 
 
 def leaves(exc: BaseException) -> list[BaseException]:
