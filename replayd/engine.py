@@ -695,6 +695,8 @@ async def rebuild_in_place(engine: Engine) -> Stats:
     stats = await engine.run()
     if stats.status == "stopped":  # stopped part way: not rebuilt (the next run starts over)
         return stats
-    meta = {"rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed}
-    await retried(partial(redis.hset, f"{engine.namespace}:meta", mapping=meta))  # type: ignore[arg-type]
+    meta = partial(redis.hset, f"{engine.namespace}:meta", mapping={
+        "rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed,
+    })  # fmt: skip
+    await retried(meta)
     return stats

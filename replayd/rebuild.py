@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
 
 from redis.asyncio import RedisCluster
 
 from replayd.config import JobSpec, RedisConfig
-from replayd.connection import Client
+from replayd.connection import Client, retrying
 from replayd.engine import Engine
-from replayd.errors import ConfigError
+from replayd.errors import ConfigError, ReplaydError
 from replayd.events import Id
 from replayd.handlers import Handler
 from replayd.handlers.loader import load_handler
@@ -26,6 +28,7 @@ from replayd.versions import Versions, build_job, namespace
 logger = logging.getLogger(__name__)
 
 Watch = Callable[[Stats, Awaitable[Stats]], Awaitable[Stats]]
+T = TypeVar("T")
 
 
 async def _unwatched(stats: Stats, work: Awaitable[Stats]) -> Stats:
@@ -52,6 +55,7 @@ class Rebuild:
         self.redis_cfg = redis_cfg
         self.handler = handler or load_handler(spec.handler)
         self.metrics = metrics
+        self.budget_s = (redis_cfg or RedisConfig()).unavailable_timeout_s
         self.versions = Versions(redis, self.handler.name)
         self.version = 0
         """The version being written (set by `begin`)."""
@@ -69,10 +73,14 @@ class Rebuild:
     async def begin(self) -> int:
         """Pick the version to write (an interrupted rebuild's, else current + 1), after deleting the versions
         whose retention has passed."""
-        await self.versions.sweep()
-        self.version = await self.versions.begin()
+        await self._retried(self.versions.sweep)
+        self.version = await self._retried(self.versions.begin)
         logger.info("rebuilding %s as v%d", self.handler.name, self.version)
         return self.version
+
+    async def _retried(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call` through a Redis restart, as the job's own commands: the steps around the build's runs."""
+        return await retrying(call, what="rebuild", budget_s=self.budget_s, metrics=self.metrics)
 
     def engine(self, ends: dict[str, Id] | None = None) -> Engine:
         """A run of the rebuild job: from its own checkpoint (or the beginning) to now, or to `ends`."""
@@ -100,17 +108,23 @@ class Rebuild:
     async def flip(self, *, retain_s: float) -> int:
         """Make the new version current; return the one it replaced. That one is deleted once `retain_s` has
         passed, by the live job (it sweeps every 30 s) or the next rebuild; at once when `retain_s` is 0."""
-        old = await self.versions.flip(self.version, self.spec.name, retain_s=retain_s)
-        total = sum(e.stats.total for e in self.engines)
-        await self.redis.hset(
-            f"projection:{self.handler.name}:meta",
-            mapping={"rebuilt_at": repr(time.time()), "total_events": total, "version": self.version,
-                     "processed_events": sum(e.stats.processed for e in self.engines)},
-        )  # fmt: skip
+        replaced = await self._retried(self.versions.current)
+        old = await self._retried(partial(self.versions.flip, self.version, self.spec.name, retain_s=retain_s))
+        if old is None:  # refused, unless an attempt whose reply was lost had flipped it
+            if await self._retried(self.versions.current) != self.version:
+                raise ReplaydError(f"{self.versions.next_key} no longer names v{self.version} (another rebuild "
+                                   "took over): not flipping")  # fmt: skip
+            old = replaced
+        runs = self.engines
+        meta = partial(self.redis.hset, f"projection:{self.handler.name}:meta", mapping={
+            "rebuilt_at": repr(time.time()), "version": self.version, "total_events": sum(e.stats.total for e in runs),
+            "processed_events": sum(e.stats.processed for e in runs),
+        })  # fmt: skip
+        await self._retried(meta)
         logger.info("%s is current (it replaced %s)", namespace(self.handler.name, self.version),
                     namespace(self.handler.name, old))  # fmt: skip
         if not retain_s:
-            await self.versions.sweep()
+            await self._retried(self.versions.sweep)
         return old
 
     async def run(self, *, retain_s: float, watch: Watch = _unwatched) -> tuple[Stats, int | None]:

@@ -78,15 +78,14 @@ class Versions:
         await self.redis.set(self.next_key, version, nx=True)
         return int(await self.redis.get(self.next_key) or version)
 
-    async def flip(self, version: int, job: str, *, retain_s: float) -> int:
-        """Make `version` current for readers and for the live `job`; return the version it replaced."""
+    async def flip(self, version: int, job: str, *, retain_s: float) -> int | None:
+        """Make `version` current for readers and for the live `job`; return the version it replaced, or None
+        when `next` no longer names `version` (another rebuild took over, or this flip happened already)."""
         build = build_job(job, version)
         keys = [self.current_key, self.next_key, self.retired_key, job_key(job, "checkpoint"),
                 job_key(build, "checkpoint"), job_key(build, "progress")]  # fmt: skip
         status, old = await self.redis.eval(_FLIP_SCRIPT, len(keys), *keys, version, time.time() + retain_s)
-        if text(status) != "ok":
-            raise ReplaydError(f"{self.next_key} no longer names v{version} (another rebuild took over): not flipping")
-        return int(old)
+        return int(old) if text(status) == "ok" else None
 
     async def discard(self, version: int, job: str) -> None:
         """Drop an unflipped version: its keys, its marker and its rebuild job's state."""

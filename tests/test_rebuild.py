@@ -26,7 +26,7 @@ from replayd.daemon import Daemon
 from replayd.engine import Engine, rebuild_in_place
 from replayd.rebuild import Rebuild
 from replayd.sample import load_history_sync, order_events
-from replayd.versions import ProjectionFlipped, acurrent_namespace, current_namespace
+from replayd.versions import ProjectionFlipped, Versions, acurrent_namespace, current_namespace
 from tests.article import order_summary_rebuilder
 from tests.helpers import as_text, replayd, snapshot, spawn_replayd, stream_ids, wait_for, wait_until
 from tests.servers import RedisServer
@@ -100,6 +100,33 @@ async def test_rebuild_writes_a_new_version_then_flips_and_deletes_the_old(
     live = Engine(job(end="now"), raw_redis, redis_cfg=redis_cfg)
     stats = await live.run()
     assert (stats.total, live.version) == (0, 1)
+
+
+class ReplyLost(Versions):
+    """The flip runs in Redis, then its connection drops before the reply arrives (once)."""
+
+    lost = False
+
+    async def flip(self, version: int, job: str, *, retain_s: float) -> int | None:
+        old = await super().flip(version, job, retain_s=retain_s)
+        if not self.lost:
+            self.lost = True
+            raise redis.ConnectionError("Connection closed by server.")
+        return old
+
+
+async def test_a_flip_whose_reply_was_lost_is_sent_again_and_not_taken_for_another_rebuilds(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    load_history_sync(sync_redis, STREAM, 1000)
+    await rebuild_in_place(Engine(job(end="now"), raw_redis, redis_cfg=redis_cfg))
+    rebuild = Rebuild(job(), raw_redis, redis_cfg=redis_cfg)
+    rebuild.versions = ReplyLost(raw_redis, NAME)
+    assert await rebuild.run(retain_s=0) == (rebuild.engines[0].stats, 0)
+    assert rebuild.versions.lost
+    assert sync_redis.get(f"projection:{NAME}:current") == b"1"
+    assert sync_redis.hget(f"projection:{NAME}:meta", "version") == b"1"
+    assert version_of(sync_redis, 0) == {}, "the replaced version is deleted"
 
 
 async def test_readers_never_miss_a_key_during_a_rebuild(
