@@ -32,7 +32,7 @@ from redis.exceptions import DataError, ResponseError
 from replayd.connection import Client, OwnConnection, is_retriable, text, text_hash
 from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError, RestartJob
 from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
-from replayd.handlers import MAX_ARGS
+from replayd.handlers import MAX_ARGS, beyond_limit
 from replayd.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -486,8 +486,8 @@ def sendable(commands: list[tuple[Any, ...]], where: str) -> list[tuple[Any, ...
 def _unpackable(command: tuple[Any, ...]) -> str | None:
     """Why `command` cannot be sent (no arguments, too many for the commit script, or an argument of a type no Redis
     command takes), or None."""
-    if not 0 < len(command) <= MAX_ARGS:
-        return f"{len(command)} arguments; a command of the commit script takes 1 to {MAX_ARGS}"
+    if error := beyond_limit(command):
+        return error
     try:
         hiredis.pack_command(tuple(command))
     except TypeError as exc:

@@ -129,9 +129,16 @@ class Tx:
         del self.commands[mark:]
 
 
+def beyond_limit(command: tuple[Any, ...]) -> str | None:
+    """Why the commit script cannot run `command` (no arguments, or more than MAX_ARGS), or None."""
+    if 0 < len(command) <= MAX_ARGS:
+        return None
+    return f"a command of {len(command)} arguments: a commit runs commands of 1 to {MAX_ARGS}"
+
+
 def _within_limit(command: tuple[Arg, ...]) -> tuple[Arg, ...]:
-    if not 0 < len(command) <= MAX_ARGS:
-        raise ValueError(f"a command of {len(command)} arguments: a commit runs commands of 1 to {MAX_ARGS}")
+    if error := beyond_limit(command):
+        raise ValueError(error)
     return command
 
 
