@@ -28,10 +28,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     except Exception as error:
         if call.excinfo is None or call.when == "collect":
             raise
-        text = "".join(traceback.format_exception(call.excinfo.value))
+        value = call.excinfo.value
+        summary = "".join(traceback.format_exception_only(value)).strip()  # first: the line `-ra` shows
+        text = "".join(traceback.format_exception(value))
         return pytest.TestReport(
             item.nodeid, item.location, dict.fromkeys(item.keywords, 1), "failed",
-            f"{text}\n(pytest could not format this failure: {error!r})", call.when,
+            f"{summary}\n\n{text}\n(pytest could not format this failure: {error!r})", call.when,
             duration=call.duration, start=call.start, stop=call.stop,
         )  # fmt: skip
 
