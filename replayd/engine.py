@@ -81,7 +81,8 @@ class Engine:
         self.discard = discard
         """A dry run: the handlers' writes are tallied here instead of committed."""
         self.on_leased: Callable[[], Awaitable[None]] | None = None
-        """Run once the job's lease is held, before anything is read (an in-place rebuild clears its keys)."""
+        """Run once the job's lease is held, before anything is read (an in-place rebuild clears its keys); retried
+        through a Redis restart, as the start is, so it must be idempotent."""
         self.budget_s = unavailable_budget_s or self.redis_cfg.unavailable_timeout_s
         self.cluster = isinstance(redis, RedisCluster)
         # a live job follows its projection's alias, which a rebuild flips (no versions on a cluster, yet)
@@ -212,7 +213,7 @@ class Engine:
 
     async def _run_leased(self) -> Stats:
         if self.on_leased is not None:
-            await self.on_leased()
+            await retrying(self.on_leased, what="start", budget_s=self.budget_s, metrics=self.metrics)
         await retrying(self._prepare, what="start", budget_s=self.budget_s, metrics=self.metrics)
         ctx = self.new_context()
         self.stats.status = "catching_up"
@@ -686,17 +687,13 @@ async def rebuild_in_place(engine: Engine) -> Stats:
         await clear_namespace(redis, f"{engine.namespace}:*")
         await redis.unlink(job_key(engine.spec.name, "checkpoint"), engine.progress.key)
 
-    async def retried(call: Callable[[], Awaitable[object]]) -> None:
-        # both steps are idempotent: a Redis restart as the rebuild starts, or as it ends (every event committed),
-        # is retried like the job's own commands instead of failing the rebuild
-        await retrying(call, what="rebuild", budget_s=engine.budget_s, metrics=engine.metrics)
-
-    engine.on_leased = partial(retried, clear)
+    engine.on_leased = clear
     stats = await engine.run()
     if stats.status == "stopped":  # stopped part way: not rebuilt (the next run starts over)
         return stats
     meta = partial(redis.hset, f"{engine.namespace}:meta", mapping={
         "rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed,
     })  # fmt: skip
-    await retried(meta)
+    # every event is committed: a Redis restart now is retried like the job's own commands, not a failed rebuild
+    await retrying(meta, what="rebuild", budget_s=engine.budget_s, metrics=engine.metrics)
     return stats

@@ -109,15 +109,6 @@ def stream_ids(r: redis.Redis, stream: str = STREAM) -> list[str]:
     return [raw.decode() for raw, _ in r.xrange(stream)]  # type: ignore[union-attr]
 
 
-def order_summaries(r: redis.Redis) -> dict[Any, Any]:
-    """The order_summary projection's hashes (not its meta hash), pipelined."""
-    keys = [k for k in r.scan_iter(match="projection:order_summary:*", count=1000) if not k.endswith(b":meta")]
-    pipe = r.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
-    return dict(zip(keys, pipe.execute(), strict=True))
-
-
 def snapshot(r: redis.Redis, pattern: str) -> dict[str, tuple[str, Any]]:
     """Every key matching `pattern` -> (type, value), read by type (hash, string, set, list, zset), pipelined."""
     keys: list[bytes] = list(r.scan_iter(match=pattern, count=1000))
@@ -136,6 +127,12 @@ def snapshot(r: redis.Redis, pattern: str) -> dict[str, tuple[str, Any]]:
         readers[kind](pipe, key)
     values = pipe.execute()
     return {as_text(key): (kind, value) for key, kind, value in zip(keys, kinds, values, strict=True)}
+
+
+def order_summaries(r: redis.Redis) -> dict[str, tuple[str, Any]]:
+    """The order_summary projection as `snapshot` reads it, without its meta hash (which says when it was built)."""
+    keys = snapshot(r, "projection:order_summary:*")
+    return {key: value for key, value in keys.items() if not key.endswith(":meta")}
 
 
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
