@@ -36,7 +36,7 @@ from pydantic_settings import (
 
 from replayd.errors import ConfigError
 from replayd.events import Bound, Shard, parse_end, parse_shard, parse_start
-from replayd.filters import parse_where
+from replayd.pipeline.filters import parse_where
 
 _toml_path: ContextVar[Path | None] = ContextVar("replayd_toml_path", default=None)
 

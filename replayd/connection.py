@@ -38,8 +38,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from replayd.config import RedisConfig
 from replayd.errors import ConfigError, SourceError
-from replayd.logs import redact_text
-from replayd.metrics import Metrics
+from replayd.ops.logs import redact_text
+from replayd.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import redis
 from redis.asyncio import Redis
 
 from replayd.config import JobSpec, RedisConfig
-from replayd.engine import Engine
 from replayd.handlers import FunctionHandler, Handler, ObjectHandler, Projection
-from replayd.progress import Stats
+from replayd.jobs.engine import Engine
+from replayd.jobs.progress import Stats
 from tests.plugins import Recorder
 
 STREAM = "orders"

@@ -9,12 +9,13 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from replayd import Context, Event, Outcome, source
+from replayd import Context, Event, Outcome
 from replayd.config import JobSpec, RedisConfig
-from replayd.engine import Engine
 from replayd.handlers import ObjectHandler
-from replayd.metrics import Metrics
-from replayd.source import DECODE_BUDGET_S, BatchSizer
+from replayd.jobs.engine import Engine
+from replayd.ops.metrics import Metrics
+from replayd.pipeline import source
+from replayd.pipeline.source import DECODE_BUDGET_S, BatchSizer
 
 
 class Sleepy:

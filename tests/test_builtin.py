@@ -10,14 +10,14 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from replayd.codec import Codec
 from replayd.config import FieldNames, JobSpec, RedisConfig
-from replayd.engine import Engine
 from replayd.errors import ConfigError, ReplaydError
 from replayd.events import Event
 from replayd.handlers.builtin.jsonl_dump import JsonlDump
 from replayd.handlers.builtin.republish import Republish, seen_key
 from replayd.handlers.loader import load_handler
+from replayd.jobs.engine import Engine
+from replayd.pipeline.codec import Codec
 from tests.helpers import STREAM, add, as_text, checkpoint, stream_ids
 
 pytestmark = pytest.mark.anyio

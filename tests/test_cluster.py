@@ -18,14 +18,14 @@ import redis
 from redis.asyncio import Redis, RedisCluster
 
 from replayd.cli import run_cli
-from replayd.commit import job_key, slot_of
 from replayd.config import JobSpec, RedisConfig, load_settings
 from replayd.connection import Client, create_redis
 from replayd.embedded import free_port
-from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import ConfigError
 from replayd.events import Event
 from replayd.handlers import Context, FunctionHandler
+from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.pipeline.commit import job_key, slot_of
 from replayd.sample import load_history_sync
 from tests.helpers import as_text, snapshot
 from tests.lifecycle_plugins import seen

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from replayd.codec import Codec, Poison, RawEntry, decode_all
 from replayd.config import FieldNames
 from replayd.errors import DecodeError
 from replayd.events import Event
+from replayd.pipeline.codec import Codec, Poison, RawEntry, decode_all
 
 CODEC = Codec("orders", FieldNames())
 

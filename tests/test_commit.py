@@ -7,12 +7,12 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark
 from replayd.config import RedisConfig
 from replayd.errors import ConfigError
 from replayd.events import ZERO, Event, parse_id
 from replayd.handlers import MAX_ARGS, Arg, Context, FunctionHandler, Tx
-from replayd.router import Router
+from replayd.pipeline.commit import CheckpointStore, CommitRequest, Committer, Resume, Watermark
+from replayd.pipeline.router import Router
 from tests.helpers import STREAM, add, checkpoint, engine, orders, run, spec, wait_until
 from tests.plugins import Recorder
 

@@ -13,9 +13,9 @@ from redis.asyncio import Redis
 
 from replayd import Context, Event
 from replayd.config import JobSpec, RedisConfig
-from replayd.engine import Engine
 from replayd.handlers import ObjectHandler
-from replayd.plan import plan
+from replayd.jobs.engine import Engine
+from replayd.jobs.plan import plan
 from tests.helpers import as_text, replayd
 from tests.plugins import Recorder
 

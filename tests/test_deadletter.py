@@ -13,10 +13,10 @@ from redis.asyncio import Redis
 
 from replayd import Context, Event
 from replayd.config import JobSpec, RedisConfig
-from replayd.engine import Engine
 from replayd.errors import DataError
 from replayd.handlers import ObjectHandler
-from replayd.metrics import Metrics
+from replayd.jobs.engine import Engine
+from replayd.ops.metrics import Metrics
 from tests.helpers import replayd
 from tests.plugins import Recorder, SyncRecorder
 

@@ -13,15 +13,15 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from replayd.commit import CommitRequest, Mark
 from replayd.config import RedisConfig
-from replayd.engine import Engine
 from replayd.errors import ConfigError, DataError
 from replayd.events import Event, parse_id
 from replayd.handlers import Context, FunctionHandler, ObjectHandler, Outcome, Projection, on
-from replayd.lanes import InFlight, Lanes
-from replayd.router import Router
-from replayd.source import BatchSizer
+from replayd.jobs.engine import Engine
+from replayd.pipeline.commit import CommitRequest, Mark
+from replayd.pipeline.lanes import InFlight, Lanes
+from replayd.pipeline.router import Router
+from replayd.pipeline.source import BatchSizer
 from tests import plugins
 from tests.helpers import (
     STREAM,

@@ -18,11 +18,11 @@ import redis
 from replayd import Context, Event, Outcome
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import create_redis
-from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import DataError, FencingError
 from replayd.events import format_id
 from replayd.handlers import ObjectHandler
-from replayd.metrics import Metrics
+from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.ops.metrics import Metrics
 from replayd.sample import load_history_sync
 from tests.faultproxy import FaultProxy
 from tests.helpers import order_summaries

@@ -25,11 +25,11 @@ from redis.retry import Retry
 from replayd import Context, Event, Outcome
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import create_redis
-from replayd.engine import Engine
 from replayd.errors import DataError
 from replayd.events import parse_id
 from replayd.handlers import ObjectHandler
-from replayd.metrics import Metrics
+from replayd.jobs.engine import Engine
+from replayd.ops.metrics import Metrics
 from tests.helpers import replayd, spawn_replayd, wait_for
 from tests.servers import RedisServer
 from tests.trial_plugins import EFFECT_LOG, EFFECTS, SEEN
@@ -137,7 +137,7 @@ async def test_t13_live_trim_overtakes_reader_skip_goes_on(
     sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """on_gap = warn: counted and logged with the estimated loss, then every surviving entry, in order."""
-    with caplog.at_level(logging.WARNING, logger="replayd.engine"):
+    with caplog.at_level(logging.WARNING, logger="replayd.jobs.engine"):
         engine, handler, metrics, ids, minid, failure = await trim_ahead_of_reader(
             sync_redis, raw_redis, redis_cfg, "warn"
         )

@@ -20,14 +20,14 @@ from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 
 from replayd import __version__
-from replayd.commit import CommitRequest, Committer, Watermark
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import RETRIABLE, connects, count_received, create_redis
-from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import CommitError, SourceError
 from replayd.handlers import Context
 from replayd.handlers.builtin.order_summary import OrderSummary
-from replayd.metrics import Metrics
+from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.ops.metrics import Metrics
+from replayd.pipeline.commit import CommitRequest, Committer, Watermark
 from replayd.sample import load_history_sync
 from tests.faultproxy import FaultProxy
 from tests.helpers import order_summaries

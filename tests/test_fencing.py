@@ -12,11 +12,11 @@ from redis.asyncio import Redis
 
 from replayd import Context, Event, Outcome
 from replayd.config import JobSpec, RedisConfig
-from replayd.engine import Engine
 from replayd.errors import FencingError
 from replayd.events import WHOLE
 from replayd.handlers import ObjectHandler
-from replayd.lease import Lease
+from replayd.jobs.engine import Engine
+from replayd.jobs.lease import Lease
 from replayd.sample import load_history_sync
 
 

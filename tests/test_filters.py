@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from replayd.events import Event
-from replayd.filters import Predicate, build_filter, entity_predicate, parse_where
+from replayd.pipeline.filters import Predicate, build_filter, entity_predicate, parse_where
 
 
 def ev(

@@ -9,9 +9,9 @@ import redis
 from redis.asyncio import Redis
 
 from replayd.config import JobSpec, RedisConfig
-from replayd.engine import Engine
 from replayd.errors import DataError
-from replayd.metrics import Metrics
+from replayd.jobs.engine import Engine
+from replayd.ops.metrics import Metrics
 
 STREAM = "s"
 

@@ -23,13 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from replayd.config import HttpConfig, JobSpec, RedisConfig, Settings
-from replayd.daemon import Daemon, ping_redis
 from replayd.embedded import free_port
-from replayd.engine import Engine
 from replayd.errors import ConfigError
 from replayd.handlers import ObjectHandler
-from replayd.http import HttpServer, Readiness
-from replayd.metrics import STATES, Metrics
+from replayd.jobs.daemon import Daemon, ping_redis
+from replayd.jobs.engine import Engine
+from replayd.ops.http import HttpServer, Readiness
+from replayd.ops.metrics import STATES, Metrics
 from replayd.sample import load_history_sync
 from tests.helpers import STREAM, add, orders, spec, wait_until
 from tests.plugins import Recorder
@@ -165,7 +165,7 @@ async def test_healthz_fails_while_the_loop_is_blocked(caplog: pytest.LogCapture
     """1. healthy  2. block the loop past stall_after_s: /healthz 503 with the reason, /metrics still served, the
     watchdog logs the blocking stack  3. the loop runs again: /healthz 200."""
     server = HttpServer(Metrics(), ready(), stall_after_s=1.0, heartbeat_s=0.1)
-    caplog.set_level(logging.INFO, logger="replayd.http")
+    caplog.set_level(logging.INFO, logger="replayd.ops.http")
     async with anyio.create_task_group() as tg:
         port = await tg.start(server.run)
         before = await afetch(port, "/healthz")

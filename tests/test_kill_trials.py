@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import redis
 
-from replayd.codec import Codec
-from replayd.commit import partition_positions
 from replayd.config import FieldNames
 from replayd.events import parse_id
-from replayd.router import Router
+from replayd.pipeline.codec import Codec
+from replayd.pipeline.commit import partition_positions
+from replayd.pipeline.router import Router
 from replayd.sample import load_history_sync
 from tests.helpers import order_summaries, replayd, wait_for
 from tests.trial_plugins import EFFECT_LOG, EFFECTS, SEEN

@@ -22,11 +22,11 @@ import redis
 from redis.asyncio import Redis
 
 from replayd.config import JobSpec, RedisConfig, Settings
-from replayd.daemon import Daemon
-from replayd.engine import Engine, rebuild_in_place
-from replayd.rebuild import Rebuild
+from replayd.jobs.daemon import Daemon
+from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.rebuild import Rebuild
+from replayd.jobs.versions import ProjectionFlipped, Versions, acurrent_namespace, current_namespace
 from replayd.sample import load_history_sync, order_events
-from replayd.versions import ProjectionFlipped, Versions, acurrent_namespace, current_namespace
 from tests.article import order_summary_rebuilder
 from tests.helpers import as_text, replayd, snapshot, spawn_replayd, stream_ids, wait_for, wait_until
 from tests.servers import RedisServer

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from replayd.codec import Codec, Poison
 from replayd.config import FieldNames
 from replayd.events import Event, Shard
-from replayd.router import Router
+from replayd.pipeline.codec import Codec, Poison
+from replayd.pipeline.router import Router
 
 
 def ev(i: int, data: dict[str, Any] | None = None, *, stream: str = "orders") -> Event:

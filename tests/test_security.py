@@ -18,13 +18,13 @@ import redis
 from prometheus_client import generate_latest
 from pydantic import SecretStr
 
-from replayd.commit import job_key
 from replayd.config import JobSpec, RedisConfig, load_settings
 from replayd.connection import AccessDenied, create_redis, is_retriable, retrying
-from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import ConfigError
-from replayd.logs import redact_text
-from replayd.metrics import Metrics
+from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.ops.logs import redact_text
+from replayd.ops.metrics import Metrics
+from replayd.pipeline.commit import job_key
 from replayd.sample import load_history_sync
 from tests.helpers import replayd
 from tests.servers import RedisServer

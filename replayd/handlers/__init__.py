@@ -290,7 +290,7 @@ class Projection:
 
 
 class FailurePolicy(Protocol):
-    """What happens when a handler raises on an event (replayd.deadletter implements it)."""
+    """What happens when a handler raises on an event (replayd.jobs.deadletter implements it)."""
 
     retries: int
     """Attempts after the first, with exponential backoff and jitter."""

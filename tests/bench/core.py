@@ -9,9 +9,9 @@ from typing import Any
 import anyio
 import redis
 
-from replayd.commit import job_key
 from replayd.connection import Client
-from replayd.engine import clear_namespace
+from replayd.jobs.engine import clear_namespace
+from replayd.pipeline.commit import job_key
 
 BATCH = 1000
 """Entries per XRANGE and commands per round trip, wherever a measurement has the choice."""

@@ -25,10 +25,10 @@ import redis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
-from replayd.codec import Codec
 from replayd.config import FieldNames, RedisConfig
 from replayd.connection import create_redis
-from replayd.router import Router
+from replayd.pipeline.codec import Codec
+from replayd.pipeline.router import Router
 from replayd.sample import order_events
 from tests.article import EventReplayer, ReplayEvent, order_summary_rebuilder
 from tests.bench.core import BATCH, PROJECTION, Sample, clear_projection

@@ -14,8 +14,8 @@ import msgspec
 
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import Client, create_redis
-from replayd.engine import Engine, rebuild_in_place
 from replayd.handlers import ObjectHandler
+from replayd.jobs.engine import Engine, rebuild_in_place
 from tests.bench.core import PROJECTION, Sample, reset_job
 from tests.bench.handlers import PARTITION_BY, SleepPerEvent
 

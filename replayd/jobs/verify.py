@@ -16,12 +16,12 @@ from typing import Any
 
 import anyio
 
-from replayd.commit import job_key, stream_positions
 from replayd.connection import Client, text, text_hash
 from replayd.errors import ReplaydError
 from replayd.events import ZERO, Id
-from replayd.rebuild import Rebuild
-from replayd.versions import namespace, scan_batches, version_keys
+from replayd.jobs.rebuild import Rebuild
+from replayd.jobs.versions import namespace, scan_batches, version_keys
+from replayd.pipeline.commit import job_key, stream_positions
 
 logger = logging.getLogger(__name__)
 

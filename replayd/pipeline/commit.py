@@ -33,7 +33,7 @@ from replayd.connection import Client, OwnConnection, is_retriable, text, text_h
 from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError, RestartJob
 from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
 from replayd.handlers import MAX_ARGS, beyond_limit
-from replayd.metrics import Metrics
+from replayd.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -20,26 +20,26 @@ import redis.exceptions
 from pydantic import ValidationError
 
 from replayd import __version__
-from replayd.commit import Tally, job_key, stream_positions
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import Client, create_redis, is_retriable, text, text_hash
-from replayd.console import summary, with_progress
-from replayd.daemon import Daemon, drain_on_signals, start_http
-from replayd.deadletter import Letters
-from replayd.engine import Engine, rebuild_in_place
 from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
 from replayd.events import format_id, parse_id, parse_shard
 from replayd.handlers.loader import load_handler
-from replayd.http import Readiness
-from replayd.logs import setup_logging
-from replayd.metrics import Metrics
-from replayd.pacing import parse_speed
-from replayd.plan import dry_run, dry_run_spec, plan
-from replayd.progress import Stats
-from replayd.rebuild import Rebuild
-from replayd.verify import verify
-from replayd.versions import Versions, namespace
-from replayd.workers import Supervisor, without_workers
+from replayd.jobs.daemon import Daemon, drain_on_signals, start_http
+from replayd.jobs.deadletter import Letters
+from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.plan import dry_run, dry_run_spec, plan
+from replayd.jobs.progress import Stats
+from replayd.jobs.rebuild import Rebuild
+from replayd.jobs.verify import verify
+from replayd.jobs.versions import Versions, namespace
+from replayd.jobs.workers import Supervisor, without_workers
+from replayd.ops.console import summary, with_progress
+from replayd.ops.http import Readiness
+from replayd.ops.logs import setup_logging
+from replayd.ops.metrics import Metrics
+from replayd.pipeline.commit import Tally, job_key, stream_positions
+from replayd.pipeline.pacing import parse_speed
 
 logger = logging.getLogger("replayd")
 

@@ -43,7 +43,7 @@ from anyio.abc import TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replayd.errors import ConfigError
-from replayd.metrics import Metrics, error_class
+from replayd.ops.metrics import Metrics, error_class
 
 logger = logging.getLogger(__name__)
 

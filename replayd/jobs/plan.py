@@ -16,14 +16,14 @@ from typing import Any
 
 import anyio
 
-from replayd.commit import CheckpointStore, job_key
 from replayd.config import JobSpec
 from replayd.connection import Client, text_hash
-from replayd.engine import Engine, resolve_end, resolve_start
 from replayd.events import ZERO, Id, format_id, parse_id
 from replayd.handlers import Projection
-from replayd.progress import Stats
-from replayd.source import head, redis_time_ms
+from replayd.jobs.engine import Engine, resolve_end, resolve_start
+from replayd.jobs.progress import Stats
+from replayd.pipeline.commit import CheckpointStore, job_key
+from replayd.pipeline.source import head, redis_time_ms
 
 
 def dry_run_spec(spec: JobSpec) -> JobSpec:

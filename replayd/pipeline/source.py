@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 
 from anyio.streams.memory import MemoryObjectSendStream
 
-from replayd.codec import Poison, RawEntry
 from replayd.connection import Client, OwnConnection, connects, count_received, retrying
 from replayd.events import Id, format_id, parse_id
-from replayd.metrics import Metrics
+from replayd.ops.metrics import Metrics
+from replayd.pipeline.codec import Poison, RawEntry
 
 
 class Batch(NamedTuple):

@@ -21,11 +21,11 @@ from typing import Any, NamedTuple
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from replayd.commit import CommitRequest, Mark
 from replayd.errors import DataError
 from replayd.events import Event
 from replayd.handlers import Context, Handler, Outcome
-from replayd.source import BatchSizer
+from replayd.pipeline.commit import CommitRequest, Mark
+from replayd.pipeline.source import BatchSizer
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from typing import Any
 import anyio
 import redis
 
-from replayd.commit import job_key
 from replayd.connection import Client, text
 from replayd.errors import ReplaydError, RestartJob
 from replayd.handlers import projection_prefix
+from replayd.pipeline.commit import job_key
 
 logger = logging.getLogger(__name__)
 

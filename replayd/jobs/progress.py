@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from replayd.commit import job_key
 from replayd.connection import Client, is_retriable
 from replayd.events import WHOLE, Id, Shard, format_id
+from replayd.pipeline.commit import job_key
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from functools import partial
 from typing import NamedTuple
 from zlib import crc32
 
-from replayd.codec import Poison
 from replayd.errors import DecodeError
 from replayd.events import WHOLE, Event, Id, Shard, parse_id
+from replayd.pipeline.codec import Poison
 
 STREAM_KEY = "@stream"
 """`partition_by` value that partitions by the stream key (one ordered lane per stream)."""

@@ -17,11 +17,11 @@ from typing import Any
 import msgspec
 from redis.asyncio import RedisCluster
 
-from replayd.commit import job_key, sendable
 from replayd.connection import Client, close_reads_client, reads_client, text, text_hash
 from replayd.errors import DecodeError
 from replayd.events import Event
 from replayd.handlers import Context, Handler, Tx, projection_prefix
+from replayd.pipeline.commit import job_key, sendable
 
 
 class DeadLetters:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable
 import anyio
 
 from replayd.events import format_id
-from replayd.progress import Stats
+from replayd.jobs.progress import Stats
 
 
 async def with_progress(stats: Stats, work: Awaitable[Stats]) -> Stats:

@@ -1,7 +1,7 @@
 """The one engine: source -> codec -> filters -> router -> lanes -> commit -> progress, in one task group.
 
 The daemon and every CLI command call `Engine.run`; `rebuild_in_place` wraps it the way the article's
-ProjectionRebuilder wraps its replayer, `replayd.rebuild` for rebuilds beside the live version.
+ProjectionRebuilder wraps its replayer, `replayd.jobs.rebuild` for rebuilds beside the live version.
 """
 
 from __future__ import annotations
@@ -19,26 +19,35 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from prometheus_client import Counter
 from redis.asyncio import RedisCluster
 
-from replayd.codec import Codec, Poison
-from replayd.commit import CheckpointStore, CommitRequest, Committer, Resume, Tally, Watermark, job_key, slot_of
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import Client, close_reads_client, is_retriable, reads_client, retrying, text_hash
-from replayd.deadletter import DeadLetters, poison_letter
 from replayd.errors import ConfigError, DataError, DecodeError, FencingError, ReplaydError, most_telling
 from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id, parse_id
-from replayd.filters import Predicate, build_filter
-from replayd.gaps import find_gap
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import load_handler, load_predicate
-from replayd.lanes import Feed, InFlight, Lanes, fewer_collections
-from replayd.lease import Lease
-from replayd.logs import current_job
-from replayd.metrics import JobView, Metrics
-from replayd.pacing import Pacer
-from replayd.progress import ProgressWriter, Stats
-from replayd.router import Routed, Router
-from replayd.source import IN_FLIGHT_READS, Batch, BatchSizer, StreamReader, head, redis_time_ms
-from replayd.versions import ProjectionFlipped, Versions
+from replayd.jobs.deadletter import DeadLetters, poison_letter
+from replayd.jobs.gaps import find_gap
+from replayd.jobs.lease import Lease
+from replayd.jobs.progress import ProgressWriter, Stats
+from replayd.jobs.versions import ProjectionFlipped, Versions
+from replayd.ops.logs import current_job
+from replayd.ops.metrics import JobView, Metrics
+from replayd.pipeline.codec import Codec, Poison
+from replayd.pipeline.commit import (
+    CheckpointStore,
+    CommitRequest,
+    Committer,
+    Resume,
+    Tally,
+    Watermark,
+    job_key,
+    slot_of,
+)
+from replayd.pipeline.filters import Predicate, build_filter
+from replayd.pipeline.lanes import Feed, InFlight, Lanes, fewer_collections
+from replayd.pipeline.pacing import Pacer
+from replayd.pipeline.router import Routed, Router
+from replayd.pipeline.source import IN_FLIGHT_READS, Batch, BatchSizer, StreamReader, head, redis_time_ms
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ First signal: every job stops reading, drains what is routed and commits, within
 past it, in-flight work is cancelled uncommitted (it will be replayed). Second signal: exit at once; the last
 commit holds, because each is one atomic script.
 
-With `[http] enabled` (the default) the daemon serves /metrics, /healthz (/livez) and /readyz (`replayd.http`)
+With `[http] enabled` (the default) the daemon serves /metrics, /healthz (/livez) and /readyz (`replayd.ops.http`)
 in its task group for as long as it runs, drain included; readiness is config valid + plugins loaded + Redis
 answering a PING every few seconds on a connection of its own (never "caught up").
 """
@@ -24,11 +24,11 @@ from redis.backoff import NoBackoff
 
 from replayd.config import RedisConfig, Settings
 from replayd.connection import Client, connection_options, create_redis
-from replayd.engine import Engine
 from replayd.errors import RestartJob
-from replayd.http import HttpServer, Readiness, watch_redis
-from replayd.logs import redact_text
-from replayd.metrics import Metrics
+from replayd.jobs.engine import Engine
+from replayd.ops.http import HttpServer, Readiness, watch_redis
+from replayd.ops.logs import redact_text
+from replayd.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from replayd.errors import DecodeError
 from replayd.events import Event
 
 if TYPE_CHECKING:
-    from replayd.router import Partitioner, Router
+    from replayd.pipeline.router import Partitioner, Router
 
 RawEntry = Sequence[Any]
 """An XRANGE/XREAD reply element as hiredis returns it: `[id, [field, value, field, value, ...]]`."""

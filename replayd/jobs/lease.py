@@ -11,10 +11,10 @@ import socket
 
 import anyio
 
-from replayd.commit import job_key
 from replayd.connection import Client, is_retriable
 from replayd.errors import FencingError
 from replayd.events import WHOLE, Shard
+from replayd.pipeline.commit import job_key
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Rebuilds beside the live version: write projection version N+1 from history, catch up, flip the alias.
 
 Readers and the live job keep using version N all along. The rebuild runs as its own job (`<job>@vN+1`, its
-own checkpoint), so a crash resumes it; `replayd.versions` holds the keys and the atomic flip.
+own checkpoint), so a crash resumes it; `replayd.jobs.versions` holds the keys and the atomic flip.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from redis.asyncio import RedisCluster
 
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import Client, retrying
-from replayd.engine import Engine
 from replayd.errors import ConfigError, ReplaydError
 from replayd.events import Id
 from replayd.handlers import Handler
 from replayd.handlers.loader import load_handler
-from replayd.metrics import Metrics
-from replayd.progress import Stats
-from replayd.versions import Versions, build_job, namespace
+from replayd.jobs.engine import Engine
+from replayd.jobs.progress import Stats
+from replayd.jobs.versions import Versions, build_job, namespace
+from replayd.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The operator surface: HTTP endpoints, Prometheus metrics, logs and the terminal console."""
