@@ -8,15 +8,16 @@ Hooks, when called:
 - `handle_batch(events, ctx)`: per lane batch instead of `handle`, for handlers that pipeline their own work.
 - `on_caught_up(ctx)`: once, when a following job first reaches the stream head it saw at start.
 - `shutdown(ctx)`: once, after the last commit of a run.
-Each may be sync or async. Sync plain functions run in a worker thread (they may block); sync `Projection`
-methods run on the event loop and must only queue writes on `ctx.tx` (make them async to await anything).
+Each may be sync or async. A sync plain function runs in a worker thread, a lane batch per thread call (it may
+block: the event loop and the other lanes go on meanwhile); sync `Projection` methods run on the event loop and
+must only queue writes on `ctx.tx` (make them async to await anything).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import chain
@@ -28,6 +29,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from replayd.errors import DecodeError, StopReplay
 from replayd.events import Event
+from replayd.handlers.upcast import Upcast, Upcasters
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +213,13 @@ class Outcome:
     """Events a field of which the handler read could not be decoded (also counted in `failed`)."""
 
 
+CATCH_ALL = "*"
+"""`@on("*")`: the method of every event type no other method of the projection handles."""
+
+
 def on(*event_types: str, replay: bool = True) -> Callable[[F], F]:
-    """Mark a Projection method as the handler of `event_types`. `replay=False` marks a side effect
-    (email, webhook) that must not run again for replayed history."""
+    """Mark a Projection method as the handler of `event_types` (`"*"`: every type no other method handles).
+    `replay=False` marks a side effect (email, webhook) that must not run again for replayed history."""
 
     def mark(func: F) -> F:
         func.__replayd_on__ = (event_types, replay)  # type: ignore[attr-defined]
@@ -227,6 +233,9 @@ class Projection:
 
     name: ClassVar[str] = ""
     partition_by: ClassVar[str | None] = None
+    upcasters: ClassVar[Upcasters | Mapping[tuple[str, int], Upcast] | None] = None
+    """Upcasters of the old versions of its event types (`replayd.handlers.upcast`): events reach its `@on`
+    methods, and the job's filters, in their newest shape."""
     writes_projection: ClassVar[bool] = True
     """It queues writes to its own keys (`ctx.key`) on `ctx.tx`. Under Redis Cluster such a job must be named after
     the projection (checked at start). False for handlers that write nothing there, or keys of their own naming
@@ -247,6 +256,9 @@ class Projection:
 
     @property
     def event_types(self) -> frozenset[str] | None:
+        """The `@on` types, which the job's filter keeps (None, every type, with an `@on("*")` method)."""
+        if CATCH_ALL in self._routes:
+            return None
         return frozenset(self._routes) or None
 
     async def startup(self, ctx: Context) -> None:
@@ -273,9 +285,14 @@ class Projection:
         # bound once per instance: the per-event dispatch is a dict lookup, not getattr
         return {kind: (getattr(self, attr), replay) for kind, (attr, replay) in self._routes.items()}
 
+    @cached_property
+    def _catch_all(self) -> tuple[Callable[[Event, Context], Any], bool] | None:
+        return self._bound.get(CATCH_ALL)
+
     def _dispatch(self, event: Event, ctx: Context) -> Any:
-        """Call the `@on` method of the event's type: None, or an awaitable for async methods."""
-        route = self._bound.get(event.event_type)
+        """Call the `@on` method of the event's type (else the `@on("*")` one): None, or an awaitable for async
+        methods."""
+        route = self._bound.get(event.event_type) or self._catch_all
         if route is None or (ctx.replaying and not route[1]):
             return None
         return route[0](event, ctx)
@@ -432,10 +449,53 @@ class FunctionHandler:
         """Functions have no hooks."""
 
     def handle_batch(self, events: Sequence[Event], ctx: Context) -> Coroutine[Any, Any, Outcome]:
-        return _each(events, ctx, self._call if self._async else self._in_thread)
+        return _each(events, ctx, self._call) if self._async else self._threaded(events, ctx)
+
+    async def _threaded(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        """A sync function on a lane batch: blocking code runs in a worker thread, so the event loop (and every
+        other lane) goes on meanwhile. One thread call runs the function on the events until one raises or waits
+        behind a dead letter (a thread hop per event cost 2-15x the work of a small function); that one takes
+        `_each`'s slow path here, on the loop, and the next thread call goes on after it."""
+        outcome = Outcome()
+        tx, policy = ctx.tx, ctx.failures
+        start = 0
+        while start < len(events):
+            index, mark, error = await anyio.to_thread.run_sync(self._until_error, events, start, ctx)
+            outcome.handled += index - start
+            if index == len(events):
+                break
+            event = events[index]
+            if error is None:
+                verdict = _parked(event, tx, policy, outcome)
+            else:
+                verdict = await _settle(event, ctx, self._in_thread, outcome, error, mark)
+            if verdict == "stopped":
+                outcome.stopped_at = index
+                break
+            if verdict == "stop":
+                outcome.failed_at = index
+                break
+            start = index if verdict is None else index + 1  # None: not parked after all, so it is called
+        return outcome
+
+    def _until_error(self, events: Sequence[Event], start: int, ctx: Context) -> tuple[int, int, Exception | None]:
+        """In a worker thread: call the function on `events[start:]` in order. Returns the index of the first
+        event that raised (with the length of `ctx.tx` before it and the error) or whose key waits behind a dead
+        letter (error None), else `len(events)`."""
+        call, tx, policy = self._call, ctx.tx, ctx.failures
+        for index in range(start, len(events)):
+            event = events[index]
+            if policy is not None and policy.parks and policy.parked_behind(event) is not None:
+                return index, len(tx.commands), None
+            mark = len(tx.commands)
+            try:
+                call(event, ctx)
+            except Exception as exc:  # noqa: BLE001 - StopReplay, poison or a retry: `_settle` says, on the loop
+                return index, mark, exc
+        return len(events), len(tx.commands), None
 
     def _in_thread(self, event: Event, ctx: Context) -> Awaitable[Any]:
-        # blocking code runs in a worker thread, so the event loop (and every other lane) goes on meanwhile
+        # a retry of one event (`_settle`): in a worker thread too, as it may block
         return anyio.to_thread.run_sync(self._call, event, ctx)
 
 
@@ -449,6 +509,7 @@ class ObjectHandler:
         types = getattr(obj, "event_types", None)
         self.event_types = frozenset(types) if types else None
         self.writes_projection = bool(getattr(obj, "writes_projection", True))
+        self.upcasters = getattr(obj, "upcasters", None)
         method = getattr(obj, "handle_batch", None) or getattr(obj, "handle", None)
         self.awaits = method is None or inspect.iscoroutinefunction(method)
         """Whether its event code may await (see `Projection.awaits`): an `async def` handle_batch or handle."""

@@ -4,6 +4,8 @@
 - `SleepPerEvent`: an I/O-bound handler (`await anyio.sleep(0.001)` per event) that records the order in which
   it saw the events' IDs, so the benchmark can check afterwards that per-key order was kept.
 - `Cpu`: a CPU-bound handler, about 50 µs of pure-Python work per event (for `--workers`).
+- `count_orders` and `CountOrders`: the same small projection (an order count per customer, queued on `ctx.tx`)
+  as a plain sync function and as a `Projection`, to compare what each form costs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from itertools import pairwise
 import anyio
 
 from replayd.events import Event, Id, parse_id
-from replayd.handlers import Context, Outcome
+from replayd.handlers import Context, Outcome, Projection, on
 
 PARTITION_BY = "customer_id"
 """Every benchmark handler partitions by customer, as the order_summary projection does."""
@@ -79,3 +81,19 @@ class Cpu:
         for _ in events:
             burn()
         return Outcome(handled=len(events))
+
+
+def count_orders(event: Event, ctx: Context) -> None:
+    """A plain sync function: one HINCRBY per event, committed with the checkpoint."""
+    ctx.tx.hincrby(ctx.key("customer", event.data["customer_id"]), "events", 1)
+
+
+class CountOrders(Projection):
+    """`count_orders` as a Projection (sync `@on("*")` method: called inline, no lanes)."""
+
+    name = "bench_count"
+    partition_by = PARTITION_BY
+
+    @on("*")
+    def count(self, event: Event, ctx: Context) -> None:
+        count_orders(event, ctx)

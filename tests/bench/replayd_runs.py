@@ -14,10 +14,10 @@ import msgspec
 
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import Client, create_redis
-from replayd.handlers import ObjectHandler
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.handlers import FunctionHandler, Handler, ObjectHandler
+from replayd.jobs.engine import Engine, clear_namespace, rebuild_in_place
 from tests.bench.core import PROJECTION, Sample, reset_job
-from tests.bench.handlers import PARTITION_BY, SleepPerEvent
+from tests.bench.handlers import PARTITION_BY, CountOrders, SleepPerEvent, count_orders
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,6 +57,37 @@ async def rebuild(cfg: RedisConfig, stream: str) -> Sample:
         return Sample(stats.total, seconds, {"processed": stats.processed, "failed": stats.failed})
     finally:
         await client.aclose()
+
+
+async def counted(cfg: RedisConfig, stream: str, form: str) -> Sample:
+    """The per-customer count as a plain sync `function` or as a `projection`, 16 partitions by customer, into
+    the same keys (cleared before each run)."""
+    handler: Handler = FunctionHandler(count_orders, CountOrders.name) if form == "function" else CountOrders()
+    spec = JobSpec(name=f"bench-count-{form}", streams=[stream], handler="tests.bench.handlers:CountOrders",
+                   end="now", resume=False, partition_by=PARTITION_BY)  # fmt: skip
+    client = create_redis(cfg)
+    try:
+        await reset_job(client, spec.name)
+        await clear_namespace(client, f"projection:{CountOrders.name}:*")
+        engine = Engine(spec, client, redis_cfg=cfg, handler=handler)
+        start = time.perf_counter()
+        stats = await engine.run()
+        seconds = time.perf_counter() - start
+        counted = await _counted(client, f"projection:{CountOrders.name}:*")
+    finally:
+        await client.aclose()
+    if counted != stats.total or stats.processed != stats.total:
+        raise AssertionError(f"{form}: {stats.processed} of {stats.total} events handled, {counted} counted")
+    return Sample(stats.total, seconds, {"processed": stats.processed})
+
+
+async def _counted(client: Client, pattern: str) -> int:
+    """The sum of the counts in the hashes matching `pattern`."""
+    keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hvals(key)
+    return sum(int(value) for values in await pipe.execute() for value in values)
 
 
 async def io_bound(cfg: RedisConfig, stream: str, partitions: int = 64) -> Sample:

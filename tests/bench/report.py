@@ -51,6 +51,8 @@ ROWS = [
     Row("sequential_io", "sequential loop, sleep 1 ms/event (peer)", "sequential loop"),
     Row("io_floor", "64 lanes of bare sleeps, nothing read (ceiling)", "I/O floor", "sequential_io"),
     Row("replayd_io_p64", "replayd sleep 1 ms/event, 64 partitions", "I/O P=64", "sequential_io", "io_floor"),
+    Row("count_projection", "replayd count per customer, a Projection (peer)", "Projection"),
+    Row("count_function", "replayd count per customer, a plain sync function", "plain function", "count_projection"),
     Row("workers_1", "replayd CPU-bound, --workers 1 (peer)", "workers 1"),
     Row("workers_2", "replayd CPU-bound, --workers 2", "workers 2", "workers_1"),
 ]
@@ -63,6 +65,7 @@ TARGETS = [
     Target("replayd_rebuild", "write_packed", 0.5),
     Target("replayd_io_p64", "sequential_io", 40),
     Target("workers_2", "workers_1", 1.7),
+    Target("count_function", "count_projection", 0.7),
 ]
 
 RSS_GROWTH_LIMIT_MB = 20.0
@@ -162,7 +165,7 @@ def render(summary: dict[str, Any], notes: list[str]) -> str:
         lines.append(f"{label:<48} {'not run' if value is None else f'{value:,.1f} MB':>11}")
     if rss.get("growth_mb") is not None:
         lines.append(f"{'peak RSS growth 100k → 10M':<48} {rss['growth_mb']:>8,.1f} MB")
-    lines += ["", "targets (issue 3):"]
+    lines += ["", "targets (issues 3 and 22):"]
     for target in summary["targets"]:
         ratio = target["ratio"]
         shown = "not measured" if ratio is None else (f"{ratio:.1f} MB" if "RSS" in target["target"] else _x(ratio))

@@ -37,6 +37,7 @@ MAIN = "bench:orders"
 REBUILD_PREFIX = "bench:orders:rebuild-prefix"
 IO = "bench:orders:io"
 CPU = "bench:orders:cpu"
+COUNT = "bench:orders:count"
 RSS_100K = "bench:orders:rss-100k"
 RSS_10M = "bench:orders:rss-10m"
 
@@ -62,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--io-events", type=int, default=20_000, help="events of the I/O-bound comparison")
     p.add_argument("--workers-events", type=int, default=200_000, help="events of the --workers comparison")
+    p.add_argument(
+        "--count-events", type=int, default=200_000, help="events of the plain function vs Projection comparison"
+    )
     p.add_argument("--rss-10m", action="store_true", help="also measure peak RSS on 10M events (slow to load)")
     p.add_argument("--json", default="bench-results.json", metavar="PATH", help="where to write all figures")
     p.add_argument("--profile", metavar="DIR", help="after the rounds, profile replayd runs with pyinstrument")
@@ -137,6 +141,7 @@ def load(client: redis.Redis, args: argparse.Namespace, *, workers: bool) -> dic
         MAIN: args.events,
         REBUILD_PREFIX: min(args.article_rebuild_events, args.events),
         IO: args.io_events,
+        COUNT: args.count_events,
         RSS_100K: 100_000,
     }
     if workers:
@@ -184,7 +189,11 @@ def plan(
         Step("sequential_io", args.io_events, lambda: run_async(partial(peers.sequential_io, cfg, IO))),
         Step("io_floor", args.io_events, lambda: run_async(partial(peers.lanes_floor, cfg, IO))),
         Step("replayd_io_p64", args.io_events, lambda: run_async(partial(replayd_runs.io_bound, cfg, IO))),
-    ]
+        Step("count_projection", args.count_events,
+             lambda: run_async(partial(replayd_runs.counted, cfg, COUNT, "projection"))),
+        Step("count_function", args.count_events,
+             lambda: run_async(partial(replayd_runs.counted, cfg, COUNT, "function"))),
+    ]  # fmt: skip
     if has_workers:
         steps += [
             Step(

@@ -1,0 +1,141 @@
+"""Handler forms: `@on("*")`, and plain sync functions run a lane batch per worker-thread call."""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from typing import Any
+
+import anyio
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from replayd import Context, Event, Projection, StopReplay, on
+from replayd.config import RedisConfig
+from replayd.handlers import FunctionHandler
+from tests.helpers import STREAM, add, checkpoint, entry, orders, run, spec
+
+pytestmark = pytest.mark.anyio
+
+
+class Tally(Projection):
+    """OrderCreated has a method of its own; every other type falls to `@on("*")`."""
+
+    name = "tally"
+
+    @on("OrderCreated")
+    def created(self, event: Event, ctx: Context) -> None:
+        ctx.tx.hincrby(ctx.key("count"), "created", 1)
+
+    @on("*")
+    def other(self, event: Event, ctx: Context) -> None:
+        ctx.tx.hincrby(ctx.key("count"), event.event_type, 1)
+
+
+async def test_catch_all_takes_every_type_no_other_method_handles(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    types = ["OrderCreated", "OrderShipped", "OrderCreated", "PaymentReceived", "OrderShipped", "Unheard"]
+    add(sync_redis, [entry(t) for t in types])
+    assert Tally().event_types is None  # the job's filter keeps every type
+    stats, _ = await run(spec(), raw_redis, redis_cfg, Tally())
+    assert (stats.processed, stats.skipped) == (6, 0)
+    counts = sync_redis.hgetall("projection:tally:count")
+    assert counts == {b"created": b"2", b"OrderShipped": b"2", b"PaymentReceived": b"1", b"Unheard": b"1"}
+
+
+thread_call: ContextVar[int] = ContextVar("thread_call", default=0)
+
+
+async def test_a_sync_function_runs_a_lane_batch_per_thread_call(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """Each worker-thread call runs in a fresh copy of the loop's context: a ContextVar the function sets is seen
+    by the next event only when both are in one thread call."""
+    ids = add(sync_redis, orders(300))
+    seen: list[int] = []
+
+    def count(event: Event) -> None:
+        seen.append(thread_call.get())
+        thread_call.set(thread_call.get() + 1)
+
+    stats, _ = await run(spec(partitions=1), raw_redis, redis_cfg, FunctionHandler(count, "count"))
+    assert stats.processed == len(ids) == len(seen)
+    calls = seen.count(0)
+    assert calls < len(ids) / 10, f"{calls} thread calls for {len(ids)} events"
+
+
+async def test_a_blocking_sync_function_blocks_neither_the_loop_nor_other_lanes(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """`time.sleep` in the function: the event loop goes on (a ticker's gaps stay short) and the four lanes sleep
+    at once (the run takes far less than the sum of the sleeps)."""
+    add(sync_redis, orders(40, customers=4))
+    sleep_s = 0.02
+
+    def slow(event: Event) -> None:
+        time.sleep(sleep_s)
+
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await anyio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        began = time.monotonic()
+        stats, _ = await run(spec(partition_by="customer_id"), raw_redis, redis_cfg, FunctionHandler(slow, "slow"))
+        took = time.monotonic() - began
+        tg.cancel_scope.cancel()
+    assert stats.processed == 40
+    assert took < 40 * sleep_s * 0.6, f"{took:.2f}s: the lanes did not sleep at once"
+    assert max(gaps) < 8 * sleep_s, f"the event loop stalled {max(gaps):.3f}s"
+
+
+async def test_a_sync_function_s_failures_and_stop_take_the_slow_path_in_a_batch(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """Within one thread call: the event that fails is retried, then skipped with its writes dropped; the events
+    after it are handled; StopReplay ends the run with its event committed."""
+    ids = add(sync_redis, orders(30))
+    attempts: dict[int, int] = {}
+
+    def write(event: Event, ctx: Context) -> None:
+        seq = event.data["seq"]
+        ctx.tx.sadd(ctx.key("seen"), seq)
+        if seq == 5:
+            attempts[seq] = attempts.get(seq, 0) + 1
+            raise RuntimeError("always")
+        if seq == 20:
+            raise StopReplay
+
+    job = spec(partitions=1, on_poison="skip", retries=2, retry_backoff_s=0.001)
+    stats, _ = await run(job, raw_redis, redis_cfg, FunctionHandler(write, "w"))
+    assert (stats.processed, stats.failed) == (20, 1)
+    assert attempts == {5: 3}
+    members: Any = sync_redis.smembers("projection:w:seen")
+    assert sorted(int(m) for m in members) == [s for s in range(21) if s != 5]
+    assert checkpoint(sync_redis)[f"{STREAM}#0"] == ids[20]
+
+
+async def test_a_sync_function_s_parked_key_waits_behind_its_dead_letter(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    add(sync_redis, [entry(data={"customer_id": c, "seq": i}) for i, c in enumerate("abababab")])
+    handled: list[int] = []
+
+    def fail_a2(event: Event) -> None:
+        if event.data["seq"] == 2:
+            raise RuntimeError("a's 2")
+        handled.append(event.data["seq"])
+
+    job = spec(partition_by="customer_id", partitions=1, on_poison="dead-letter", retries=0)
+    stats, _ = await run(job, raw_redis, redis_cfg, FunctionHandler(fail_a2, "f"))
+    assert handled == [0, 1, 3, 5, 7]  # a's 4 and 6 wait behind its 2
+    assert stats.dead_lettered == 3
