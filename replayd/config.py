@@ -245,6 +245,9 @@ class JobSpec(_Section):
     entity: str | None = Field(None, pattern=r"^[^:]+:.+$")
     where: list[str] = []
     filter: str | None = None
+    upcasters: str | None = None
+    """`package.module:attr`: an `Upcasters` (or a dict of (event type, version) -> function) for this job, in
+    place of the handler's own `upcasters`."""
     partition_by: str | None = None
     partitions: int = Field(16, ge=1, le=4096)
     concurrency: int = Field(16, ge=1)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from replayd.errors import StopReplay
 from replayd.events import Event
 from replayd.handlers import Context, Projection, on
+from replayd.handlers.upcast import Upcasters
 
 record_event_log: list[tuple[str, int]] = []
 """What `record_event` saw: (entry ID, thread ident)."""
@@ -114,3 +116,39 @@ class Notifier(Projection):
     @on("OrderShipped", replay=False)
     def notify(self, event: Event, ctx: Context) -> None:
         self.notified.append(event.stream_id)
+
+
+def order_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """OrderCreated v1 named its fields `order`, `customer`, and sent `amount` as text in dollars."""
+    if data.get("bad"):
+        raise ValueError("cannot read this order")
+    return {"order_id": data["order"], "customer_id": data["customer"], "amount": float(data["amount"])}
+
+
+def order_v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """v3 counts cents."""
+    amount = data.pop("amount")
+    return {**data, "total_cents": round(amount * 100)}
+
+
+ORDER_UPCASTERS = Upcasters({("OrderCreated", 1): order_v1_to_v2, ("OrderCreated", 2): order_v2_to_v3})
+"""OrderCreated v1 -> v2 -> v3 (version in `metadata.schema_version`, 1 when absent)."""
+
+
+class OrderTotals(Projection):
+    """Written for OrderCreated v3 only: older versions reach it upcast."""
+
+    name = "order_totals"
+    partition_by = "customer_id"
+    upcasters = ORDER_UPCASTERS
+
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+
+    @on("OrderCreated")
+    def created(self, event: Event, ctx: Context) -> None:
+        data = event.data
+        self.versions.append(event.metadata["schema_version"])
+        ctx.tx.hset(ctx.key("order", data["order_id"]), mapping={"customer": data["customer_id"],
+                                                                 "cents": data["total_cents"]})  # fmt: skip
+        ctx.tx.hincrby(ctx.key("customer", data["customer_id"]), "cents", data["total_cents"])

@@ -24,7 +24,8 @@ from replayd.connection import Client, close_reads_client, is_retriable, reads_c
 from replayd.errors import ConfigError, DataError, DecodeError, FencingError, ReplaydError, most_telling
 from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id, parse_id
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
-from replayd.handlers.loader import load_handler, load_predicate
+from replayd.handlers.loader import import_from_string, load_handler, load_predicate
+from replayd.handlers.upcast import Upcasters, as_upcasters
 from replayd.jobs.deadletter import DeadLetters, poison_letter
 from replayd.jobs.gaps import find_gap
 from replayd.jobs.lease import Lease
@@ -109,6 +110,7 @@ class Engine:
         self.caught_up = anyio.Event()
         self.store = CheckpointStore(redis, spec.name, spec.partitions, self.shard)
         self.filter = self._build_filter(spec.entity)
+        self.upcasters = self._load_upcasters()
         self.router = Router(
             spec.partitions,
             partition_by=spec.partition_by or self.handler.partition_by,
@@ -167,6 +169,12 @@ class Engine:
         )
         ctx.failures = self.dead_letters
         return ctx
+
+    def _load_upcasters(self) -> Upcasters | None:
+        """The job's `upcasters` setting, else the handler's own."""
+        if self.spec.upcasters:
+            return as_upcasters(import_from_string(self.spec.upcasters), f"upcasters {self.spec.upcasters!r}")
+        return as_upcasters(getattr(self.handler, "upcasters", None), f"handler {self.handler.name!r} upcasters")
 
     def _build_filter(self, entity: str | None) -> Predicate | None:
         spec = self.spec
@@ -538,6 +546,8 @@ class Engine:
                     await anyio.lowlevel.checkpoint()
                     began = time.perf_counter()
                     events, poison, parts = codec.decode(batch.entries)
+                    if self.upcasters is not None:  # before the filters: they see the newest shape too
+                        events, parts, poison = self._upcast(events, parts, poison)
                     routed = router.route(events, self.filter, skip, parts)
                     if not feed.inline:
                         self.sizer.observe_decode(len(batch.entries), time.perf_counter() - began)
@@ -564,6 +574,17 @@ class Engine:
                     del batch, events, poison, parts, routed
         finally:
             feed.close()
+
+    def _upcast(
+        self, events: list[Event], parts: dict[int, list[Event]] | None, poison: list[Poison]
+    ) -> tuple[list[Event], dict[int, list[Event]] | None, list[Poison]]:
+        """Upcast a decoded batch: an event whose upcaster raised is poison. When any `data` changed, the codec's
+        split by partition key (read from the stored `data`) is dropped: the router splits the batch again."""
+        assert self.upcasters is not None
+        kept, failed, changed = self.upcasters.apply(events)
+        if failed:
+            poison = [*poison, *map(Poison.of, failed)]
+        return kept, None if changed or failed else parts, poison
 
     def _pace_from(self, routed: Routed) -> float | None:
         """The timestamp playback at the original pace starts a batch from (None: not paced)."""
