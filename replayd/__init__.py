@@ -1,10 +1,17 @@
-"""replayd: an event-replay daemon for Redis Streams."""
+"""replayd: an event-replay daemon for Redis Streams.
+
+The plugin contract (`Projection`, `on`, `Event`, `Context`, `Upcasters`, `StopReplay`) and the Python API
+(`replay`, `Replay`, `run`); `replayd.testing` runs a projection over a list of events in a test.
+"""
 
 from __future__ import annotations
 
+from replayd.api import Replay, job_spec, replay, run
 from replayd.errors import ConfigError, DataError, ReplaydError, StopReplay
 from replayd.events import Event
 from replayd.handlers import Context, Handler, Outcome, Projection, Tx, on
+from replayd.handlers.upcast import Upcasters
+from replayd.jobs.progress import Stats
 
 __version__ = "0.1.0"
 
@@ -16,9 +23,15 @@ __all__ = [
     "Handler",
     "Outcome",
     "Projection",
+    "Replay",
     "ReplaydError",
+    "Stats",
     "StopReplay",
     "Tx",
+    "Upcasters",
     "__version__",
+    "job_spec",
     "on",
+    "replay",
+    "run",
 ]

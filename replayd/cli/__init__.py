@@ -20,6 +20,7 @@ import redis.exceptions
 from pydantic import ValidationError
 
 from replayd import __version__
+from replayd.api import Replay
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import Client, create_redis, is_retriable, text, text_hash
 from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
@@ -396,14 +397,13 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     spec = _replay_spec(args, settings)
     if args.dry_run:
         return await _dry_run(spec, settings)
-    async with _client(settings) as client:
-        metrics = Metrics()
-        engine = Engine(spec, client, redis_cfg=settings.redis, metrics=metrics)
-        work = with_progress(engine.stats, engine.run())
-        if args.metrics_port is not None:
-            work = _serving_metrics(args, settings, metrics, work)
-        _, code = await _drained_on_signals(engine.stop, work, settings)
-    print(summary("replayed", engine.stats), file=sys.stderr)  # stdout belongs to handlers writing data (jsonl_dump)
+    metrics = Metrics()
+    replay = Replay(spec, settings.redis, metrics=metrics)
+    work = with_progress(replay.stats, replay.run())
+    if args.metrics_port is not None:
+        work = _serving_metrics(args, settings, metrics, work)
+    _, code = await _drained_on_signals(replay.stop, work, settings)
+    print(summary("replayed", replay.stats), file=sys.stderr)  # stdout belongs to handlers writing data (jsonl_dump)
     return code
 
 

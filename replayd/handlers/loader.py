@@ -58,20 +58,24 @@ def resolve(spec: str) -> Any:
 
 def load_handler(spec: str) -> Handler:
     """A Projection class or instance, a function, or an object with handle/handle_batch."""
-    obj = resolve(spec)
-    name = spec.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    return as_handler(resolve(spec), spec.rsplit(":", 1)[-1].rsplit(".", 1)[-1], where=f"handler {spec!r}")
+
+
+def as_handler(obj: Any, name: str, *, where: str = "handler") -> Handler:
+    """`obj` as the engine calls it: a Projection (a class is instantiated), a function, or an object with
+    handle/handle_batch (named `name` unless it has a `name`)."""
     if inspect.isclass(obj):
         try:
             obj = obj()
         except Exception as exc:
-            raise ConfigError(f"handler {spec!r}: cannot instantiate {obj.__name__}: {exc}") from exc
-    if isinstance(obj, Projection):
+            raise ConfigError(f"{where}: cannot instantiate {obj.__name__}: {exc}") from exc
+    if isinstance(obj, Projection | FunctionHandler | ObjectHandler):
         return obj
     if hasattr(obj, "handle") or hasattr(obj, "handle_batch"):
         return ObjectHandler(obj, name)
     if callable(obj):
         return FunctionHandler(obj, name)
-    raise ConfigError(f"handler {spec!r}: {type(obj).__name__} is not a Projection, function or handler object")
+    raise ConfigError(f"{where}: {type(obj).__name__} is not a Projection, function or handler object")
 
 
 def load_predicate(spec: str) -> Callable[[Event], bool]:
