@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import atexit
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -96,8 +97,7 @@ class Harness:
 
     def run_sync(self, handler: object, events: Sequence[EventLike], **options: Any) -> Written:
         """`run` from sync code (not from inside a running event loop: await `run` there)."""
-        work: Callable[[], Awaitable[Written]] = lambda: self.run(handler, events, **options)  # noqa: E731
-        result: Written = anyio.run(work)
+        result: Written = anyio.run(partial(self.run, handler, events, **options))
         return result
 
 

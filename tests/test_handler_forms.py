@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from replayd import Context, Event, Projection, StopReplay, on
 from replayd.config import RedisConfig
 from replayd.handlers import FunctionHandler
-from tests.helpers import STREAM, add, checkpoint, entry, orders, run, spec
+from tests.helpers import STREAM, add, checkpoint, engine, entry, orders, run, spec, wait_until
 from tests.plugins import Recorder
 
 pytestmark = pytest.mark.anyio
@@ -147,3 +147,30 @@ async def test_a_sync_function_s_parked_key_waits_behind_its_dead_letter(
     stats, _ = await run(job, raw_redis, redis_cfg, FunctionHandler(fail_a2, "f"))
     assert handled == [0, 1, 3, 5, 7]  # a's 4 and 6 wait behind its 2
     assert stats.dead_lettered == 3
+
+
+async def test_a_sync_function_stopped_mid_run_resumes_without_losing_or_doubling_writes(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """A stop lands while the function runs in a worker thread: that batch is left uncommitted, and the next run
+    handles it again; what its `ctx.tx` queued commits once."""
+    add(sync_redis, orders(60))
+    calls: list[int] = []
+
+    def slow(event: Event, ctx: Context) -> None:
+        time.sleep(0.005)
+        calls.append(event.data["seq"])
+        ctx.tx.rpush(ctx.key("seen"), event.data["seq"])
+
+    job = spec(partitions=2, partition_by="customer_id", batch_size=10)
+    first = engine(job, raw_redis, redis_cfg, FunctionHandler(slow, "slow"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.run)
+        await wait_until(lambda: len(calls) >= 15)
+        first.stop()
+    assert first.stats.status == "stopped"
+    assert first.stats.processed < 60
+    await run(job.model_copy(update={"start": "checkpoint"}), raw_redis, redis_cfg, FunctionHandler(slow, "slow"))
+    seen: Any = sync_redis.lrange("projection:slow:seen", 0, -1)
+    assert sorted(int(s) for s in seen) == list(range(60))
+    assert set(calls) == set(range(60))

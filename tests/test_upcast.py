@@ -10,8 +10,9 @@ import redis
 from redis.asyncio import Redis
 
 from replayd.config import RedisConfig
-from replayd.errors import ConfigError
+from replayd.errors import ConfigError, DataError
 from replayd.handlers.upcast import Upcasters
+from replayd.jobs.engine import Engine
 from replayd.pipeline.router import Partitioner
 from tests.helpers import STREAM, add, checkpoint, entry, run, spec
 from tests.plugins import OrderTotals, Recorder, order_v1_to_v2, order_v2_to_v3
@@ -113,3 +114,29 @@ async def test_the_version_field_is_configurable(
     recorder.upcasters = Upcasters({("OrderCreated", 1): lambda d: {**d, "n": d["n"] * 10}}, version="data.v")  # type: ignore[attr-defined]
     await run(spec(), raw_redis, redis_cfg, recorder)
     assert [e.data for e in recorder.events] == [{"v": 2, "n": 10}, {"v": 2, "n": 2}]
+
+
+async def test_under_on_poison_stop_an_upcaster_s_error_stops_the_job_after_the_events_before_it(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    ids = add(sync_redis, [*mixed_history()[:2], entry(data={"bad": True}), *mixed_history()[2:]])
+    projection = OrderTotals()
+    with pytest.raises(DataError, match=f"entry orders {ids[2]} cannot be decoded.*upcaster of OrderCreated v1") as e:
+        await run(spec(partition_by=None), raw_redis, redis_cfg, projection)
+    assert e.value.exit_code == 65
+    assert projection.versions == [3, 3]
+    assert checkpoint(sync_redis)[f"{STREAM}#*"] == ids[1]
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("tests.nowhere:UPCASTERS", "cannot import module"),
+        ("tests.plugins:Recorder", "expected an Upcasters or a dict of"),
+    ],
+)
+async def test_a_job_s_upcasters_that_cannot_be_used_are_a_config_error(
+    path: str, message: str, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Engine(spec(upcasters=path), raw_redis, redis_cfg=redis_cfg, handler=OrderTotals())
