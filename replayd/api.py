@@ -125,12 +125,24 @@ async def replay(
     return await Replay(spec, url, handler=None if isinstance(handler, str) else handler).run()
 
 
-async def run(settings: Settings | str | Path | None = None, *, handle_signals: bool = False) -> None:
-    """Run every job of `settings` (a `Settings`, a config file's path, or None for `REPLAYD_CONFIG` and the
-    environment) in this process, as `replayd run` does, until they end. Cancel the calling task, or pass
-    `handle_signals=True` to drain on SIGTERM/SIGINT as the daemon does (main thread only)."""
+async def run(
+    settings: Settings | str | Path | None = None,
+    *,
+    jobs: Sequence[str] | None = None,
+    handle_signals: bool = False,
+) -> None:
+    """Run the jobs of `settings` (a `Settings`, a config file's path, or None for `REPLAYD_CONFIG` and the
+    environment) in this process, as `replayd run` does, until they end: all of them, or those `jobs` names.
+    Cancel the calling task to stop them, or pass `handle_signals=True` to drain on SIGTERM/SIGINT as the daemon
+    does (main thread only)."""
     if not isinstance(settings, Settings):
         settings = load_settings(str(settings) if settings is not None else None)
+    if jobs is not None:
+        unknown = sorted(set(jobs) - {job.name for job in settings.jobs})
+        if unknown:
+            raise ConfigError(f"no job named {', '.join(unknown)} in the settings (their jobs: "
+                              f"{', '.join(job.name for job in settings.jobs) or 'none'})")  # fmt: skip
+        settings = settings.model_copy(update={"jobs": [job for job in settings.jobs if job.name in jobs]})
     if not settings.jobs:
         raise ConfigError("no jobs configured: add [[jobs]] tables to the config file (see config.example.toml)")
     await Daemon(settings, handle_signals=handle_signals).run()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import pytest
 import redis
@@ -81,6 +83,24 @@ async def test_run_runs_a_daemon_s_jobs_in_process(sync_redis: redis.Redis, redi
     assert checkpoint(sync_redis, "order_totals_job")[f"{STREAM}#*"] == stream_ids(sync_redis)[-1]
 
 
-async def test_run_without_jobs_is_a_config_error() -> None:
+async def test_run_runs_the_jobs_it_names(sync_redis: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    add(sync_redis, orders(3))
+    config = tmp_path / "replayd.toml"
+    config.write_text(
+        f'[redis]\nurl = "{redis_url}"\n[http]\nenabled = false\n'
+        + "".join(
+            f'[[jobs]]\nname = "{name}"\nstreams = ["{STREAM}"]\nhandler = "tests.plugins:Recorder"\nend = "now"\n'
+            for name in ("one", "two")
+        )
+    )
+    with anyio.fail_after(20):
+        await replayd.run(config, jobs=["two"])
+    assert checkpoint(sync_redis, "two")
+    assert not checkpoint(sync_redis, "one")
+
+
+async def test_run_without_jobs_or_with_an_unknown_one_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="no jobs configured"):
         await replayd.run(Settings())
+    with pytest.raises(ConfigError, match="no job named nope in the settings"):
+        await replayd.run(Settings(jobs=[JobSpec(name="one", streams=[STREAM], handler="x:y")]), jobs=["nope"])
