@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from replayd.config import JobSpec, RedisConfig
+from replayd.embedded import free_port
 from replayd.jobs.engine import Engine, rebuild_in_place
 from replayd.sample import load_history_sync
 from tests.helpers import order_summaries
@@ -124,3 +130,57 @@ async def test_shards_starting_over_keep_each_others_checkpoints(
     entries: Any = sync_redis.xrange(STREAM)
     handled = sum(1 for _, fields in entries if fields[b"event_type"].startswith(b"Order"))
     assert sum(engine.stats.processed for engine in engines) == handled
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - http://127.0.0.1 only
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.timeout(120)
+def test_workers_share_one_listener_whose_health_reflects_every_worker(
+    redis_url: str, sync_redis: redis.Redis, tmp_path: Path
+) -> None:
+    """`run --workers 2` with HTTP on (the default config): one listener on the configured port serves both
+    workers' metrics (labelled worker="0" and "1") and fails /healthz naming a worker whose loop does not answer."""
+    load_history_sync(sync_redis, STREAM, 500)
+    port = free_port()
+    path = tmp_path / "replayd.toml"
+    path.write_text(
+        f'[redis]\nurl = "{redis_url}"\nblock_ms = 100\n[http]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[[jobs]]\nname = "orders"\nstreams = ["{STREAM}"]\nhandler = "order_summary"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
+    supervisor = subprocess.Popen(replayd_cmd("run", "--config", str(path), "--workers", "2"), env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not all(sync_redis.hget(f"replayd:{{orders}}:progress:{i}/2", "status") == b"live" for i in range(2)):
+            assert supervisor.poll() is None, f"exited {supervisor.returncode}: a worker could not bind?"
+            assert time.monotonic() < deadline, "workers did not go live"
+            time.sleep(0.1)
+        status, body = _get(f"{url}/healthz")
+        assert status == 200 and json.loads(body)["workers"] == {"0": 200, "1": 200}, body
+        assert _get(f"{url}/readyz")[0] == 200
+        families = {f.name: f for f in text_string_to_metric_families(_get(f"{url}/metrics")[1])}
+        live = {
+            s.labels["worker"] for s in families["replayd_state"].samples if s.labels["state"] == "live" and s.value
+        }
+        assert live == {"0", "1"}
+        owner: Any = sync_redis.hget("replayd:{orders}:progress:1/2", "owner")
+        worker = int(owner.decode().rsplit(":", 1)[1])
+        os.kill(worker, signal.SIGSTOP)  # its loop and its listener stop answering
+        try:
+            status, body = _get(f"{url}/healthz")
+            assert status == 503 and "worker 1: no answer" in body, body
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert _get(f"{url}/healthz")[0] == 200
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=30) == 0
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()

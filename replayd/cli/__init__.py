@@ -256,7 +256,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             print(f"replayd {__version__}")
             return 0
         if getattr(args, "workers", None) is not None:
-            return _supervise(args, argv)
+            return _supervise(args, argv, settings)
         return _run_async(args.func, args, settings)
     except KeyboardInterrupt:
         return 130
@@ -264,12 +264,21 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return _report(exc)
 
 
-def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
+def _supervise(args: argparse.Namespace, argv: list[str], settings: Settings) -> int:
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     if args.shard:
         raise UsageError("--workers assigns shards itself: drop --shard")
-    return Supervisor(without_workers(argv), args.workers).run()
+    return Supervisor(without_workers(argv), args.workers, _listen(args, settings)).run()
+
+
+def _listen(args: argparse.Namespace, settings: Settings) -> tuple[str, int] | None:
+    """The address the command serves /metrics, /healthz and /readyz on, if it does."""
+    if getattr(args, "metrics_port", None) is not None:
+        return args.metrics_host, int(args.metrics_port)
+    if args.command == "run" and settings.http.enabled:
+        return settings.http.host, settings.http.port
+    return None
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -26,6 +26,7 @@ from replayd.config import RedisConfig, Settings
 from replayd.connection import Client, connection_options, create_redis
 from replayd.errors import RestartJob
 from replayd.jobs.engine import Engine
+from replayd.jobs.workers import announce, listener_address
 from replayd.ops.http import HttpServer, Readiness, watch_redis
 from replayd.ops.logs import redact_text
 from replayd.ops.metrics import Metrics
@@ -148,9 +149,12 @@ async def start_http(
     port: int,
     stall_after_s: float = 10.0,
 ) -> int:
-    """Serve /metrics, /healthz and /readyz in `tg` and keep `readiness.redis_ok` fresh; return the bound port."""
+    """Serve /metrics, /healthz and /readyz in `tg` and keep `readiness.redis_ok` fresh; return the bound port.
+    A `--workers` worker serves on a free loopback port, which it announces to the supervisor's listener."""
+    host, port = listener_address(host, port)
     server = HttpServer(metrics, readiness, host=host, port=port, stall_after_s=stall_after_s)
     bound: int = await tg.start(server.run)
+    announce(bound)
     tg.start_soon(ping_redis, readiness, redis_cfg)
     shown = f"[{host}]" if ":" in host else host
     logger.info("serving /metrics /healthz /readyz on http://%s:%d", shown, bound)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import hiredis
@@ -23,8 +23,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
+    generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 STATES = ("starting", "catching_up", "live", "stalled", "paused", "draining", "stopped")
@@ -211,6 +213,31 @@ def job_state(job: JobView) -> str:
         if lagging and beat and time.time() - beat > STALL_AFTER_S:
             return "stalled"
     return status if status in STATES else "starting"
+
+
+def merge_expositions(expositions: Mapping[str, str], label: str) -> bytes:
+    """Several processes' /metrics as one exposition: each sample gains `label="<its key>"` (so no two series
+    collide), and each family keeps one HELP and TYPE line with the samples of every process under it."""
+    families: dict[str, Metric] = {}
+    for value, text in expositions.items():
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type, family.unit)
+            )
+            merged.samples.extend(sample._replace(labels={**sample.labels, label: value}) for sample in family.samples)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    """Metric families already collected (parsed from other processes' expositions)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
 
 
 def _build() -> dict[str, str]:
