@@ -16,6 +16,7 @@ import redis
 
 from replayd.sample import load_history_sync
 from tests.helpers import order_summaries, wait_for
+from tests.servers import RedisServer
 
 STREAM = "events:orders"
 
@@ -82,6 +83,34 @@ def test_second_signal_exits_at_once(
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=5)
     assert proc.returncode == 130
+
+
+def test_stop_with_redis_hung_fits_in_shutdown_timeout(
+    tmp_path: Path, fresh_server: RedisServer, processes: list[subprocess.Popen[str]]
+) -> None:
+    """1. live  2. Redis hung (SIGSTOP)  3. SIGTERM  4. exit 0 within shutdown_timeout_s (a container's stop grace:
+    past it comes SIGKILL), the final progress write's and the lease release's time-outs logged."""
+    client = fresh_server.client()
+    load_history_sync(client, STREAM, 200)
+    config = write_config(tmp_path, fresh_server.url)
+    config.write_text("shutdown_timeout_s = 6\n" + config.read_text())
+    proc = start_daemon(config)
+    processes.append(proc)
+    wait_for(lambda: progress(client).get(b"status") == b"live", proc=proc)
+    assert fresh_server.proc is not None
+    fresh_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        took = time.monotonic() - began
+    finally:
+        fresh_server.proc.send_signal(signal.SIGCONT)
+    assert proc.returncode == 0, stderr
+    assert took < 6 + 1, f"stopped {took:.1f} s after SIGTERM (shutdown_timeout_s 6)"
+    timed_out = [line for line in stderr.splitlines() if "timed out" in line]
+    assert any("final progress hash write" in line for line in timed_out), stderr[-3000:]
+    assert any("lease" in line for line in timed_out), stderr[-3000:]
 
 
 @pytest.mark.timeout(180)

@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from replayd.config import RedisConfig, Settings
 from replayd.connection import Client, connection_options, create_redis
 from replayd.errors import RestartJob
-from replayd.jobs.engine import Engine
+from replayd.jobs.engine import CLOSING_S, Engine
 from replayd.jobs.workers import announce, listener_address
 from replayd.ops.http import HttpServer, Readiness, watch_redis
 from replayd.ops.logs import redact_text
@@ -118,8 +118,10 @@ async def drain_on_signals(
     stop: Callable[[], None], scope: anyio.CancelScope, timeout_s: float, received: list[int] | None = None
 ) -> None:
     """The first SIGTERM or SIGINT calls `stop` (stop reading, drain what is routed, commit) and, should that take
-    longer than `timeout_s`, cancels `scope`: in-flight work is then left uncommitted, to be replayed. A second
-    signal exits at once with 128 + its number. The first signal's number is appended to `received`.
+    longer than `timeout_s` less the `CLOSING_S` each job's final progress write and lease release may take, cancels
+    `scope`: in-flight work is then left uncommitted, to be replayed, and the whole stop still fits in `timeout_s`
+    (a container's stop grace). A second signal exits at once with 128 + its number. The first signal's number is
+    appended to `received`.
 
     Explicit handlers rather than asyncio's default Ctrl-C (which cancels the main task, and a cancellation
     meeting one of anyio's own cancel scopes can be absorbed by it): the stop is a drain, whatever runs then."""
@@ -127,9 +129,11 @@ async def drain_on_signals(
         signum = await anext(signals)
         if received is not None:
             received.append(signum)
-        logger.info("%s: draining, up to %.0fs", signal.Signals(signum).name, timeout_s)
+        drain_s = max(timeout_s - CLOSING_S, 0.0)  # the final writes' share first: a stop never overruns
+        logger.info("%s: draining, up to %.0fs (then %.0fs for the final writes)", signal.Signals(signum).name,
+                    drain_s, timeout_s - drain_s)  # fmt: skip
         stop()
-        with anyio.move_on_after(timeout_s):
+        with anyio.move_on_after(drain_s):
             async for again in signals:
                 logger.warning("second %s: exiting now", signal.Signals(again).name)
                 for handler in logging.getLogger().handlers:

@@ -52,6 +52,12 @@ from replayd.pipeline.source import IN_FLIGHT_READS, Batch, BatchSizer, StreamRe
 
 logger = logging.getLogger(__name__)
 
+FINAL_WRITE_S = 2.0
+"""How long each of a run's last two steps may take: the progress hash's final write (with the handler's
+shutdown), then the lease's release. Together they are what `drain_on_signals` keeps of `shutdown_timeout_s`
+after the drain, so a stop fits in it even with Redis not answering (a container's stop grace, then SIGKILL)."""
+CLOSING_S = 2 * FINAL_WRITE_S
+
 
 @dataclass
 class _Plan:
@@ -221,12 +227,15 @@ class Engine:
         try:
             return await self._run_leased()
         finally:
-            with anyio.move_on_after(5, shield=True):
+            with anyio.move_on_after(FINAL_WRITE_S, shield=True) as release:
                 try:  # through a Redis restart: a lease left behind holds the next run back for its TTL
-                    await retrying(self.lease.release, what="lease", budget_s=4, metrics=self.metrics)
+                    await retrying(self.lease.release, what="lease", budget_s=FINAL_WRITE_S, metrics=self.metrics)
                 except Exception as exc:  # noqa: BLE001 - a lease not released expires by itself
                     logger.warning("lease %s not released (%s): it expires in %.0fs", self.lease.key, exc,
                                    self.spec.lease_ttl_s)  # fmt: skip
+            if release.cancelled_caught:
+                logger.warning("lease %s release timed out after %.0fs (Redis did not answer): it expires in %.0fs",
+                               self.lease.key, FINAL_WRITE_S, self.spec.lease_ttl_s)  # fmt: skip
 
     async def _run_leased(self) -> Stats:
         if self.on_leased is not None:
@@ -242,11 +251,15 @@ class Engine:
             self.stats.status = "stopped" if self.stop_requested.is_set() else "failed"
             raise
         finally:
-            with anyio.move_on_after(5, shield=True):
+            with anyio.move_on_after(FINAL_WRITE_S, shield=True) as final:
                 self.stats.completed_at = time.time()
                 elapsed = self.stats.completed_at - self.stats.started_at
                 await self.progress.write(rate=self.stats.total / elapsed if elapsed > 0 else 0.0)
                 await self.handler.shutdown(ctx)
+            if final.cancelled_caught:
+                logger.warning("final progress hash write (%s) and handler shutdown timed out after %.0fs: the hash "
+                               "keeps the status last written until the job runs again",
+                               self.progress.key, FINAL_WRITE_S)  # fmt: skip
         return self.stats
 
     async def _prepare(self) -> None:

@@ -50,7 +50,7 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = 20_000
 CUSTOMERS = 50
-SHUTDOWN_TIMEOUT_S = 6.0
+SHUTDOWN_TIMEOUT_S = 8.0
 
 
 def log(message: str) -> None:
