@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ import redis
 from redis.asyncio import Redis
 
 from replayd.config import JobSpec, RedisConfig, Settings
+from replayd.embedded import free_port
 from replayd.jobs.daemon import Daemon
 from replayd.jobs.engine import Engine, rebuild_in_place
 from replayd.jobs.rebuild import Rebuild
@@ -30,6 +32,7 @@ from replayd.sample import load_history_sync, order_events
 from tests.article import order_summary_rebuilder
 from tests.helpers import as_text, replayd, snapshot, spawn_replayd, stream_ids, wait_for, wait_until
 from tests.servers import RedisServer
+from tests.test_http import fetch, samples
 
 STREAM = "events:orders"
 NAME = "order_summary"
@@ -380,3 +383,37 @@ async def test_an_in_place_rebuild_clears_nothing_before_it_holds_the_lease(
         assert rebuild.stats.status == "starting"
     assert rebuild.stats.status == "completed"
     assert version_of(sync_redis, 0) == before
+
+
+@pytest.mark.parametrize("command", [["rebuild"], ["rebuild", "--in-place"], ["verify"]])
+def test_one_shot_rebuilds_serve_metrics_while_they_run(
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, command: list[str]
+) -> None:
+    """`rebuild` / `verify --metrics-port P` (a Kubernetes Job is scraped while it runs): /metrics says
+    replayd_rebuild_running 1 and the head it runs to, /healthz answers; the command then ends as usual."""
+    load_history_sync(sync_redis, STREAM, 3000)
+    path = tmp_path / "replayd.toml"
+    path.write_text(
+        f'[redis]\nurl = "{redis_url}"\n[[jobs]]\nname = "order_summary"\nstreams = ["{STREAM}"]\n'
+        'handler = "order_summary"\nrate_limit = 1500\n'
+    )
+    port = free_port()
+    proc = spawn_replayd(*command, "--config", str(path), "--job", "order_summary", "--metrics-port", str(port))
+    try:
+
+        def rebuilding() -> bool:
+            try:
+                parsed = samples(fetch(port, "/metrics").body.decode())
+            except OSError:
+                return False
+            running = [labels for (name, labels), v in parsed.items() if name == "replayd_rebuild_running" and v == 1]
+            return bool(running) and any(name == "replayd_rebuild_target_timestamp_seconds" for name, _ in parsed)
+
+        wait_for(rebuilding, proc=proc)
+        assert fetch(port, "/healthz").status == 200
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == (1 if command == ["verify"] else 0), stderr  # verify: no live projection to equal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -30,7 +30,6 @@ from replayd.jobs.daemon import Daemon, drain_on_signals, start_http
 from replayd.jobs.deadletter import Letters
 from replayd.jobs.engine import Engine, rebuild_in_place
 from replayd.jobs.plan import dry_run, dry_run_spec, plan
-from replayd.jobs.progress import Stats
 from replayd.jobs.rebuild import Rebuild
 from replayd.jobs.verify import verify
 from replayd.jobs.versions import Versions, namespace
@@ -107,15 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser(
         "replay", parents=[common, scale, selection], help="one-shot replay of a range into a handler"
     )
-    replay.add_argument(
-        "--metrics-port",
-        type=_port,
-        metavar="PORT",
-        help="serve /metrics, /healthz and /readyz on this port while the replay runs (0: any free port)",
-    )
-    replay.add_argument(
-        "--metrics-host", default="127.0.0.1", metavar="HOST", help="address for --metrics-port (default 127.0.0.1)"
-    )
+    _metrics_arguments(replay)
     replay.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     replay.set_defaults(func=cmd_replay)
 
@@ -129,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rebuild", parents=[common], help="rebuild a projection from history as a new version, then flip readers to it"
     )
     _job_arguments(rebuild)
+    _metrics_arguments(rebuild)
     rebuild.add_argument(
         "--in-place", action="store_true", help="the article's way: clear the live keys, then replay into them"
     )
@@ -145,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", parents=[common], help="rebuild into a shadow version and diff it against the current one"
     )
     _job_arguments(verify)
+    _metrics_arguments(verify)
     verify.add_argument("--keep", action="store_true", help="keep the shadow version (the next rebuild flips to it)")
     verify.add_argument("--show", type=int, default=10, metavar="N", help="print the first N differences")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
@@ -213,6 +206,19 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
     return port
+
+
+def _metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help=f"serve /metrics, /healthz and /readyz on this port while the {parser.prog.split()[-1]} runs "
+        "(0: any free port)",
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST", help="address for --metrics-port (default 127.0.0.1)"
+    )
 
 
 def _job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -408,9 +414,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         return await _dry_run(spec, settings)
     metrics = Metrics()
     replay = Replay(spec, settings.redis, metrics=metrics)
-    work = with_progress(replay.stats, replay.run())
-    if args.metrics_port is not None:
-        work = _serving_metrics(args, settings, metrics, work)
+    work = _serving_metrics(args, settings, metrics, with_progress(replay.stats, replay.run()))
     _, code = await _drained_on_signals(replay.stop, work, settings)
     print(summary("replayed", replay.stats), file=sys.stderr)  # stdout belongs to handlers writing data (jsonl_dump)
     return code
@@ -436,16 +440,16 @@ async def _within(scope: anyio.CancelScope, work: Awaitable[T]) -> T | None:
     return None
 
 
-async def _serving_metrics(
-    args: argparse.Namespace, settings: Settings, metrics: Metrics, work: Awaitable[Stats]
-) -> Stats:
-    """Await `work` while /metrics, /healthz and /readyz are served on --metrics-host:--metrics-port."""
+async def _serving_metrics(args: argparse.Namespace, settings: Settings, metrics: Metrics, work: Awaitable[T]) -> T:
+    """Await `work`, while /metrics, /healthz and /readyz are served on --metrics-host:--metrics-port if given."""
+    if args.metrics_port is None:
+        return await work
     readiness = Readiness(config_ok=True, plugins_loaded=True)  # the engine is built: its plugins loaded
     async with anyio.create_task_group() as tg:
         await start_http(tg, metrics, readiness, settings.redis, host=args.metrics_host, port=args.metrics_port)
-        stats = await work
+        result = await work
         tg.cancel_scope.cancel()
-    return stats
+    return result
 
 
 def _rebuild_name(args: argparse.Namespace) -> dict[str, str]:
@@ -461,17 +465,18 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     spec = job_from_args(args, settings, one_shot=one_shot)
     if args.dry_run:
         return await _dry_run(spec, settings, next_version=not args.in_place)
+    metrics = Metrics()
     async with _client(settings) as client:
         if args.in_place:
-            engine = Engine(spec, client, redis_cfg=settings.redis)
-            work = with_progress(engine.stats, rebuild_in_place(engine))
+            engine = Engine(spec, client, redis_cfg=settings.redis, metrics=metrics)
+            work = _serving_metrics(args, settings, metrics, with_progress(engine.stats, rebuild_in_place(engine)))
             _, code = await _drained_on_signals(engine.stop, work, settings)
             done = "stopped rebuilding" if code else "rebuilt"
             print(summary(f"{done} projection:{engine.handler.name} from", engine.stats), file=sys.stderr)
             return code
-        rebuild = Rebuild(spec, client, redis_cfg=settings.redis)
-        result, code = await _drained_on_signals(rebuild.stop, rebuild.run(retain_s=spec.retain_old_s,
-                                                                          watch=with_progress), settings)  # fmt: skip
+        rebuild = Rebuild(spec, client, redis_cfg=settings.redis, metrics=metrics)
+        run = _serving_metrics(args, settings, metrics, rebuild.run(retain_s=spec.retain_old_s, watch=with_progress))
+        result, code = await _drained_on_signals(rebuild.stop, run, settings)
         built, old = namespace(rebuild.handler.name, rebuild.version), result[1] if result else None
         if old is None:  # stopped before the flip
             if rebuild.engines:
@@ -488,10 +493,13 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     spec = job_from_args(args, settings, one_shot=_rebuild_name(args))
     async with _client(settings) as client:
-        rebuild = Rebuild(spec, client, redis_cfg=settings.redis)
+        metrics = Metrics()
+        rebuild = Rebuild(spec, client, redis_cfg=settings.redis, metrics=metrics)
         # a signal cancels at once: what the shadow committed stays (a kept one resumes), nothing else is worth a drain
         scope = anyio.CancelScope()
-        work = _within(scope, verify(rebuild, keep=args.keep, show=args.show))
+        work = _within(
+            scope, _serving_metrics(args, settings, metrics, verify(rebuild, keep=args.keep, show=args.show))
+        )
         diff, code = await _drained_on_signals(scope.cancel, work, settings)
     if diff is None:
         kept = "kept (`replayd rebuild` resumes it)" if args.keep else "deleted"

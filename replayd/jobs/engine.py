@@ -731,6 +731,7 @@ async def rebuild_in_place(engine: Engine) -> Stats:
         await redis.unlink(job_key(engine.spec.name, "checkpoint"), engine.progress.key)
 
     engine.on_leased = clear
+    engine.view.rebuild_targets = engine.stats.target  # replayd_rebuild_running, _target_timestamp_seconds
     stats = await engine.run()
     if stats.status == "stopped":  # stopped part way: not rebuilt (the next run starts over)
         return stats

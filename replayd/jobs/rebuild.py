@@ -90,6 +90,7 @@ class Rebuild:
         )  # fmt: skip
         engine = Engine(spec, self.redis, redis_cfg=self.redis_cfg, handler=self.handler, metrics=self.metrics,
                         version=self.version, ends=ends)  # fmt: skip
+        engine.view.rebuild_targets = engine.stats.target  # replayd_rebuild_running, _target_timestamp_seconds
         self.engines.append(engine)
         if self.stopped:
             engine.stop()

@@ -48,7 +48,8 @@ class JobView:
     retention: dict[str, int] = field(default_factory=dict)
     last_progress: dict[str, float] = field(default_factory=dict)
     inflight: Callable[[], int] = lambda: 0
-    rebuild_target: tuple[int, int] | None = None
+    rebuild_targets: dict[str, tuple[int, int] | None] | None = None
+    """A rebuild's: the end of each stream it runs to (filled as it plans); None for any other job."""
 
 
 class Metrics:
@@ -165,9 +166,12 @@ class JobCollector(Collector):
             for name in STATES:
                 state.add_metric([job.replay, name], 1.0 if name == current else 0.0)
             inflight.add_metric([job.replay], job.inflight())
-            rebuilding.add_metric([job.replay], 1.0 if job.rebuild_target and current != "stopped" else 0.0)
-            if job.rebuild_target:
-                target.add_metric([job.replay], job.rebuild_target[0] / 1000)
+            ends = [end for end in dict(job.rebuild_targets or {}).values() if end is not None]
+            rebuilding.add_metric(
+                [job.replay], 1.0 if job.rebuild_targets is not None and current != "stopped" else 0.0
+            )
+            if ends:
+                target.add_metric([job.replay], max(ends)[0] / 1000)
         return [checkpoint, head, lag, lag_entries, retention, progress, state, inflight, rebuilding, target]
 
     @staticmethod
