@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint mypy format bench all clean
+.PHONY: run test lint mypy format bench all clean container-test
 
 $(BIN)/replayd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ format: $(BIN)/replayd
 
 bench: $(BIN)/replayd  ## throughput and memory figures (not part of `make test`); BENCH_ARGS=--rss-10m adds 10M
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+container-test: $(BIN)/replayd  ## build the image with podman, run it against a loopback Redis (root; ~3 min)
+	UV_VERSION=$(UV_VERSION) $(BIN)/python -m tests.container.check_image
 
 all: lint mypy test
 

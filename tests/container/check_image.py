@@ -113,16 +113,17 @@ def build(base: str) -> None:
             conf = Path(tmp) / "pip.conf"
             conf.write_text("[global]\ncert = /run/secrets/pip-ca.crt\n")
             secrets = ["--secret", f"id=pip.conf,src={conf}", "--secret", f"id=pip-ca.crt,src={HOST_CA}"]
+        uv = os.environ.get("UV_VERSION")  # the Makefile's pin, else the Dockerfile's default
         podman(
             "build", "--format", "docker", "--network", "host", *LIMITS, "--build-arg", f"PYTHON_IMAGE={base}",
-            *secrets, "-t", IMAGE, str(ROOT), timeout=900,
+            *(["--build-arg", f"UV_VERSION={uv}"] if uv else []), *secrets, "-t", IMAGE, str(ROOT), timeout=900,
         )  # fmt: skip
 
 
 def check_image() -> None:
-    config = json.loads(podman("image", "inspect", IMAGE).stdout)[0]["Config"]
-    assert config["User"] == "10001:10001", config["User"]
-    assert config.get("Healthcheck", {}).get("Test"), "no HEALTHCHECK in the image (built without --format docker?)"
+    inspected = json.loads(podman("image", "inspect", IMAGE).stdout)[0]
+    assert inspected["Config"]["User"] == "10001:10001", inspected["Config"]["User"]
+    assert (inspected.get("Healthcheck") or {}).get("Test"), "no HEALTHCHECK in the image (an OCI-format build?)"
     leftovers = podman(
         "run", "--rm", *LIMITS, "--entrypoint", "sh", IMAGE, "-c",
         "ls -d /app/.venv/bin/pip* /app/.venv/lib/python3*/site-packages/pip /run/secrets /opt/tools 2>/dev/null;"
