@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -184,3 +185,47 @@ def test_workers_share_one_listener_whose_health_reflects_every_worker(
     finally:
         if supervisor.poll() is None:
             supervisor.kill()
+
+
+@pytest.mark.timeout(120)
+def test_workers_and_their_listener_stop_when_the_supervisor_is_killed(
+    redis_url: str, sync_redis: redis.Redis, tmp_path: Path
+) -> None:
+    """SIGKILL the supervisor of `run --workers 2`: the workers drain (their progress says stopped) and the
+    listener frees the port, rather than running on as orphans that hold the port against the next start."""
+    load_history_sync(sync_redis, STREAM, 200)
+    port = free_port()
+    path = tmp_path / "replayd.toml"
+    path.write_text(
+        f'[redis]\nurl = "{redis_url}"\nblock_ms = 100\n[http]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[[jobs]]\nname = "orders"\nstreams = ["{STREAM}"]\nhandler = "order_summary"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
+    supervisor = subprocess.Popen(replayd_cmd("run", "--config", str(path), "--workers", "2"), env=env)
+    statuses = [f"replayd:{{orders}}:progress:{i}/2" for i in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        while not (all(sync_redis.hget(key, "status") == b"live" for key in statuses) and _serving(port)):
+            assert supervisor.poll() is None and time.monotonic() < deadline, "workers did not go live"
+            time.sleep(0.1)
+        supervisor.kill()
+        supervisor.wait()
+        deadline = time.monotonic() + 20
+        while any(sync_redis.hget(key, "status") != b"stopped" for key in statuses) or _serving(port):
+            assert time.monotonic() < deadline, "workers or listener outlived their supervisor"
+            time.sleep(0.1)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        for key in statuses:  # orphans left by a failure: their owners' PIDs
+            owner: Any = sync_redis.hget(key, "owner")
+            if owner and sync_redis.hget(key, "status") != b"stopped":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(owner.decode().rsplit(":", 1)[1]), signal.SIGKILL)
+
+
+def _serving(port: int) -> bool:
+    try:
+        return _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    except OSError:
+        return False

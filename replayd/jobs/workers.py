@@ -17,6 +17,7 @@ series labelled `worker="i"`), and its /healthz and /readyz pass only when they 
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import logging
@@ -47,6 +48,8 @@ WORKER_TIMEOUT_S = 2.0
 answer fails the probe with its reason rather than the probe timing out."""
 LISTENER = -1
 """The listener's key in `Supervisor.codes`."""
+PR_SET_PDEATHSIG = 1
+"""prctl(2)'s option: the signal the kernel sends a process when its parent dies."""
 
 _announce_to: tuple[int, int] | None = None
 """In a worker with HTTP: (the pipe to the listener, the worker's index); None in any other process."""
@@ -79,6 +82,7 @@ class Supervisor:
         self.codes: dict[int, int] = {}
         self.restarts: dict[int, deque[float]] = {i: deque(maxlen=RESTARTS) for i in range(workers)}
         self.signals = 0
+        self.pid = os.getpid()
         self.listener: int | None = None
         """The listener's process ID, while it runs."""
         self.ports = -1
@@ -88,7 +92,7 @@ class Supervisor:
         argv = [*self.args, "--shard", f"{index}/{self.workers}"]
         pid = _fork()
         if pid == 0:  # pragma: no cover - the worker (coverage does not follow forks)
-            _worker(argv, (self.ports, index) if self.listen else None)
+            _worker(argv, (self.ports, index) if self.listen else None, self.pid)
         self.pids[index] = pid
         logger.info("worker %d/%d started (pid %d)", index, self.workers, pid)
 
@@ -98,7 +102,7 @@ class Supervisor:
         pid = _fork()
         if pid == 0:  # pragma: no cover - the listener (coverage does not follow forks)
             os.close(self.ports)
-            _listener(WorkersHttp(read, self.workers, host=host, port=port))
+            _listener(WorkersHttp(read, self.workers, host=host, port=port), self.pid)
         os.close(read)
         self.listener = pid
 
@@ -166,7 +170,21 @@ def _fork() -> int:
     return os.fork()
 
 
-def _worker(argv: list[str], announce_to: tuple[int, int] | None) -> None:  # pragma: no cover - a forked worker
+def _stop_with(supervisor: int) -> None:
+    """Have the kernel SIGTERM this process (a drain, for a worker) when the supervisor dies, SIGKILLed say, so
+    neither workers nor the listener (holding the HTTP port) outlive it. Linux; elsewhere they would."""
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(  # pragma: no cover - a forked worker
+    argv: list[str], announce_to: tuple[int, int] | None, supervisor: int
+) -> None:
     """Run the command as one shard and exit with its code; never returns into the supervisor's loop."""
     global _announce_to
     code = 70
@@ -174,6 +192,7 @@ def _worker(argv: list[str], announce_to: tuple[int, int] | None) -> None:  # pr
         os.setsid()  # a session of its own: a terminal's Ctrl-C reaches only the supervisor
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _stop_with(supervisor)
         _announce_to = announce_to
         from replayd.cli import run_cli  # here: cli imports this module
 
@@ -184,14 +203,15 @@ def _worker(argv: list[str], announce_to: tuple[int, int] | None) -> None:  # pr
         os._exit(code)
 
 
-def _listener(server: WorkersHttp) -> None:  # pragma: no cover - the forked listener
+def _listener(server: WorkersHttp, supervisor: int) -> None:  # pragma: no cover - the forked listener
     """Serve until the supervisor's SIGTERM (the default action: nothing to drain); exit 78 if it cannot bind."""
     code = 70
     try:
         os.setsid()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops it once the workers are done
-        anyio.run(server.run)
+        _stop_with(supervisor)
+        anyio.run(_serve, server)
     except ConfigError as exc:
         print(f"replayd: {exc}", file=sys.stderr)
         code = exc.exit_code
@@ -201,6 +221,12 @@ def _listener(server: WorkersHttp) -> None:  # pragma: no cover - the forked lis
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+async def _serve(server: WorkersHttp) -> None:
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.run)
+        logger.info("serving /metrics /healthz /readyz of %d workers on %s:%d", server.workers, server.host, port)
 
 
 class WorkersHttp(HttpServer):
@@ -215,7 +241,6 @@ class WorkersHttp(HttpServer):
         self._ports: dict[int, int] = {}
         self._unread = b""
         self._lock = threading.Lock()  # requests are served from threads of their own
-        logger.info("serving /metrics /healthz /readyz of %d workers on %s:%d", workers, host, port)
 
     def worker_ports(self) -> dict[int, int]:
         """Worker index -> the port it serves on, from the lines read so far (a restarted worker's replaces)."""
