@@ -183,7 +183,7 @@ def write_config(directory: Path, redis_url: str, *, rate_limit: int) -> Path:
     path = directory / "replayd.toml"
     path.write_text(
         f'shutdown_timeout_s = {SHUTDOWN_TIMEOUT_S}\nlog_format = "text"\n\n[redis]\nurl = "{redis_url}"\n'
-        'socket_timeout_s = 3.0\nblock_ms = 500\n\n[http]\nhost = "127.0.0.1"\n\n'
+        'block_ms = 500\n\n[http]\nhost = "127.0.0.1"\n\n'
         '[[jobs]]\nname = "order_summary"\nstreams = ["events:orders"]\nhandler = "order_summary"\n'
         f'end = "follow"\nrate_limit = {rate_limit}\nprogress_interval_s = 0.2\nlease_ttl_s = 5.0\n'
     )
