@@ -44,11 +44,12 @@ WORKDIR /src
 # .dockerignore admits only what the build needs: pyproject.toml, uv.lock, README.md (the package's
 # readme), replayd/ and the healthcheck.
 COPY pyproject.toml uv.lock README.md ./
-# The locked versions with their hashes, exactly: `uv export --frozen` fails if uv.lock is out of date
-# with pyproject.toml and never resolves anything afresh. pip installs them (it honours the pip config
-# secret: a private index, a CA), then the package itself without its dependencies.
+# The locked versions with their hashes, exactly: `uv export --locked --offline` fails if uv.lock is out
+# of date with pyproject.toml and never resolves anything afresh. pip installs them (it honours the pip
+# config secret: a private index, a CA), then the package itself without its dependencies.
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca.crt \
-    /opt/tools/bin/uv export --frozen --no-dev --no-emit-project --format requirements-txt -o /tmp/requirements.txt \
+    /opt/tools/bin/uv export --locked --offline --no-dev --no-emit-project --format requirements-txt \
+       -o /tmp/requirements.txt \
     && /opt/tools/bin/pip --python /app/.venv/bin/python install --no-cache-dir --require-hashes --no-deps \
        -r /tmp/requirements.txt
 COPY replayd ./replayd
