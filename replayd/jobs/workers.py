@@ -13,6 +13,9 @@ in a process of its own forked first (so the supervisor stays free of threads, w
 restart later does not mix with). Each worker serves its own /metrics, /healthz and /readyz on a free loopback
 port and writes `index port` into a pipe the listener reads; the listener's /metrics merges the workers' (each
 series labelled `worker="i"`), and its /healthz and /readyz pass only when they pass in every worker.
+
+Should the supervisor die (SIGKILL), the kernel sends the workers (which drain) and the listener SIGTERM (Linux's
+PR_SET_PDEATHSIG), so none of them runs on as an orphan holding its lease or the HTTP port.
 """
 
 from __future__ import annotations
