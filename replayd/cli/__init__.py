@@ -269,7 +269,7 @@ def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError("--workers must be at least 1")
     if args.shard:
         raise UsageError("--workers assigns shards itself: drop --shard")
-    return Supervisor(without_workers(argv), args.workers).run()
+    return Supervisor(run_cli, without_workers(argv), args.workers).run()
 
 
 def _settings(args: argparse.Namespace) -> Settings:

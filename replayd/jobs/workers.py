@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from types import FrameType
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,11 @@ RESTART_WINDOW_S = 60.0
 
 
 class Supervisor:
-    def __init__(self, args: list[str], workers: int) -> None:
+    """Runs `command(args + ["--shard", "i/K"])` in K forked workers; `command` is the CLI's entry point, passed in
+    (not imported: the CLI imports this module)."""
+
+    def __init__(self, command: Callable[[list[str]], int], args: list[str], workers: int) -> None:
+        self.command = command
         self.args = args
         self.workers = workers
         self.pids: dict[int, int] = {}
@@ -44,7 +49,7 @@ class Supervisor:
         gc.freeze()  # the collector in the worker then leaves the inherited objects' pages alone (shared, not copied)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the worker (coverage does not follow forks)
-            _worker(argv)
+            _worker(self.command, argv)
         self.pids[index] = pid
         logger.info("worker %d/%d started (pid %d)", index, self.workers, pid)
 
@@ -85,16 +90,14 @@ class Supervisor:
         self._spawn(index)
 
 
-def _worker(argv: list[str]) -> None:  # pragma: no cover - runs in the forked worker
+def _worker(command: Callable[[list[str]], int], argv: list[str]) -> None:  # pragma: no cover - in the worker
     """Run the command as one shard and exit with its code; never returns into the supervisor's loop."""
     code = 70
     try:
         os.setsid()  # a session of its own: a terminal's Ctrl-C reaches only the supervisor
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        from replayd.cli import run_cli  # here: cli imports this module
-
-        code = run_cli(argv)
+        code = command(argv)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

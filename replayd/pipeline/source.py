@@ -12,9 +12,9 @@ from typing import Any, NamedTuple
 from anyio.streams.memory import MemoryObjectSendStream
 
 from replayd.connection import Client, OwnConnection, connects, count_received, retrying
-from replayd.events import Id, format_id, parse_id
+from replayd.events import Id, Poison, format_id, parse_id
 from replayd.ops.metrics import Metrics
-from replayd.pipeline.codec import Poison, RawEntry
+from replayd.pipeline.codec import RawEntry
 
 
 class Batch(NamedTuple):
