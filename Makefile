@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint mypy format bench all clean
+.PHONY: run test lint mypy format bench docs all clean
 
 $(BIN)/replayd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,10 @@ format: $(BIN)/replayd
 bench: $(BIN)/replayd  ## throughput and memory figures (not part of `make test`); BENCH_ARGS=--rss-10m adds 10M
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
+docs: $(BIN)/replayd  ## the docs site, from docs/ into site/ (open site/index.html); fails on a broken link
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 all: lint mypy test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info site

@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _hold_mmap_threshold() -> None:
     """Keep glibc's malloc mapping blocks of 4 MiB and more on their own, returned to the system when freed. By
     default its threshold rises to the largest block freed, and after one big reply (a 16 MB entry) buffers of
-    that size come from the heap and stay in RSS (FAULTS T21). Lower, every 1 MiB socket read would be a mapping
+    that size come from the heap and stay in RSS (fault matrix T21). Lower, every 1 MiB socket read would be a mapping
     of its own (+25 % CPU on a no-op replay at 128 KiB). Nothing to do where malloc is not glibc's."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

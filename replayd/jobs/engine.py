@@ -279,7 +279,7 @@ class Engine:
 
     async def _refuse_lost_checkpoint(self) -> None:
         """A job that has run (its progress hash is there) but whose checkpoint is gone would silently start
-        over from its start position: refuse that unless asked to (FAULTS.md T30)."""
+        over from its start position: refuse that unless asked to (fault matrix T30)."""
         spec = self.spec
         if not spec.resume or spec.allow_reset:
             return

@@ -53,7 +53,7 @@ class Metrics:
     """All of replayd's metrics on one registry (a fresh one unless given: tests and embedding stay isolated)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call] # the `_created` series only add cardinality here (OPERATIONS.md)
+        disable_created_metrics()  # type: ignore[no-untyped-call] # the `_created` series only add cardinality here (docs/operations.md)
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)
