@@ -9,26 +9,31 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import difflib
 import json
 import logging
+import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
 import redis.exceptions
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from replayd import __version__
 from replayd.api import Replay
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import Client, create_redis, is_retriable, text, text_hash
 from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
-from replayd.events import format_id, parse_id, parse_shard
+from replayd.events import format_id, parse_end, parse_id, parse_shard, parse_start
+from replayd.handlers.builtin import jsonl_dump, republish
 from replayd.handlers.loader import load_handler
 from replayd.jobs.daemon import Daemon, drain_on_signals, start_http
 from replayd.jobs.deadletter import Letters
 from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.lease import lease_key
 from replayd.jobs.plan import dry_run, dry_run_spec, plan
 from replayd.jobs.progress import Stats
 from replayd.jobs.rebuild import Rebuild
@@ -52,6 +57,8 @@ T = TypeVar("T")
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CONFIG = 78
+EX_PIPE = 128 + 13
+"""Stdout's reader went away: what a shell reports for a command that SIGPIPE ended (`yes | head -1`)."""
 DRY_RUN = "run filters and handlers but discard their writes; report what they would write"
 
 
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--workers", type=int, metavar="K", help="run K processes as shards 0/K ... K-1/K")
 
     parser = argparse.ArgumentParser(prog="replayd", description="Event replay for Redis Streams.")
+    parser.add_argument("--version", action="version", version=f"replayd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -187,7 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=None)
+    for command in commands.choices.values():
+        command.set_defaults(usage=command)
     return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; an option the command does not know is reported with that command's usage, not replayd's."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.usage.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _shard(text: str) -> str:
@@ -245,13 +263,14 @@ def _hold_mmap_threshold() -> None:
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         settings = _settings(args)
         setup_logging(
             getattr(args, "log_level", None) or settings.log_level,
             getattr(args, "log_format", None) or settings.log_format,
         )
+        _warn_unknown_environment(os.environ)
         if args.command == "version":
             print(f"replayd {__version__}")
             return 0
@@ -262,6 +281,32 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
         return _report(exc)
+
+
+OTHER_ENVIRONMENT = {"REPLAYD_CONFIG", "REPLAYD_REDIS_SERVER", jsonl_dump.PATH_ENV, republish.STREAM_ENV,
+                     republish.MAXLEN_ENV, republish.DEDUPE_ENV}  # fmt: skip
+"""`REPLAYD_*` variables read outside the settings: the config file's path, the embedded server, built-in handlers."""
+
+
+def known_environment() -> set[str]:
+    """Every `REPLAYD_*` name replayd reads: `REPLAYD_<SETTING>`, `REPLAYD_<SECTION>__<KEY>`, and the others."""
+    names = set(OTHER_ENVIRONMENT)
+    for name, field in Settings.model_fields.items():
+        names.add(f"REPLAYD_{name.upper()}")
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            names |= {f"REPLAYD_{name.upper()}__{key.upper()}" for key in section.model_fields}
+    return names
+
+
+def _warn_unknown_environment(environ: Mapping[str, str]) -> None:
+    """A mistyped variable (`REPLAYD_REDIS_URL`, one underscore) would be ignored, and replayd would silently use
+    a default such as localhost: say so, naming the variable meant."""
+    known = known_environment()
+    for name in sorted(n for n in environ if n.startswith("REPLAYD_") and n.upper() not in known):
+        meant = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f": did you mean {meant[0]}?" if meant else " (settings are REPLAYD_<SECTION>__<KEY>)"
+        print(f"replayd: warning: ignoring {name}, which is not a replayd variable{hint}", file=sys.stderr)
 
 
 def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
@@ -288,9 +333,22 @@ def _run_async(
     return result
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout's reader went away (`replayd dlq list JOB | head -1`): then stdout is pointed at /dev/null,
+    so the interpreter's last flush does not fail again."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
+    return False
+
+
 def _report(exc: BaseException) -> int:
     """Turn an error into one line on stderr and an exit code; a traceback only for our own bugs."""
     error = most_telling(exc)
+    if isinstance(error, BrokenPipeError) and _stdout_closed():
+        return EX_PIPE
     if isinstance(error, ReplaydError):
         print(f"replayd: {error}", file=sys.stderr)
         return error.exit_code
@@ -365,12 +423,36 @@ def _replay_spec(args: argparse.Namespace, settings: Settings) -> JobSpec:
         one_shot["rate_limit"] = args.rate_limit
     if args.speed is not None:
         one_shot["speed"] = args.speed
+    _check_range(args.after or start, args.end, after=bool(args.after))
     return job_from_args(args, settings, one_shot=one_shot)
+
+
+def _check_range(start: str, end: str, *, after: bool) -> None:
+    """Refuse a range that ends before it starts (it would replay nothing and exit 0): two IDs or times, or two
+    ages. Text that does not parse is left to the JobSpec's validation, which names the flag."""
+    try:
+        first, last = parse_start(start, after=after), parse_end(end)
+    except ValueError:
+        return
+    if (first.kind == last.kind == "id" and first.id >= last.id) or (
+        first.kind == last.kind == "age" and first.age_ms < last.age_ms
+    ):
+        raise UsageError(f"--{'after' if after else 'from'} {start} is not before --to {end}: the range is empty")
+
+
+async def _require_streams(client: Client, spec: JobSpec) -> None:
+    """A one-shot command on a stream that does not exist would replay nothing and exit 0: most often a typo."""
+    if spec.end == "follow":
+        return  # following waits for the stream to appear
+    for stream in spec.streams:
+        if not await client.exists(stream):
+            raise UsageError(f"stream {stream!r} does not exist in Redis: check its name (--stream)")
 
 
 async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     spec = _replay_spec(args, settings)
     async with _client(settings) as client:
+        await _require_streams(client, spec)
         report = await plan(Engine(spec, client, redis_cfg=settings.redis))
     if args.json:
         print(json.dumps(report, indent=2))
@@ -397,6 +479,8 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     spec = _replay_spec(args, settings)
     if args.dry_run:
         return await _dry_run(spec, settings)
+    async with _client(settings) as client:
+        await _require_streams(client, spec)
     metrics = Metrics()
     replay = Replay(spec, settings.redis, metrics=metrics)
     work = with_progress(replay.stats, replay.run())
@@ -440,8 +524,9 @@ async def _serving_metrics(
 
 
 def _rebuild_name(args: argparse.Namespace) -> dict[str, str]:
-    """An ad-hoc rebuild works on the projection's own job (named after the handler), not a `replay-` one."""
-    return {"name": _default_name(args.handler).removeprefix("replay-")} if not args.job and args.handler else {}
+    """An ad-hoc rebuild works on the projection's own job, named after the projection (`OrderSummary`'s job is
+    `order_summary`, the name its keys and a daemon job of it use), not a `replay-` one."""
+    return {"name": load_handler(args.handler).name} if not args.job and args.handler else {}
 
 
 async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
@@ -453,6 +538,7 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     if args.dry_run:
         return await _dry_run(spec, settings, next_version=not args.in_place)
     async with _client(settings) as client:
+        await _require_streams(client, spec)
         if args.in_place:
             engine = Engine(spec, client, redis_cfg=settings.redis)
             work = with_progress(engine.stats, rebuild_in_place(engine))
@@ -503,6 +589,7 @@ async def _dry_run(spec: JobSpec, settings: Settings, *, next_version: bool = Fa
     tally, handler = Tally(), load_handler(spec.handler)
     async with _client(settings) as client:
         # what a rebuild would write is the version after the current one
+        await _require_streams(client, spec)
         version = await Versions(client, handler.name).current() + 1 if next_version else None
         trial = Engine(dry_run_spec(spec), client, redis_cfg=settings.redis, handler=handler, version=version,
                        discard=tally)  # fmt: skip
@@ -553,19 +640,39 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     for job, state in report.items():
         for shard, progress in [("", state["progress"]), *state["shards"].items()]:
             if progress or (not shard and not state["shards"]):
-                print(f"{job}{f' shard {shard}' if shard else ''}: {_progress_line(progress)}")
+                owner = state["owners"].get(shard)
+                print(f"{job}{f' shard {shard}' if shard else ''}: {_progress_line(progress, owner)}")
         for stream, position in state["positions"].items():
             print(f"  {stream}: position {position}")
     return 0
 
 
-def _progress_line(progress: dict[str, str]) -> str:
+RUNNING = ("starting", "catching_up", "live", "paused", "stalled", "draining")
+"""Progress statuses of a job that runs: shown with whether an owner still holds its lease."""
+
+
+def _progress_line(progress: dict[str, str], owner: str | None) -> str:
+    status = progress.get("status", "never run" if not progress else "?")
+    if status in RUNNING:
+        status += f" (owner {owner})" if owner else " (no owner holds the lease: not running, last seen so)"
     return (
-        f"{progress.get('status', 'never run' if not progress else '?')}  processed "
+        f"{status}  processed "
         f"{progress.get('processed_events', 0)}  failed {progress.get('failed_events', 0)}  "
         f"{progress.get('events_per_second', '0')} ev/s  {progress.get('percent', '0')}%  "
-        f"at {progress.get('current_stream_id', '-')}"
+        f"at {progress.get('current_stream_id', '-')}{_updated(progress)}"
     )
+
+
+def _updated(progress: dict[str, str]) -> str:
+    """When the progress hash was last written, as an ISO time (it stores epoch seconds)."""
+    try:
+        return f"  updated {_iso(float(progress['updated_at']))}"
+    except (KeyError, ValueError):
+        return ""
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 async def _job_names(client: Client) -> list[str]:
@@ -583,7 +690,18 @@ async def _job_state(client: Client, job: str) -> dict[str, Any]:
         name = text(key).removeprefix(job_key(job, "progress")).removeprefix(":") or "all"
         shards[name] = text_hash(await client.hgetall(key))
     progress = shards.pop("all", {})
-    return {"progress": progress, "shards": shards, "checkpoint": checkpoint, "positions": _positions(checkpoint)}
+    return {"progress": progress, "shards": shards, "checkpoint": checkpoint, "positions": _positions(checkpoint),
+            "owners": await _owners(client, job)}  # fmt: skip
+
+
+async def _owners(client: Client, job: str) -> dict[str, str]:
+    """Lease key suffix ("" for an unsharded job, else the shard) -> the owner holding it: who runs the job now."""
+    owners = {}
+    async for key in client.scan_iter(match=lease_key(job) + "*", count=100):
+        token = await client.get(key)
+        if token is not None:
+            owners[text(key).removeprefix(lease_key(job)).removeprefix(":")] = text(token)
+    return owners
 
 
 def _positions(checkpoint: dict[str, str]) -> dict[str, str]:
@@ -600,6 +718,9 @@ async def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 for field, value in sorted(fields.items()):
                     print(f"{field}\t{value}")
+            if not fields:
+                print(f"replayd: job {args.job!r} has no checkpoint ({key} is absent; `replayd status` lists the "
+                      "jobs in Redis)", file=sys.stderr)  # fmt: skip
             return 0 if fields else 1
         if args.action == "reset":
             _confirm(args, f"delete {key}: job {args.job} replays from its start position next run")
@@ -647,6 +768,10 @@ async def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
         keys = [key async for key in client.scan_iter(match=job_key(args.job, "progress") + "*")]
         if not keys:
             raise UsageError(f"no job {args.job!r} in Redis (it has no progress hash)")
+        if args.command == "pause" and not await _owners(client, args.job):
+            print(f"replayd: job {args.job!r} is not running (no instance holds its lease): nothing to pause",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         for key in keys:
             if args.command == "pause":
                 await client.hset(key, "paused", "1")
@@ -673,6 +798,9 @@ async def _dlq(args: argparse.Namespace, settings: Settings, letters: Letters) -
             print(json.dumps([{"dlq_id": i, **f} for i, f in shown], indent=2))
         for entry_id, fields in [] if args.json else shown:
             print(_letter_line(entry_id, fields) if args.action == "list" else _letter_text(entry_id, fields))
+        if not shown and args.action == "show":
+            print(f"replayd: no dead letter {' '.join(args.ids)} in job {args.job!r}: `replayd dlq list {args.job}` "
+                  "shows the letters' IDs (the first column, not the entry's stream ID)", file=sys.stderr)  # fmt: skip
         return 0 if shown or args.action == "list" else 1
     if args.action == "discard":
         ids = [i for i, _ in entries] if args.all else args.ids
