@@ -13,9 +13,11 @@ import difflib
 import json
 import logging
 import os
+import select
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -25,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from replayd import __version__
 from replayd.api import Replay
 from replayd.config import JobSpec, Settings, describe, load_settings
-from replayd.connection import Client, create_redis, is_retriable, text, text_hash
+from replayd.connection import Client, create_redis, is_retriable, retrying, text, text_hash
 from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
 from replayd.events import format_id, parse_end, parse_id, parse_shard, parse_start
 from replayd.handlers.builtin import jsonl_dump, republish
@@ -40,7 +42,7 @@ from replayd.jobs.rebuild import Rebuild
 from replayd.jobs.verify import verify
 from replayd.jobs.versions import Versions, namespace
 from replayd.jobs.workers import Supervisor, without_workers
-from replayd.ops.console import summary, with_progress
+from replayd.ops.console import display_id, summary, with_progress
 from replayd.ops.http import Readiness
 from replayd.ops.logs import setup_logging
 from replayd.ops.metrics import Metrics
@@ -334,14 +336,19 @@ def _run_async(
 
 
 def _stdout_closed() -> bool:
-    """Whether stdout's reader went away (`replayd dlq list JOB | head -1`): then stdout is pointed at /dev/null,
-    so the interpreter's last flush does not fail again."""
+    """Whether stdout's reader went away (`replayd dlq list JOB | head -1`), as opposed to a Redis connection: a
+    pipe with no reader polls as an error. Stdout is then pointed at /dev/null, so the interpreter's last flush
+    does not fail again."""
     try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return True
-    return False
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
 
 
 def _report(exc: BaseException) -> int:
@@ -440,20 +447,25 @@ def _check_range(start: str, end: str, *, after: bool) -> None:
         raise UsageError(f"--{'after' if after else 'from'} {start} is not before --to {end}: the range is empty")
 
 
-async def _require_streams(client: Client, spec: JobSpec) -> None:
+async def _require_streams(client: Client, settings: Settings, spec: JobSpec) -> None:
     """A one-shot command on a stream that does not exist would replay nothing and exit 0: most often a typo."""
     if spec.end == "follow":
         return  # following waits for the stream to appear
+    budget = settings.redis.unavailable_timeout_s
     for stream in spec.streams:
-        if not await client.exists(stream):
+        if not await retrying(partial(client.exists, stream), what="exists", budget_s=budget):
             raise UsageError(f"stream {stream!r} does not exist in Redis: check its name (--stream)")
 
 
 async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     spec = _replay_spec(args, settings)
     async with _client(settings) as client:
-        await _require_streams(client, spec)
-        report = await plan(Engine(spec, client, redis_cfg=settings.redis))
+        await _require_streams(client, settings, spec)
+        engine = Engine(spec, client, redis_cfg=settings.redis)
+        report = await plan(engine)
+        if report["measured_rate_events_per_s"] is None:
+            await _rate_of_a_kin(client, report, engine.handler.name)
+    _selected_types(report, spec.types)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -461,18 +473,52 @@ async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     print(f"job {report['job']}: handler {report['handler']}, {report['partitions']} partitions")
     for stream, about in report["streams"].items():
         how = "exactly" if about["exact"] else "estimated"
-        start = "its checkpoint" if about["resumes_from_checkpoint"] else about["after"]
-        print(f"  {stream}: after {start} to {about['to']}: {about['entries']:,} entries ({how})")
+        start = "its checkpoint" if about["resumes_from_checkpoint"] else display_id(about["after"])
+        to = display_id(about["to"])
+        print(f"  {stream}: after {start} to {to}: {about['entries']:,} entries ({how}){_of_selected(about)}")
         for kind, count in about["types"].items():
             print(f"    {kind}: {count:,}")
+    by = f" (job {report['rate_measured_by']})" if report.get("rate_measured_by") else ""
     print(
-        f"  duration: ~{report['estimated_seconds']} s at the last measured {rate:,.0f} events/s"
+        f"  duration: ~{report['estimated_seconds']} s at the last measured {rate:,.0f} events/s{by}"
         if rate
-        else "  duration: no measured rate yet (the job has not completed a run)"
+        else "  duration: no measured rate yet (neither this job nor its projection's has completed a run)"
     )
     effects = report["side_effects_skipped_while_replaying"]
     print(f"  side effects skipped while replaying: {', '.join(effects) if effects else 'none'}")
     return 0
+
+
+def _selected_types(report: dict[str, Any], types: list[str]) -> None:
+    """With --types, each stream's count by type keeps the selected types only (all entries are still read)."""
+    if not types:
+        return
+    for about in report["streams"].values():
+        about["types"] = {kind: about["types"].get(kind, 0) for kind in types}
+        about["selected_entries"] = sum(about["types"].values())
+
+
+def _of_selected(about: dict[str, Any]) -> str:
+    return f", {about['selected_entries']:,} of the selected types" if "selected_entries" in about else ""
+
+
+async def _rate_of_a_kin(client: Client, report: dict[str, Any], projection: str) -> None:
+    """The job has no completed run of its own (`plan` after a rebuild, whose job is the projection's, or after a
+    sharded run): the rate of the latest completed run of its shards, of the projection's job or of the
+    projection's last rebuild stands in."""
+    runs = []
+    for job in dict.fromkeys([report["job"], projection]):
+        async for key in client.scan_iter(match=job_key(job, "progress") + "*", count=100):
+            progress = text_hash(await client.hgetall(key))
+            if progress.get("status") == "completed" and float(progress.get("events_per_second") or 0) > 0:
+                runs.append((float(progress.get("completed_at") or 0), float(progress["events_per_second"]), job))
+    meta = text_hash(await client.hgetall(f"projection:{projection}:meta"))  # a rebuild's, whose job is gone
+    if float(meta.get("events_per_second") or 0) > 0:
+        runs.append((float(meta.get("rebuilt_at") or 0), float(meta["events_per_second"]), f"rebuild of {projection}"))
+    if runs:
+        _, rate, job = max(runs)
+        report["measured_rate_events_per_s"], report["rate_measured_by"] = rate, job
+        report["estimated_seconds"] = round(report["entries"] / rate, 1)
 
 
 async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
@@ -480,7 +526,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     if args.dry_run:
         return await _dry_run(spec, settings)
     async with _client(settings) as client:
-        await _require_streams(client, spec)
+        await _require_streams(client, settings, spec)
     metrics = Metrics()
     replay = Replay(spec, settings.redis, metrics=metrics)
     work = with_progress(replay.stats, replay.run())
@@ -538,7 +584,7 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     if args.dry_run:
         return await _dry_run(spec, settings, next_version=not args.in_place)
     async with _client(settings) as client:
-        await _require_streams(client, spec)
+        await _require_streams(client, settings, spec)
         if args.in_place:
             engine = Engine(spec, client, redis_cfg=settings.redis)
             work = with_progress(engine.stats, rebuild_in_place(engine))
@@ -589,7 +635,7 @@ async def _dry_run(spec: JobSpec, settings: Settings, *, next_version: bool = Fa
     tally, handler = Tally(), load_handler(spec.handler)
     async with _client(settings) as client:
         # what a rebuild would write is the version after the current one
-        await _require_streams(client, spec)
+        await _require_streams(client, settings, spec)
         version = await Versions(client, handler.name).current() + 1 if next_version else None
         trial = Engine(dry_run_spec(spec), client, redis_cfg=settings.redis, handler=handler, version=version,
                        discard=tally)  # fmt: skip
@@ -643,7 +689,7 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 owner = state["owners"].get(shard)
                 print(f"{job}{f' shard {shard}' if shard else ''}: {_progress_line(progress, owner)}")
         for stream, position in state["positions"].items():
-            print(f"  {stream}: position {position}")
+            print(f"  {stream}: position {display_id(position)}")
     return 0
 
 
@@ -830,7 +876,17 @@ def _letter_line(entry_id: str, fields: dict[str, str]) -> str:
 
 
 def _letter_text(entry_id: str, fields: dict[str, str]) -> str:
-    return "\n".join([f"dead letter {entry_id}", *(f"  {name}: {value}" for name, value in fields.items())])
+    shown = {name: _iso(float(value)) if name == "failed_at" and _is_number(value) else value
+             for name, value in fields.items()}  # fmt: skip
+    return "\n".join([f"dead letter {entry_id}", *(f"  {name}: {value}" for name, value in shown.items())])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
