@@ -308,7 +308,7 @@ def _warn_unknown_environment(environ: Mapping[str, str]) -> None:
     for name in sorted(n for n in environ if n.startswith("REPLAYD_") and n.upper() not in known):
         meant = difflib.get_close_matches(name.upper(), known, n=1)
         hint = f": did you mean {meant[0]}?" if meant else " (settings are REPLAYD_<SECTION>__<KEY>)"
-        print(f"replayd: warning: ignoring {name}, which is not a replayd variable{hint}", file=sys.stderr)
+        logger.warning("ignoring %s, which is not a replayd variable%s", name, hint)  # a log line: JSON in the daemon
 
 
 def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
