@@ -32,7 +32,7 @@ bench: $(BIN)/replayd  ## throughput and memory figures (not part of `make test`
 	$(BIN)/python -m tests.bench --docs docs/performance.md $(BENCH_ARGS)
 
 docs: $(BIN)/replayd  ## the docs site, from docs/ into site/ (open site/index.html); fails on a broken link
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings --strict fails on
 
 all: lint mypy test
 
