@@ -15,14 +15,15 @@ import replayd
 PACKAGE = Path(replayd.__file__).parent
 
 LAYERS = [
-    ("values", ["replayd.errors", "replayd.events", "replayd.pipeline.filters", "replayd.pipeline.pacing",
-                "replayd.sample", "replayd.embedded"]),
-    ("plugin contract", ["replayd.handlers", "replayd.handlers.loader", "replayd"]),
+    ("values", ["replayd.version", "replayd.errors", "replayd.events", "replayd.pipeline.filters",
+                "replayd.pipeline.pacing", "replayd.sample", "replayd.embedded"]),
+    ("plugin contract", ["replayd.handlers", "replayd.handlers.loader", "replayd.handlers.upcast"]),
     ("settings and instruments", ["replayd.config", "replayd.ops.logs", "replayd.ops.metrics"]),
     ("Redis access", ["replayd.connection", "replayd.ops.http"]),
     ("pipeline", ["replayd.pipeline.*", "replayd.handlers.builtin*"]),
     ("jobs", ["replayd.jobs.*"]),
-    ("faces", ["replayd.ops.console", "replayd.demo", "replayd.cli", "replayd.__main__"]),
+    ("faces", ["replayd.api", "replayd.testing", "replayd.ops.console", "replayd.demo", "replayd.cli",
+               "replayd.__main__", "replayd"]),
 ]  # fmt: skip
 """Lowest first. A module is in the first layer with a pattern it matches."""
 

@@ -24,7 +24,6 @@ import anyio
 import redis.exceptions
 from pydantic import BaseModel, ValidationError
 
-from replayd import __version__
 from replayd.api import Replay
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import Client, create_redis, is_retriable, retrying, text, text_hash
@@ -48,6 +47,7 @@ from replayd.ops.logs import setup_logging
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.commit import Tally, job_key, stream_positions
 from replayd.pipeline.pacing import parse_speed
+from replayd.version import __version__
 
 logger = logging.getLogger("replayd")
 
