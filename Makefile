@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint mypy format bench all clean container-test
+.PHONY: run test lint mypy format bench docs all clean container-test
 
 $(BIN)/replayd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,11 @@ format: $(BIN)/replayd
 	$(BIN)/ruff format replayd tests
 	$(BIN)/ruff check --fix replayd tests
 
-bench: $(BIN)/replayd  ## throughput and memory figures (not part of `make test`); BENCH_ARGS=--rss-10m adds 10M
-	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+bench: $(BIN)/replayd  ## throughput and memory figures (not part of `make test`) into docs/performance.md; BENCH_ARGS=--rss-10m adds 10M
+	$(BIN)/python -m tests.bench --docs docs/performance.md $(BENCH_ARGS)
+
+docs: $(BIN)/replayd  ## the docs site, from docs/ into site/ (open site/index.html); fails on a broken link
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings --strict fails on
 
 container-test: $(BIN)/replayd  ## build the image with podman, run it against a loopback Redis (root; ~3 min)
 	UV_VERSION=$(UV_VERSION) $(BIN)/python -m tests.container.check_image
@@ -37,4 +40,4 @@ container-test: $(BIN)/replayd  ## build the image with podman, run it against a
 all: lint mypy test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info site

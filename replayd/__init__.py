@@ -12,8 +12,7 @@ from replayd.events import Event
 from replayd.handlers import Context, Handler, Outcome, Projection, Tx, on
 from replayd.handlers.upcast import Upcasters
 from replayd.jobs.progress import Stats
-
-__version__ = "0.1.0"
+from replayd.version import __version__
 
 __all__ = [
     "ConfigError",

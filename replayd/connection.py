@@ -40,6 +40,7 @@ from replayd.config import RedisConfig
 from replayd.errors import ConfigError, SourceError
 from replayd.ops.logs import redact_text
 from replayd.ops.metrics import Metrics
+from replayd.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -270,8 +271,6 @@ def _identity() -> dict[str, Any]:
     """How replayd's connections name themselves (CLIENT SETINFO, shown by CLIENT LIST on Redis 7.2+):
     `redis-py(replayd_v<version>)`. Given, it also spares each new connection redis-py's look-up of its own
     version in the installed packages' metadata (half a millisecond)."""
-    from replayd import __version__  # here: the package imports this module
-
     try:
         from redis.driver_info import DriverInfo
     except ImportError:  # redis-py < 7.2 takes the two names

@@ -197,3 +197,20 @@ def parse_shard(text: str) -> Shard:
 
 WHOLE = Shard()
 """The whole job: one process owns every partition."""
+
+
+class Poison(NamedTuple):
+    """An entry that could not be decoded: counted, logged and accounted for, never a crash."""
+
+    stream: str
+    """The stream key."""
+    stream_id: str
+    """The entry ID."""
+    fields: dict[str, str]
+    """The raw fields, decoded leniently for display."""
+    error: str
+    """Why it could not be decoded."""
+
+    @classmethod
+    def of(cls, error: DecodeError) -> Poison:
+        return cls(error.stream, error.stream_id, error.fields, error.reason)

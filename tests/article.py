@@ -2,8 +2,9 @@
 not the article's code.
 
 The article is "How to Handle Event Replay with Redis Streams"
-(/work/shared/reference/event-replay-article.md). This module reproduces what its replayers select and
-what its order_summary rebuild leaves in Redis, quirks included, with a blocking `redis.Redis` client:
+(https://oneuptime.com/blog/post/2026-01-21-redis-event-replay-streams/view). This module reproduces what its
+replayers select and what its order_summary rebuild leaves in Redis, quirks included, with a blocking
+`redis.Redis` client:
 
 - every replay reads XRANGE batches of `batch_size` (100) from an exclusive start, `(<last id>`, except that
   the start "0-0" is read as "-", and stops at the first empty batch;

@@ -152,3 +152,8 @@ class OrderTotals(Projection):
         ctx.tx.hset(ctx.key("order", data["order_id"]), mapping={"customer": data["customer_id"],
                                                                  "cents": data["total_cents"]})  # fmt: skip
         ctx.tx.hincrby(ctx.key("customer", data["customer_id"]), "cents", data["total_cents"])
+
+
+async def always_fail(event: Event) -> None:
+    """An async handler that fails on every event (its retries happen while the first failure is being handled)."""
+    raise RuntimeError(f"cannot handle {event.stream_id}")

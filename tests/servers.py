@@ -30,7 +30,7 @@ class RedisServer(EmbeddedRedis):
         The crash comes between two of the server's system calls (it is stopped first, and killed once stopped: a
         write in progress finishes): a SIGKILL inside its write of the AOF can tear a transaction there, and Redis
         6.2-7.x restarted from that file, and then once more, applies the torn transaction's first commands again
-        with the next one (a server bug, valkey-io/valkey#4342; README "Guarantees"). Torn AOF tails are FAULTS T9's
+        with the next one (a server bug, valkey-io/valkey#4342; docs/guarantees.md). Torn AOF tails are T9's
         own tests."""
         if sig == signal.SIGKILL and self.proc is not None:
             self.proc.send_signal(signal.SIGSTOP)

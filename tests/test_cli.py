@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,9 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import redis
 
+from replayd import __version__ as replayd_version
+from replayd.jobs.progress import Stats
+from replayd.ops.console import with_progress
+from replayd.ops.logs import setup_logging
 from replayd.sample import load_history_sync
 from tests.helpers import cli_env, replayd
 from tests.servers import RedisServer
@@ -185,3 +193,171 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# --- the command line as a new user meets it -------------------------------------------------------------------
+
+
+def test_version_flag_prints_the_version() -> None:
+    done = replayd("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"replayd {replayd_version}"
+
+
+def test_an_unknown_option_is_reported_with_the_commands_usage() -> None:
+    done = replayd("status", "--no-such-flag")
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: replayd status")
+    assert "unrecognized arguments: --no-such-flag" in done.stderr
+
+
+def test_a_mistyped_replayd_variable_is_named_with_the_one_meant(redis_url: str) -> None:
+    done = replayd("status", env={"REPLAYD_REDIS_URL": redis_url, "REPLAYD_REDIS__URL": redis_url})
+    assert done.returncode == 0, done.stderr
+    assert "ignoring REPLAYD_REDIS_URL" in done.stderr
+    assert "did you mean REPLAYD_REDIS__URL?" in done.stderr
+    assert "REPLAYD_REDIS__URL," not in done.stderr  # the right spelling is not warned about
+
+
+def test_a_range_that_ends_before_it_starts_is_refused(redis_url: str, history: int) -> None:
+    for bounds in (["--from", "2026-11-25T11:00:00Z", "--to", "2026-11-25T10:00:00Z"], ["--from", "1h", "--to", "2h"]):
+        done = replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary", *bounds)
+        assert done.returncode == 2, done.stderr
+        assert "is not before --to" in done.stderr
+
+
+def test_a_stream_that_does_not_exist_is_refused(redis_url: str, history: int) -> None:
+    for command in ("replay", "plan", "rebuild"):
+        done = replayd(command, "--redis-url", redis_url, "--stream", "events:ordrs", "--handler", "order_summary")
+        assert done.returncode == 2, (command, done.stderr)
+        assert "stream 'events:ordrs' does not exist" in done.stderr
+
+
+def test_show_of_something_that_does_not_exist_says_so(redis_url: str, history: int) -> None:
+    shown = replayd("checkpoint", "show", "nosuchjob", "--redis-url", redis_url)
+    assert shown.returncode == 1
+    assert "job 'nosuchjob' has no checkpoint" in shown.stderr
+    entries: Any = replayd("dlq", "show", "j", "1-0", "--redis-url", redis_url)
+    assert entries.returncode == 1
+    assert "no dead letter 1-0 in job 'j'" in entries.stderr
+
+
+def test_output_into_a_reader_that_stops_early_ends_quietly(redis_url: str, sync_redis: redis.Redis) -> None:
+    """`replayd dlq list JOB | head -1`: once head exits, a write to stdout fails with EPIPE. That is not Redis."""
+    letter = {"stream": STREAM, "id": "1-0", "event_type": "E", "error_type": "RuntimeError", "error": "x" * 80}
+    with sync_redis.pipeline(transaction=False) as pipe:
+        for _ in range(5000):  # ~700 kB of lines: more than a pipe holds
+            pipe.xadd("replayd:{j}:dlq", letter)  # type: ignore[arg-type]
+        pipe.execute()
+    command = [sys.executable, "-m", "replayd", "dlq", "list", "j", "--redis-url", redis_url]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert "RuntimeError" in proc.stdout.readline()
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+    assert proc.returncode == 141, stderr
+    assert stderr == ""
+
+
+def test_pause_of_a_job_nobody_runs_says_so(redis_url: str, history: int) -> None:
+    replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary", "--job", "done")
+    paused = replayd("pause", "done", "--redis-url", redis_url)
+    assert paused.returncode == 1
+    assert "job 'done' is not running" in paused.stderr
+    assert "paused" not in paused.stdout
+
+
+def test_status_says_whether_an_owner_holds_the_lease(redis_url: str, sync_redis: redis.Redis) -> None:
+    """A process killed with SIGKILL leaves its progress hash saying `live`; its lease expires."""
+    sync_redis.hset("replayd:{j}:progress", mapping={"status": "live", "updated_at": "1764150000.5"})
+    orphan = replayd("status", "--redis-url", redis_url)
+    assert "live (no owner holds the lease: not running" in orphan.stdout
+    assert "updated 2025-11-26T09:40:00Z" in orphan.stdout  # a time, not an epoch float
+    sync_redis.set("replayd:{j}:lease", "host:123:abc")
+    owned = replayd("status", "--redis-url", redis_url)
+    assert "live (owner host:123:abc)" in owned.stdout
+
+
+def test_plan_counts_the_selected_types_at_a_measured_rate(redis_url: str, history: int) -> None:
+    rebuilt = replayd("rebuild", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    shown = replayd("plan", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary",
+                    "--types", "OrderCreated", "--to", "2100-01-01T00:00:00Z", "--json")  # fmt: skip
+    report = json.loads(shown.stdout)
+    about = report["streams"][STREAM]
+    assert list(about["types"]) == ["OrderCreated"]
+    assert 0 < about["selected_entries"] < about["entries"] == history
+    assert report["measured_rate_events_per_s"] > 0  # the rebuild's run, of the projection's own job
+    text = replayd("plan", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary",
+                   "--to", "2100-01-01T00:00:00Z")  # fmt: skip
+    assert "to 4102444800000:" in text.stdout  # the whole millisecond, not 4102444800000-18446744073709551615
+    assert "18446744073709551615" not in text.stdout
+
+
+def test_a_failing_handlers_traceback_is_printed_once(redis_url: str, history: int) -> None:
+    done = replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "tests.plugins:always_fail",
+                   env={"REPLAYD_LOG_FORMAT": "text"})  # fmt: skip
+    assert done.returncode == 65, done.stderr
+    assert done.stderr.count("Traceback") == 1
+    assert "During handling of the above exception" not in done.stderr
+
+
+def test_rebuild_of_a_projection_class_is_named_after_the_projection(
+    redis_url: str, history: int, sync_redis: redis.Redis
+) -> None:
+    handler = "replayd.handlers.builtin.order_summary:OrderSummary"
+    done = replayd("rebuild", "--redis-url", redis_url, "--stream", STREAM, "--handler", handler)
+    assert done.returncode == 0, done.stderr
+    assert sync_redis.exists("replayd:{order_summary}:checkpoint")  # where `run` and `rebuild order_summary` look
+    assert not sync_redis.keys("replayd:{OrderSummary*")
+
+
+def test_progress_from_the_beginning_is_measured_from_the_first_entry() -> None:
+    """A run from the beginning starts after `0-0`: measured from there, its first batch read as 100%."""
+    first, last = 1_764_150_000_000, 1_764_150_010_000  # ten seconds of history
+    stats = Stats("j", [STREAM], start={STREAM: (0, 0)}, target={STREAM: (last, 0)})
+    assert stats.percent() == 0.0
+    stats.position[STREAM] = (first + 100, 0)  # the first batch committed
+    assert stats.percent() == 0.0
+    stats.position[STREAM] = (first + 5_050, 0)
+    assert stats.percent() == 50.0
+    resumed = Stats("j", [STREAM], start={STREAM: (first, 0)}, target={STREAM: (last, 0)})
+    resumed.position[STREAM] = (first + 2_500, 0)
+    assert resumed.percent() == 25.0  # a start of its own is where the span begins, as before
+
+
+class Terminal(io.StringIO):
+    """What the progress bar draws on: a terminal's stderr, kept as text."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.anyio
+async def test_the_progress_bar_shows_the_time_left_and_log_lines_start_their_own_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    setup_logging("INFO", "text")
+    first = 1_764_150_000_000
+    stats = Stats("j", [STREAM], start={STREAM: (0, 0)}, target={STREAM: (first + 10_000, 0)})
+
+    async def work() -> Stats:
+        for step in range(1, 6):
+            stats.position[STREAM] = (first + step * 1_000, 0)
+            await anyio.sleep(0.25)
+        logging.getLogger("replayd.test").warning("a log line")
+        await anyio.sleep(0.25)
+        return stats
+
+    try:
+        await with_progress(stats, work())
+    finally:
+        logging.getLogger().handlers.clear()
+    drawn = terminal.getvalue()
+    assert re.search(r"ETA \d+s", drawn), drawn
+    assert "%  0 events" in drawn
+    before, _, _ = drawn.partition("a log line")
+    assert before.rsplit("\r\033[K", 1)[1].split()[:1] != ["["]  # the bar was erased before the line was written
+    assert "ETA" not in before.rsplit("\r\033[K", 1)[1]

@@ -10,8 +10,8 @@ import pytest
 
 from replayd.config import FieldNames
 from replayd.errors import DecodeError
-from replayd.events import Event
-from replayd.pipeline.codec import Codec, Poison, RawEntry, decode_all
+from replayd.events import Event, Poison
+from replayd.pipeline.codec import Codec, RawEntry, decode_all
 
 CODEC = Codec("orders", FieldNames())
 

@@ -1,4 +1,4 @@
-"""Redis losing acknowledged writes (FAULTS.md T9 torn AOF, T10 failover to a lagging replica) and a clean
+"""Redis losing acknowledged writes (fault matrix T9 torn AOF, T10 failover to a lagging replica) and a clean
 failover (T11), with real redis-server processes: a primary and a `--replicaof` replica, and tests/faultproxy.py
 between the replica and the primary (to blackhole replication) and between replayd and Redis (to retarget it,
 as a VIP or DNS name moves at a failover). replayd's Engine runs in-process so its metrics can be read.

@@ -1,4 +1,4 @@
-"""FAULTS.md rows T2, T13, T20, T21, T23, T28, T29 and T32, each against real redis-server processes on loopback.
+"""Fault-matrix rows T2, T13, T20, T21, T23, T28, T29 and T32, each against real redis-server processes on loopback.
 
 Jobs run in-process (an Engine, so metrics can be read from its registry) or as `replayd` subprocesses where
 the exit code, the stderr line or the process's memory is what the row promises.

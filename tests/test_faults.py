@@ -1,4 +1,4 @@
-"""Network faults between replayd and Redis (FAULTS.md T14-T18), through tests/faultproxy.py.
+"""Network faults between replayd and Redis (fault matrix T14-T18), through tests/faultproxy.py.
 
 A real redis-server of the test's own; replayd's Engine runs in-process and reaches Redis only through the
 proxy, with a 1 s socket timeout. Each test injects a fault mid-replay and checks what the matrix promises:

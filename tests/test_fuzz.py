@@ -20,10 +20,10 @@ from redis.asyncio import Redis
 
 from replayd.config import FieldNames, JobSpec, RedisConfig, Settings, load_settings
 from replayd.errors import ConfigError, DataError
-from replayd.events import Event, parse_id
+from replayd.events import Event, Poison, parse_id
 from replayd.handlers import ObjectHandler
 from replayd.jobs.engine import Engine
-from replayd.pipeline.codec import Codec, Poison, RawEntry, decode_all
+from replayd.pipeline.codec import Codec, RawEntry, decode_all
 from tests.plugins import Recorder
 
 SCHEMA = ("event_id", "event_type", "data", "timestamp", "metadata")

@@ -102,7 +102,7 @@ async def test_a_run_that_committed_nothing_is_no_lost_checkpoint(
 async def test_entries_with_future_ids_keep_their_order_and_lag_stays_non_negative(
     raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
 ) -> None:
-    """FAULTS T31: a producer writes an explicit ID far in the future, then `*` (Redis continues from it)."""
+    """Fault matrix T31: a producer writes an explicit ID far in the future, then `*` (Redis continues from it)."""
     fill(sync_redis, 3)
     sync_redis.xadd(STREAM, {"event_type": "E", "data": '{"i": 3}'}, id="9999999999999-0")
     sync_redis.xadd(STREAM, {"event_type": "E", "data": '{"i": 4}'})

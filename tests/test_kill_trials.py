@@ -1,4 +1,4 @@
-"""Kill trials (issue 5, item 4; FAULTS.md T1 and T4): `replayd run` subprocesses on a real redis-server,
+"""Kill trials (issue 5, item 4; the fault matrix, T1 and T4): `replayd run` subprocesses on a real redis-server,
 SIGKILLed at seeded random moments and restarted, or SIGTERMed during slow batches.
 
 - atomic (order_summary, effects in the checkpoint's script): the final projection equals a clean rebuild;

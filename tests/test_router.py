@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from replayd.config import FieldNames
-from replayd.events import Event, Shard
-from replayd.pipeline.codec import Codec, Poison
+from replayd.events import Event, Poison, Shard
+from replayd.pipeline.codec import Codec
 from replayd.pipeline.router import Router
 
 

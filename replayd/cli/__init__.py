@@ -9,37 +9,44 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import difflib
 import json
 import logging
+import os
+import select
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
 import redis.exceptions
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from replayd import __version__
 from replayd.api import Replay
 from replayd.config import JobSpec, Settings, describe, load_settings
-from replayd.connection import Client, create_redis, is_retriable, text, text_hash
+from replayd.connection import Client, create_redis, is_retriable, retrying, text, text_hash
 from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
-from replayd.events import format_id, parse_id, parse_shard
+from replayd.events import format_id, parse_end, parse_id, parse_shard, parse_start
+from replayd.handlers.builtin import jsonl_dump, republish
 from replayd.handlers.loader import load_handler
 from replayd.jobs.daemon import Daemon, drain_on_signals, start_http
 from replayd.jobs.deadletter import Letters
 from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.lease import lease_key
 from replayd.jobs.plan import dry_run, dry_run_spec, plan
 from replayd.jobs.rebuild import Rebuild
 from replayd.jobs.verify import verify
 from replayd.jobs.versions import Versions, namespace
 from replayd.jobs.workers import Supervisor, without_workers
-from replayd.ops.console import summary, with_progress
+from replayd.ops.console import display_id, summary, with_progress
 from replayd.ops.http import Readiness
 from replayd.ops.logs import setup_logging
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.commit import Tally, job_key, stream_positions
 from replayd.pipeline.pacing import parse_speed
+from replayd.version import __version__
 
 logger = logging.getLogger("replayd")
 
@@ -51,6 +58,8 @@ T = TypeVar("T")
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CONFIG = 78
+EX_PIPE = 128 + 13
+"""Stdout's reader went away: what a shell reports for a command that SIGPIPE ended (`yes | head -1`)."""
 DRY_RUN = "run filters and handlers but discard their writes; report what they would write"
 
 
@@ -68,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--workers", type=int, metavar="K", help="run K processes as shards 0/K ... K-1/K")
 
     parser = argparse.ArgumentParser(prog="replayd", description="Event replay for Redis Streams.")
+    parser.add_argument("--version", action="version", version=f"replayd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -180,7 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=None)
+    for command in commands.choices.values():
+        command.set_defaults(usage=command)
     return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; an option the command does not know is reported with that command's usage, not replayd's."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.usage.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _shard(text: str) -> str:
@@ -240,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _hold_mmap_threshold() -> None:
     """Keep glibc's malloc mapping blocks of 4 MiB and more on their own, returned to the system when freed. By
     default its threshold rises to the largest block freed, and after one big reply (a 16 MB entry) buffers of
-    that size come from the heap and stay in RSS (FAULTS T21). Lower, every 1 MiB socket read would be a mapping
+    that size come from the heap and stay in RSS (fault matrix T21). Lower, every 1 MiB socket read would be a mapping
     of its own (+25 % CPU on a no-op replay at 128 KiB). Nothing to do where malloc is not glibc's."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -251,13 +271,14 @@ def _hold_mmap_threshold() -> None:
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         settings = _settings(args)
         setup_logging(
             getattr(args, "log_level", None) or settings.log_level,
             getattr(args, "log_format", None) or settings.log_format,
         )
+        _warn_unknown_environment(os.environ)
         if args.command == "version":
             print(f"replayd {__version__}")
             return 0
@@ -270,12 +291,38 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         return _report(exc)
 
 
+OTHER_ENVIRONMENT = {"REPLAYD_CONFIG", "REPLAYD_REDIS_SERVER", jsonl_dump.PATH_ENV, republish.STREAM_ENV,
+                     republish.MAXLEN_ENV, republish.DEDUPE_ENV}  # fmt: skip
+"""`REPLAYD_*` variables read outside the settings: the config file's path, the embedded server, built-in handlers."""
+
+
+def known_environment() -> set[str]:
+    """Every `REPLAYD_*` name replayd reads: `REPLAYD_<SETTING>`, `REPLAYD_<SECTION>__<KEY>`, and the others."""
+    names = set(OTHER_ENVIRONMENT)
+    for name, field in Settings.model_fields.items():
+        names.add(f"REPLAYD_{name.upper()}")
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            names |= {f"REPLAYD_{name.upper()}__{key.upper()}" for key in section.model_fields}
+    return names
+
+
+def _warn_unknown_environment(environ: Mapping[str, str]) -> None:
+    """A mistyped variable (`REPLAYD_REDIS_URL`, one underscore) would be ignored, and replayd would silently use
+    a default such as localhost: say so, naming the variable meant."""
+    known = known_environment()
+    for name in sorted(n for n in environ if n.startswith("REPLAYD_") and n.upper() not in known):
+        meant = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f": did you mean {meant[0]}?" if meant else " (settings are REPLAYD_<SECTION>__<KEY>)"
+        logger.warning("ignoring %s, which is not a replayd variable%s", name, hint)  # a log line: JSON in the daemon
+
+
 def _supervise(args: argparse.Namespace, argv: list[str], settings: Settings) -> int:
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     if args.shard:
         raise UsageError("--workers assigns shards itself: drop --shard")
-    return Supervisor(without_workers(argv), args.workers, _listen(args, settings)).run()
+    return Supervisor(run_cli, without_workers(argv), args.workers, _listen(args, settings)).run()
 
 
 def _listen(args: argparse.Namespace, settings: Settings) -> tuple[str, int] | None:
@@ -303,9 +350,27 @@ def _run_async(
     return result
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout's reader went away (`replayd dlq list JOB | head -1`), as opposed to a Redis connection: a
+    pipe with no reader polls as an error. Stdout is then pointed at /dev/null, so the interpreter's last flush
+    does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
 def _report(exc: BaseException) -> int:
     """Turn an error into one line on stderr and an exit code; a traceback only for our own bugs."""
     error = most_telling(exc)
+    if isinstance(error, BrokenPipeError) and _stdout_closed():
+        return EX_PIPE
     if isinstance(error, ReplaydError):
         print(f"replayd: {error}", file=sys.stderr)
         return error.exit_code
@@ -380,13 +445,42 @@ def _replay_spec(args: argparse.Namespace, settings: Settings) -> JobSpec:
         one_shot["rate_limit"] = args.rate_limit
     if args.speed is not None:
         one_shot["speed"] = args.speed
+    _check_range(args.after or start, args.end, after=bool(args.after))
     return job_from_args(args, settings, one_shot=one_shot)
+
+
+def _check_range(start: str, end: str, *, after: bool) -> None:
+    """Refuse a range that ends before it starts (it would replay nothing and exit 0): two IDs or times, or two
+    ages. Text that does not parse is left to the JobSpec's validation, which names the flag."""
+    try:
+        first, last = parse_start(start, after=after), parse_end(end)
+    except ValueError:
+        return
+    if (first.kind == last.kind == "id" and first.id >= last.id) or (
+        first.kind == last.kind == "age" and first.age_ms < last.age_ms
+    ):
+        raise UsageError(f"--{'after' if after else 'from'} {start} is not before --to {end}: the range is empty")
+
+
+async def _require_streams(client: Client, settings: Settings, spec: JobSpec) -> None:
+    """A one-shot command on a stream that does not exist would replay nothing and exit 0: most often a typo."""
+    if spec.end == "follow":
+        return  # following waits for the stream to appear
+    budget = settings.redis.unavailable_timeout_s
+    for stream in spec.streams:
+        if not await retrying(partial(client.exists, stream), what="exists", budget_s=budget):
+            raise UsageError(f"stream {stream!r} does not exist in Redis: check its name (--stream)")
 
 
 async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     spec = _replay_spec(args, settings)
     async with _client(settings) as client:
-        report = await plan(Engine(spec, client, redis_cfg=settings.redis))
+        await _require_streams(client, settings, spec)
+        engine = Engine(spec, client, redis_cfg=settings.redis)
+        report = await plan(engine)
+        if report["measured_rate_events_per_s"] is None:
+            await _rate_of_a_kin(client, report, engine.handler.name)
+    _selected_types(report, spec.types)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -394,24 +488,60 @@ async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     print(f"job {report['job']}: handler {report['handler']}, {report['partitions']} partitions")
     for stream, about in report["streams"].items():
         how = "exactly" if about["exact"] else "estimated"
-        start = "its checkpoint" if about["resumes_from_checkpoint"] else about["after"]
-        print(f"  {stream}: after {start} to {about['to']}: {about['entries']:,} entries ({how})")
+        start = "its checkpoint" if about["resumes_from_checkpoint"] else display_id(about["after"])
+        to = display_id(about["to"])
+        print(f"  {stream}: after {start} to {to}: {about['entries']:,} entries ({how}){_of_selected(about)}")
         for kind, count in about["types"].items():
             print(f"    {kind}: {count:,}")
+    by = f" (job {report['rate_measured_by']})" if report.get("rate_measured_by") else ""
     print(
-        f"  duration: ~{report['estimated_seconds']} s at the last measured {rate:,.0f} events/s"
+        f"  duration: ~{report['estimated_seconds']} s at the last measured {rate:,.0f} events/s{by}"
         if rate
-        else "  duration: no measured rate yet (the job has not completed a run)"
+        else "  duration: no measured rate yet (neither this job nor its projection's has completed a run)"
     )
     effects = report["side_effects_skipped_while_replaying"]
     print(f"  side effects skipped while replaying: {', '.join(effects) if effects else 'none'}")
     return 0
 
 
+def _selected_types(report: dict[str, Any], types: list[str]) -> None:
+    """With --types, each stream's count by type keeps the selected types only (all entries are still read)."""
+    if not types:
+        return
+    for about in report["streams"].values():
+        about["types"] = {kind: about["types"].get(kind, 0) for kind in types}
+        about["selected_entries"] = sum(about["types"].values())
+
+
+def _of_selected(about: dict[str, Any]) -> str:
+    return f", {about['selected_entries']:,} of the selected types" if "selected_entries" in about else ""
+
+
+async def _rate_of_a_kin(client: Client, report: dict[str, Any], projection: str) -> None:
+    """The job has no completed run of its own (`plan` after a rebuild, whose job is the projection's, or after a
+    sharded run): the rate of the latest completed run of its shards, of the projection's job or of the
+    projection's last rebuild stands in."""
+    runs = []
+    for job in dict.fromkeys([report["job"], projection]):
+        async for key in client.scan_iter(match=job_key(job, "progress") + "*", count=100):
+            progress = text_hash(await client.hgetall(key))
+            if progress.get("status") == "completed" and float(progress.get("events_per_second") or 0) > 0:
+                runs.append((float(progress.get("completed_at") or 0), float(progress["events_per_second"]), job))
+    meta = text_hash(await client.hgetall(f"projection:{projection}:meta"))  # a rebuild's, whose job is gone
+    if float(meta.get("events_per_second") or 0) > 0:
+        runs.append((float(meta.get("rebuilt_at") or 0), float(meta["events_per_second"]), f"rebuild of {projection}"))
+    if runs:
+        _, rate, job = max(runs)
+        report["measured_rate_events_per_s"], report["rate_measured_by"] = rate, job
+        report["estimated_seconds"] = round(report["entries"] / rate, 1)
+
+
 async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     spec = _replay_spec(args, settings)
     if args.dry_run:
         return await _dry_run(spec, settings)
+    async with _client(settings) as client:
+        await _require_streams(client, settings, spec)
     metrics = Metrics()
     replay = Replay(spec, settings.redis, metrics=metrics)
     work = _serving_metrics(args, settings, metrics, with_progress(replay.stats, replay.run()))
@@ -453,8 +583,9 @@ async def _serving_metrics(args: argparse.Namespace, settings: Settings, metrics
 
 
 def _rebuild_name(args: argparse.Namespace) -> dict[str, str]:
-    """An ad-hoc rebuild works on the projection's own job (named after the handler), not a `replay-` one."""
-    return {"name": _default_name(args.handler).removeprefix("replay-")} if not args.job and args.handler else {}
+    """An ad-hoc rebuild works on the projection's own job, named after the projection (`OrderSummary`'s job is
+    `order_summary`, the name its keys and a daemon job of it use), not a `replay-` one."""
+    return {"name": load_handler(args.handler).name} if not args.job and args.handler else {}
 
 
 async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
@@ -467,6 +598,7 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
         return await _dry_run(spec, settings, next_version=not args.in_place)
     metrics = Metrics()
     async with _client(settings) as client:
+        await _require_streams(client, settings, spec)
         if args.in_place:
             engine = Engine(spec, client, redis_cfg=settings.redis, metrics=metrics)
             work = _serving_metrics(args, settings, metrics, with_progress(engine.stats, rebuild_in_place(engine)))
@@ -520,6 +652,7 @@ async def _dry_run(spec: JobSpec, settings: Settings, *, next_version: bool = Fa
     tally, handler = Tally(), load_handler(spec.handler)
     async with _client(settings) as client:
         # what a rebuild would write is the version after the current one
+        await _require_streams(client, settings, spec)
         version = await Versions(client, handler.name).current() + 1 if next_version else None
         trial = Engine(dry_run_spec(spec), client, redis_cfg=settings.redis, handler=handler, version=version,
                        discard=tally)  # fmt: skip
@@ -570,19 +703,39 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     for job, state in report.items():
         for shard, progress in [("", state["progress"]), *state["shards"].items()]:
             if progress or (not shard and not state["shards"]):
-                print(f"{job}{f' shard {shard}' if shard else ''}: {_progress_line(progress)}")
+                owner = state["owners"].get(shard)
+                print(f"{job}{f' shard {shard}' if shard else ''}: {_progress_line(progress, owner)}")
         for stream, position in state["positions"].items():
-            print(f"  {stream}: position {position}")
+            print(f"  {stream}: position {display_id(position)}")
     return 0
 
 
-def _progress_line(progress: dict[str, str]) -> str:
+RUNNING = ("starting", "catching_up", "live", "paused", "stalled", "draining")
+"""Progress statuses of a job that runs: shown with whether an owner still holds its lease."""
+
+
+def _progress_line(progress: dict[str, str], owner: str | None) -> str:
+    status = progress.get("status", "never run" if not progress else "?")
+    if status in RUNNING:
+        status += f" (owner {owner})" if owner else " (no owner holds the lease: not running, last seen so)"
     return (
-        f"{progress.get('status', 'never run' if not progress else '?')}  processed "
+        f"{status}  processed "
         f"{progress.get('processed_events', 0)}  failed {progress.get('failed_events', 0)}  "
         f"{progress.get('events_per_second', '0')} ev/s  {progress.get('percent', '0')}%  "
-        f"at {progress.get('current_stream_id', '-')}"
+        f"at {progress.get('current_stream_id', '-')}{_updated(progress)}"
     )
+
+
+def _updated(progress: dict[str, str]) -> str:
+    """When the progress hash was last written, as an ISO time (it stores epoch seconds)."""
+    try:
+        return f"  updated {_iso(float(progress['updated_at']))}"
+    except (KeyError, ValueError):
+        return ""
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 async def _job_names(client: Client) -> list[str]:
@@ -600,7 +753,18 @@ async def _job_state(client: Client, job: str) -> dict[str, Any]:
         name = text(key).removeprefix(job_key(job, "progress")).removeprefix(":") or "all"
         shards[name] = text_hash(await client.hgetall(key))
     progress = shards.pop("all", {})
-    return {"progress": progress, "shards": shards, "checkpoint": checkpoint, "positions": _positions(checkpoint)}
+    return {"progress": progress, "shards": shards, "checkpoint": checkpoint, "positions": _positions(checkpoint),
+            "owners": await _owners(client, job)}  # fmt: skip
+
+
+async def _owners(client: Client, job: str) -> dict[str, str]:
+    """Lease key suffix ("" for an unsharded job, else the shard) -> the owner holding it: who runs the job now."""
+    owners = {}
+    async for key in client.scan_iter(match=lease_key(job) + "*", count=100):
+        token = await client.get(key)
+        if token is not None:
+            owners[text(key).removeprefix(lease_key(job)).removeprefix(":")] = text(token)
+    return owners
 
 
 def _positions(checkpoint: dict[str, str]) -> dict[str, str]:
@@ -617,6 +781,9 @@ async def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 for field, value in sorted(fields.items()):
                     print(f"{field}\t{value}")
+            if not fields:
+                print(f"replayd: job {args.job!r} has no checkpoint ({key} is absent; `replayd status` lists the "
+                      "jobs in Redis)", file=sys.stderr)  # fmt: skip
             return 0 if fields else 1
         if args.action == "reset":
             _confirm(args, f"delete {key}: job {args.job} replays from its start position next run")
@@ -664,6 +831,10 @@ async def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
         keys = [key async for key in client.scan_iter(match=job_key(args.job, "progress") + "*")]
         if not keys:
             raise UsageError(f"no job {args.job!r} in Redis (it has no progress hash)")
+        if args.command == "pause" and not await _owners(client, args.job):
+            print(f"replayd: job {args.job!r} is not running (no instance holds its lease): nothing to pause",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         for key in keys:
             if args.command == "pause":
                 await client.hset(key, "paused", "1")
@@ -690,6 +861,9 @@ async def _dlq(args: argparse.Namespace, settings: Settings, letters: Letters) -
             print(json.dumps([{"dlq_id": i, **f} for i, f in shown], indent=2))
         for entry_id, fields in [] if args.json else shown:
             print(_letter_line(entry_id, fields) if args.action == "list" else _letter_text(entry_id, fields))
+        if not shown and args.action == "show":
+            print(f"replayd: no dead letter {' '.join(args.ids)} in job {args.job!r}: `replayd dlq list {args.job}` "
+                  "shows the letters' IDs (the first column, not the entry's stream ID)", file=sys.stderr)  # fmt: skip
         return 0 if shown or args.action == "list" else 1
     if args.action == "discard":
         ids = [i for i, _ in entries] if args.all else args.ids
@@ -719,7 +893,17 @@ def _letter_line(entry_id: str, fields: dict[str, str]) -> str:
 
 
 def _letter_text(entry_id: str, fields: dict[str, str]) -> str:
-    return "\n".join([f"dead letter {entry_id}", *(f"  {name}: {value}" for name, value in fields.items())])
+    shown = {name: _iso(float(value)) if name == "failed_at" and _is_number(value) else value
+             for name, value in fields.items()}  # fmt: skip
+    return "\n".join([f"dead letter {entry_id}", *(f"  {name}: {value}" for name, value in shown.items())])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

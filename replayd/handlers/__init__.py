@@ -347,10 +347,12 @@ async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Co
                 if result is not None and inspect.isawaitable(result):
                     await result
             except Exception as exc:  # noqa: BLE001 - StopReplay, poison, or an error to retry: `_settle` says
-                verdict = await _settle(event, ctx, call, outcome, exc, mark)
+                failure = exc
             else:
                 outcome.handled += 1
                 continue
+            # settled outside the `except`: a retry's error would otherwise chain this one, and its log show both
+            verdict = await _settle(event, ctx, call, outcome, failure, mark)
         parking = policy is not None and policy.parks  # a dead letter may have parked its key just now
         if verdict == "stopped":
             outcome.stopped_at = index

@@ -22,7 +22,7 @@ from redis.asyncio import RedisCluster
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import Client, close_reads_client, is_retriable, reads_client, retrying, text_hash
 from replayd.errors import ConfigError, DataError, DecodeError, FencingError, ReplaydError, most_telling
-from replayd.events import TOP, ZERO, Bound, Event, Id, age_to_id, format_id, parse_id
+from replayd.events import TOP, ZERO, Bound, Event, Id, Poison, age_to_id, format_id, parse_id
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import import_from_string, load_handler, load_predicate
 from replayd.handlers.upcast import Upcasters, as_upcasters
@@ -33,7 +33,7 @@ from replayd.jobs.progress import ProgressWriter, Stats
 from replayd.jobs.versions import ProjectionFlipped, Versions
 from replayd.ops.logs import current_job
 from replayd.ops.metrics import JobView, Metrics
-from replayd.pipeline.codec import Codec, Poison
+from replayd.pipeline.codec import Codec
 from replayd.pipeline.commit import (
     CheckpointStore,
     CommitRequest,
@@ -292,7 +292,7 @@ class Engine:
 
     async def _refuse_lost_checkpoint(self) -> None:
         """A job that has run (its progress hash is there) but whose checkpoint is gone would silently start
-        over from its start position: refuse that unless asked to (FAULTS.md T30)."""
+        over from its start position: refuse that unless asked to (fault matrix T30)."""
         spec = self.spec
         if not spec.resume or spec.allow_reset:
             return

@@ -52,9 +52,13 @@ class Stats:
     caught_up_at: float | None = None
     completed_at: float | None = None
     rate: float = 0.0
+    _origin: dict[str, int] = field(default_factory=dict, repr=False)
+    """Per stream started from `0-0`: the ms of the first position `percent` saw, where its span begins."""
 
     def percent(self) -> float:
-        """Done fraction by entry-ID time between start and target (IDs carry Redis's clock), 0-100."""
+        """Done fraction by entry-ID time between start and target (IDs carry Redis's clock), 0-100. A run from the
+        beginning starts at `0-0`, decades before the first entry: its span is measured from the first position
+        seen instead (else the first batch would read as 100%)."""
         if self.status == "completed":
             return 100.0
         spans = []
@@ -63,6 +67,8 @@ class Stats:
                 continue
             start = self.start.get(stream, (0, 0))[0]
             pos = self.position.get(stream, self.start.get(stream, (0, 0)))[0]
+            if not start:
+                start = self._origin.setdefault(stream, pos) if stream in self.position else pos
             span = max(target[0] - start, 1)
             spans.append(min(max((pos - start) / span, 0.0), 1.0))
         return round(100.0 * (sum(spans) / len(spans) if spans else 1.0), 2)

@@ -120,6 +120,7 @@ class Rebuild:
         meta = partial(self.redis.hset, f"projection:{self.handler.name}:meta", mapping={
             "rebuilt_at": repr(time.time()), "version": self.version, "total_events": sum(e.stats.total for e in runs),
             "processed_events": sum(e.stats.processed for e in runs),
+            "events_per_second": f"{runs[0].stats.rate:.1f}",  # the build's pace, for `replayd plan` to go by
         })  # fmt: skip
         await self._retried(meta)
         logger.info("%s is current (it replaced %s)", namespace(self.handler.name, self.version),

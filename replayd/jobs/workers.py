@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -75,7 +76,17 @@ def announce(port: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, args: list[str], workers: int, listen: tuple[str, int] | None = None) -> None:
+    """Runs `command(args + ["--shard", "i/K"])` in K forked workers; `command` is the CLI's entry point, passed in
+    (not imported: the CLI imports this module)."""
+
+    def __init__(
+        self,
+        command: Callable[[list[str]], int],
+        args: list[str],
+        workers: int,
+        listen: tuple[str, int] | None = None,
+    ) -> None:
+        self.command = command
         self.args = args
         self.workers = workers
         self.listen = listen
@@ -95,7 +106,7 @@ class Supervisor:
         argv = [*self.args, "--shard", f"{index}/{self.workers}"]
         pid = _fork()
         if pid == 0:  # pragma: no cover - the worker (coverage does not follow forks)
-            _worker(argv, (self.ports, index) if self.listen else None, self.pid)
+            _worker(self.command, argv, (self.ports, index) if self.listen else None, self.pid)
         self.pids[index] = pid
         logger.info("worker %d/%d started (pid %d)", index, self.workers, pid)
 
@@ -186,7 +197,7 @@ def _stop_with(supervisor: int) -> None:
 
 
 def _worker(  # pragma: no cover - a forked worker
-    argv: list[str], announce_to: tuple[int, int] | None, supervisor: int
+    command: Callable[[list[str]], int], argv: list[str], announce_to: tuple[int, int] | None, supervisor: int
 ) -> None:
     """Run the command as one shard and exit with its code; never returns into the supervisor's loop."""
     global _announce_to
@@ -197,9 +208,7 @@ def _worker(  # pragma: no cover - a forked worker
         signal.signal(signal.SIGINT, signal.default_int_handler)
         _stop_with(supervisor)
         _announce_to = announce_to
-        from replayd.cli import run_cli  # here: cli imports this module
-
-        code = run_cli(argv)
+        code = command(argv)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

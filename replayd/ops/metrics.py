@@ -29,6 +29,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from replayd.version import __version__
+
 STATES = ("starting", "catching_up", "live", "stalled", "paused", "draining", "stopped")
 OUTCOMES = ("ok", "retried", "failed", "tombstone", "dead_lettered", "skipped")
 STALL_AFTER_S = 300.0
@@ -245,8 +247,6 @@ class _Families(Collector):
 
 
 def _build() -> dict[str, str]:
-    from replayd import __version__
-
     return {
         "version": __version__,
         "python": platform.python_version(),

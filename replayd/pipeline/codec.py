@@ -15,36 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
 from replayd.config import FieldNames
 from replayd.errors import DecodeError
-from replayd.events import Event
-
-if TYPE_CHECKING:
-    from replayd.pipeline.router import Partitioner, Router
+from replayd.events import Event, Poison
+from replayd.pipeline.router import Partitioner, Router
 
 RawEntry = Sequence[Any]
 """An XRANGE/XREAD reply element as hiredis returns it: `[id, [field, value, field, value, ...]]`."""
-
-
-class Poison(NamedTuple):
-    """An entry that could not be decoded: counted, logged and accounted for, never a crash."""
-
-    stream: str
-    """The stream key."""
-    stream_id: str
-    """The entry ID."""
-    fields: dict[str, str]
-    """The raw fields, decoded leniently for display."""
-    error: str
-    """Why it could not be decoded."""
-
-    @classmethod
-    def of(cls, error: DecodeError) -> Poison:
-        return cls(error.stream, error.stream_id, error.fields, error.reason)
 
 
 _decode_json = msgspec.json.Decoder().decode

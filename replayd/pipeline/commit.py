@@ -444,7 +444,7 @@ class Committer:
                     )
 
     def _check_rolled_back(self, current: str) -> None:
-        """Our own token with a lower number: Redis lost commits it acknowledged (FAULTS T9/T10)."""
+        """Our own token with a lower number: Redis lost commits it acknowledged (fault matrix T9/T10)."""
         number, _, token = current.partition(":")
         if token == self._token and number.isdigit() and int(number) < int(self.seq.partition(":")[0] or 0):
             raise RestartJob(

@@ -8,8 +8,7 @@ from typing import NamedTuple
 from zlib import crc32
 
 from replayd.errors import DecodeError
-from replayd.events import WHOLE, Event, Id, Shard, parse_id
-from replayd.pipeline.codec import Poison
+from replayd.events import WHOLE, Event, Id, Poison, Shard, parse_id
 
 STREAM_KEY = "@stream"
 """`partition_by` value that partitions by the stream key (one ordered lane per stream)."""

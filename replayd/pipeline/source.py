@@ -12,9 +12,9 @@ from typing import Any, NamedTuple
 from anyio.streams.memory import MemoryObjectSendStream
 
 from replayd.connection import Client, OwnConnection, connects, count_received, retrying
-from replayd.events import Id, format_id, parse_id
+from replayd.events import Id, Poison, format_id, parse_id
 from replayd.ops.metrics import Metrics
-from replayd.pipeline.codec import Poison, RawEntry
+from replayd.pipeline.codec import RawEntry
 
 
 class Batch(NamedTuple):
@@ -104,7 +104,7 @@ class StreamReader:
 
     Each read asks for one entry more than it delivers and keeps that entry's ID: the next read must start with
     it. When it does not, entries after the position were removed before they were read (a trim overtaking
-    the reader, FAULTS T13), and `on_gap(position)` decides, from XINFO STREAM, whether that lost anything.
+    the reader, fault matrix T13), and `on_gap(position)` decides, from XINFO STREAM, whether that lost anything.
     So does a read during which a connection was made (Redis restarted from a torn AOF, or a failover to a
     lagging replica, may have taken the stream back behind the position: T9/T10). Neither costs anything per
     event, nor a command per batch.

@@ -175,6 +175,42 @@ def render(summary: dict[str, Any], notes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown(summary: dict[str, Any], info: dict[str, Any], config: dict[str, Any]) -> str:
+    """The table of docs/performance.md: the run (commit, machine), each measurement with its ratios, the targets."""
+    load = info.get("load_average_at_start", (0.0,))[0]
+    rounds = f"{config['repeat']} round{'s' if config['repeat'] != 1 else ''}"
+    lines = [
+        f"`make bench` on commit {_commit()} ({config['events']:,} events, {rounds}, medians; "
+        f"{info['cpu_model'] or 'unknown CPU'}, {info['nproc']} CPUs, Python {info['python']}, Redis "
+        f"{info['redis_server']}; load average {load:.2f} at the start).",
+        "",
+        "| measurement | events/s | x peer | x raw |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in summary["rows"]:
+        rate = row["events_per_s"]
+        shown = "not run" if rate is None else f"{rate:,.0f}"
+        lines.append(f"| {row['label']} | {shown} | {_x(row['vs_peer'])} | {_x(row['vs_raw'])} |")
+    rss = summary["rss"]
+    for key, label in (("rss_100k_mb", "peak RSS, replay of 100k events"), ("rss_10m_mb", "peak RSS, 10M events")):
+        value = rss.get(key)
+        lines.append(f"| {label} | {'not run' if value is None else f'{value:,.1f} MB'} | | |")
+    lines += ["", "| target | measured | held |", "|---|---:|:---:|"]
+    for target in summary["targets"]:
+        ratio = target["ratio"]
+        shown = "not measured" if ratio is None else (f"{ratio:.1f} MB" if "RSS" in target["target"] else _x(ratio))
+        lines.append(f"| {target['target']} | {shown} | {_mark(target['holds'])} |")
+    return "\n".join(lines)
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "(not a git checkout)"
+    return done.stdout.strip()
+
+
 def machine_info(redis_version: str) -> dict[str, Any]:
     model = ""
     try:

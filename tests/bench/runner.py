@@ -31,7 +31,7 @@ from replayd.sample import load_history_sync
 from tests.bench import peers, replayd_runs
 from tests.bench.core import Sample, clear_projection, run_async, snapshot_projection
 from tests.bench.handlers import burn
-from tests.bench.report import machine_info, render, summarise
+from tests.bench.report import machine_info, markdown, render, summarise
 
 MAIN = "bench:orders"
 REBUILD_PREFIX = "bench:orders:rebuild-prefix"
@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rss-10m", action="store_true", help="also measure peak RSS on 10M events (slow to load)")
     p.add_argument("--json", default="bench-results.json", metavar="PATH", help="where to write all figures")
+    p.add_argument("--docs", metavar="PATH", help="rewrite the table between the bench markers of this page")
     p.add_argument("--profile", metavar="DIR", help="after the rounds, profile replayd runs with pyinstrument")
     return p.parse_args(argv)
 
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         table = render(summary, notes)
         print()
         print(table)
+        if args.docs:
+            write_docs(Path(args.docs), markdown(summary, info, vars(args)))
         if args.profile:
             profile(cfg, Path(args.profile))
     duration = time.perf_counter() - began
@@ -327,3 +330,19 @@ def profile(cfg: RedisConfig, directory: Path) -> None:
         path.write_text(text)
         print(f"\nprofile of replayd {name} ({sample.rate:,.0f} events/s under the profiler) -> {path}")
         print("\n".join(text.splitlines()[:60]))
+
+
+DOCS_START = "<!-- make bench writes the table below -->"
+DOCS_END = "<!-- end of the table make bench writes -->"
+
+
+def write_docs(page: Path, table: str) -> None:
+    """Replace what lies between the markers of `page` with `table`: the docs keep one current table, and its
+    history is the page's git history."""
+    text = page.read_text()
+    if DOCS_START not in text or DOCS_END not in text:
+        print(f"{page} has no bench markers: table not written")
+        return
+    head, rest = text.split(DOCS_START, 1)
+    page.write_text(f"{head}{DOCS_START}\n{table}\n{DOCS_END}{rest.split(DOCS_END, 1)[1]}")
+    print(f"table written to {page}")
