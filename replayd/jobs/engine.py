@@ -719,7 +719,7 @@ async def rebuild_in_place(engine: Engine) -> Stats:
 
     engine.on_leased = clear
     stats = await engine.run()
-    if stats.status == "stopped":  # stopped part way: not rebuilt (the next run starts over)
+    if stats.status != "completed":  # stopped part way (a stop, a StopReplay): not rebuilt (the next run starts over)
         return stats
     meta = partial(redis.hset, f"{engine.namespace}:meta", mapping={
         "rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed,
