@@ -26,6 +26,10 @@ OWNERS = job_key(JOB, "owners")
 EVENTS = 1200
 
 
+class Outcomes(dict[int, BaseException | None]):
+    """What each engine ended with, by its id(): None when it completed."""
+
+
 class Applied:
     """Counts each event it applies (in the commit), once `gate` (when given) is open."""
 
@@ -55,7 +59,7 @@ def layout(r: Redis, cfg: RedisConfig, total: int, gate: anyio.Event | None = No
     return [engine(r, cfg, f"{i}/{total}" if total > 1 else None, gate, **job) for i in range(total)]
 
 
-async def run(engines: list[Engine], outcomes: dict[int, BaseException | None]) -> None:
+async def run(engines: list[Engine], outcomes: Outcomes) -> None:
     """Run the engines concurrently, each one's outcome (None: completed) into `outcomes` by its id()."""
 
     async def one(engine: Engine) -> None:
@@ -96,7 +100,7 @@ async def test_a_newcomer_of_another_layout_exits_75_naming_the_live_one(
     """1. the old layout's shards hold their leases, gated  2. a shard of the new layout starts (on_lease_held =
     exit): it exits 75 naming the layout that holds the job  3. the old layout finishes: every event once."""
     ids = add(sync_redis, orders(EVENTS, customers=24))
-    gate, outcomes = anyio.Event(), {}
+    gate, outcomes = anyio.Event(), Outcomes()
     olds = layout(raw_redis, redis_cfg, old, gate)
     newcomer = engine(raw_redis, redis_cfg, "0/2" if new == 2 else ("0/3" if new == 3 else None),
                       on_lease_held="exit")  # fmt: skip
@@ -121,7 +125,7 @@ async def test_a_newcomer_of_another_layout_waits_until_the_old_one_is_gone(
     """1. the old layout holds the job, gated  2. the new layout's shards start and wait: nothing applied  3. the
     old layout completes and releases; the new one then runs from its checkpoints: every event once."""
     ids = add(sync_redis, orders(EVENTS, customers=24))
-    gate, outcomes = anyio.Event(), {}
+    gate, outcomes = anyio.Event(), Outcomes()
     olds, news = layout(raw_redis, redis_cfg, old, gate), layout(raw_redis, redis_cfg, new, lease_ttl_s=0.6)
     async with anyio.create_task_group() as tg:
         tg.start_soon(run, olds, outcomes)
@@ -144,7 +148,7 @@ async def test_resharding_stop_the_old_layout_then_start_the_new_one(
     ids = add(sync_redis, orders(EVENTS, customers=24))
     cuts = [ids[300], ids[650], ids[900], ids[-1]]
     for total, cut in zip([1, 2, 3, 1], cuts, strict=True):
-        outcomes: dict[int, BaseException | None] = {}
+        outcomes = Outcomes()
         await run(layout(raw_redis, redis_cfg, total, end=cut), outcomes)
         assert all(outcome is None for outcome in outcomes.values())
     assert_applied_once(sync_redis, ids)
@@ -158,7 +162,7 @@ async def test_a_late_owner_of_the_old_layout_cannot_commit_beside_the_new_one(
     here), the 3-shard layout runs the job to its end  3. 0/2 wakes up: its commit is refused (the new layout's
     claim moved its commit sequence), it stops with FencingError  4. every event once."""
     ids = add(sync_redis, orders(EVENTS, customers=24))
-    gate, outcomes = anyio.Event(), {}
+    gate, outcomes = anyio.Event(), Outcomes()
     (paused,) = [engine(raw_redis, redis_cfg, "0/2", gate, lease_ttl_s=60)]
     async with anyio.create_task_group() as tg:
         tg.start_soon(run, [paused], outcomes)
@@ -180,7 +184,7 @@ async def test_a_late_commit_between_the_new_owners_claim_and_its_checkpoint_rea
     expires  2. B takes the lease; right after B has read the checkpoint, A commits its batches  3. A's commit is
     refused (B's claim came first), so nothing B resumes from is stale  4. every event once."""
     ids = add(sync_redis, orders(EVENTS, customers=24))
-    gate, a_done, outcomes = anyio.Event(), anyio.Event(), {}
+    gate, a_done, outcomes = anyio.Event(), anyio.Event(), Outcomes()
     a, b = engine(raw_redis, redis_cfg, None, gate, lease_ttl_s=60), engine(raw_redis, redis_cfg, None)
     read_checkpoint = b.store.load
 
