@@ -135,10 +135,10 @@ class Lease:
             return f"{self.key} is held by {rest[0]}: another instance runs job {self.job} as {me}"
         holders = sorted(member.partition(" ") for member in rest)
         owners = ", ".join(f"{self._described(holder)} on {token}" for holder, _, token in holders)
+        if any(holder.startswith("cmd:") for holder, _, _ in holders):
+            return f"job {self.job} is being changed by {owners}: {me} runs once that is done"
         if self.holder.startswith("cmd:"):
             return f"job {self.job} runs ({owners}): {me} changes its state only while nothing runs it; stop it first"
-        if any(holder.startswith("cmd:") for holder, _, _ in holders):
-            return f"job {self.job} is being changed by {owners}"
         return (
             f"job {self.job} runs under another shard layout ({owners}) and this process would run it as {me}: "
             "two layouts would apply the same partitions. To reshard, stop every process of the old layout, then "
