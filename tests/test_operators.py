@@ -4,6 +4,7 @@ refuse (exit 75, naming the owner) while an instance runs the job, and two of th
 from __future__ import annotations
 
 import subprocess
+from functools import partial
 from typing import Any
 
 import anyio
@@ -88,7 +89,7 @@ async def test_state_changing_commands_refuse_while_the_job_runs(
             await job.caught_up.wait()
         before = checkpoint(sync_redis, JOB)
         for command in commands:
-            done = await anyio.to_thread.run_sync(lambda c=command: replayd(*c, "--redis-url", redis_url, timeout=30))
+            done = await anyio.to_thread.run_sync(partial(replayd, *command, "--redis-url", redis_url, timeout=30))
             assert done.returncode == 75, (command, done.stderr)
             assert job.lease.token in done.stderr, done.stderr
         assert checkpoint(sync_redis, JOB) == before
