@@ -2,7 +2,7 @@
 
 A process takes its shard's lease (SET NX PX) and, in the same script, joins the job's *owners*: a sorted set
 `replayd:{job}:owners` of `<holder> <token>` members scored by their expiry (Redis's clock), renewed with the
-lease. The holder is the process's shard (`0/1` unsharded, `i/N`) or `cmd:<command>` for an operator command.
+lease (the set itself expires with its last member). The holder is the process's shard (`0/1` unsharded, `i/N`) or `cmd:<command>` for an operator command.
 Shards of one layout (the same N) run side by side; a member of another layout, or an operator command, keeps a
 newcomer out: two layouts would apply the same partitions (unsharded and 0/2 share partition 0), and a command
 that moves a checkpoint or retries dead letters must not race the job's owner. The newcomer waits (or exits 75)
@@ -57,6 +57,7 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3] .. ' ' .. ARGV[1])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return {'ok'}
 """
 
@@ -68,6 +69,7 @@ if holder and holder ~= ARGV[1] then return {'taken', holder} end
 if not holder or not redis.call('ZSCORE', KEYS[2], ARGV[3]) then return {'expired'} end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return {'ok'}
 """
 
