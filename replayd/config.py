@@ -435,8 +435,8 @@ def describe(exc: ValidationError, file: Path | None) -> str:
         variables = _variables(error["loc"])
         if variables and error["type"] == "list_type":  # REPLAYD_JOBS__0__X: one item of a list cannot be set
             message += f": set {setting} whole, as JSON in REPLAYD_{setting.replace('.', '__').upper()}"
-        where = f"{setting} (from {', '.join(variables)})" if variables else setting
-        lines.append(f"  {where}: {message}")
+        source = f" (from {', '.join(variables)})" if variables else ""
+        lines.append(f"  {setting}: {message}{source}")
     return "\n".join(lines)
 
 

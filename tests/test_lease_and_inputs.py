@@ -137,7 +137,7 @@ def test_a_lease_ttl_shorter_than_its_renewals_need_is_refused() -> None:
     jobs = json.dumps([{"name": "j", "streams": ["s"], "handler": "x:y", "lease_ttl_s": 0.001}])
     done = replayd("status", env={"REPLAYD_JOBS": jobs})
     assert done.returncode == 78
-    assert "jobs.0.lease_ttl_s (from REPLAYD_JOBS)" in done.stderr
+    assert "jobs.0.lease_ttl_s: " in done.stderr and "(from REPLAYD_JOBS)" in done.stderr
 
 
 def test_an_environment_error_names_the_variable() -> None:
