@@ -2,11 +2,12 @@
 
 A process takes its shard's lease (SET NX PX) and, in the same script, joins the job's *owners*: a sorted set
 `replayd:{job}:owners` of `<holder> <token>` members scored by their expiry (Redis's clock), renewed with the
-lease (the set itself expires with its last member). The holder is the process's shard (`0/1` unsharded,
-`i/N`) or `cmd:<command>` for an operator command. Shards of one layout (the same N) run side by side; a member
-of another layout, or an operator command, keeps a newcomer out: two layouts would apply the same partitions (unsharded and 0/2 share partition 0), and a command
-that moves a checkpoint or retries dead letters must not race the job's owner. The newcomer waits (or exits 75)
-until those members are gone: released, or expired past their TTL.
+lease (the set itself expires with its last member). The holder is the process's shard (`0/1` unsharded, `i/N`)
+or `cmd:<command>` for an operator command. Shards of one layout (the same N) run side by side; a member of
+another layout, or an operator command, keeps a newcomer out: two layouts would apply the same partitions
+(unsharded and 0/2 share partition 0), and a command that moves a checkpoint or retries dead letters must not
+race the job's owner. The newcomer waits (or exits 75) until those members are gone: released, or expired past
+their TTL.
 
 The commit sequence (commit.py) is what fences a late owner's writes; its claim moves every other layout's
 sequence too. The lease makes a second instance wait (or exit 75) before it reads anything, instead of doing
