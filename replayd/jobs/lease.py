@@ -170,9 +170,9 @@ class Lease:
             if status == "expired":
                 past_s = max(time.monotonic() - self._renewed - self.ttl_ms / 1000, 0.0)
                 raise FencingError(
-                    f"{self.key} expired: this process was paused (or cut off from Redis) for {past_s:.1f} s past "
-                    f"the lease (lease_ttl_s = {self.ttl_ms / 1000:g}); no other instance has taken it. Stopping "
-                    "(exit 75): a restart resumes from the checkpoint"
+                    f"{self.key} expired: this process was paused for {past_s:.1f} s past the lease (lease_ttl_s = "
+                    f"{self.ttl_ms / 1000:g}; or cut off from Redis that long); no other instance has taken it. "
+                    "Stopping (exit 75): a restart resumes from the checkpoint"
                 )
             self._renewed = time.monotonic()
 
