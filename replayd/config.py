@@ -50,6 +50,10 @@ ShardText = Annotated[str, AfterValidator(_shard_text)]
 """`i/N`, checked when the settings load."""
 
 
+MIN_LEASE_TTL_S = 0.3
+"""The shortest `lease_ttl_s`: its owner renews the lease every third of it."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -282,7 +286,8 @@ class JobSpec(_Section):
     on_lease_held: Literal["wait", "exit"] = "wait"
     """Another instance holds this job's (shard's) lease: wait for it, or exit 75."""
     lease_ttl_s: float = Field(15.0, gt=0)
-    """How long a lease outlives its owner (a SIGKILLed or paused instance) before another may take it."""
+    """How long a lease outlives its owner (a SIGKILLed or paused instance) before another may take it. The owner
+    renews it every third of this; at least 0.3 s (a renewal every 0.1 s), so a renewal's round trip fits."""
     allow_reset: bool = False
     """Start over when the checkpoint vanished while the job's progress remains (refused otherwise)."""
     require_stream: bool = False
@@ -290,6 +295,16 @@ class JobSpec(_Section):
     retain_old_s: float = Field(60.0, ge=0)
     """After a rebuild flips the projection to its new version, readers still on the old one have this long
     before it is deleted."""
+
+    @field_validator("lease_ttl_s")
+    @classmethod
+    def _lease_ttl(cls, value: float) -> float:
+        if value < MIN_LEASE_TTL_S:
+            raise ValueError(
+                f"{value:g} s is shorter than {MIN_LEASE_TTL_S:g} s: the lease is renewed every third of it "
+                f"({value / 3:.2g} s), too often for a renewal's round trip to Redis to arrive in time"
+            )
+        return value
 
     @field_validator("start")
     @classmethod
@@ -415,7 +430,25 @@ def describe(exc: ValidationError, file: Path | None) -> str:
     origin = f"{file} or REPLAYD_* environment" if file else "REPLAYD_* environment or arguments"
     lines = [f"invalid configuration ({origin}):"]
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "(root)"
+        setting = ".".join(str(part) for part in error["loc"]) or "(root)"
         message = re.sub(r"^Value error, ", "", error["msg"])
-        lines.append(f"  {where}: {message}")
+        variables = _variables(error["loc"])
+        if variables and error["type"] == "list_type":  # REPLAYD_JOBS__0__X: one item of a list cannot be set
+            message += f": set {setting} whole, as JSON in REPLAYD_{setting.replace('.', '__').upper()}"
+        source = f" (from {', '.join(variables)})" if variables else ""
+        lines.append(f"  {setting}: {message}{source}")
     return "\n".join(lines)
+
+
+def _variables(loc: tuple[int | str, ...]) -> list[str]:
+    """The REPLAYD_* environment variables that set (part of) the setting at `loc`."""
+    path = [str(part).lower() for part in loc]
+    found = []
+    for name in os.environ:
+        if not name.upper().startswith("REPLAYD_"):
+            continue
+        parts = name[len("REPLAYD_") :].lower().split("__")
+        shared = min(len(parts), len(path))
+        if shared and parts[:shared] == path[:shared]:
+            found.append(name)
+    return sorted(found)

@@ -90,6 +90,8 @@ def parse_id(text: str | bytes, *, end: bool = False) -> Id:
     ms, sep, seq = text.partition("-")
     if not ms.isdigit() or (sep and not seq.isdigit()):
         raise ValueError(f"not a stream entry ID: {text!r} (expected <ms>-<seq>)")
+    if int(ms) > MAX_SEQ or (sep and int(seq) > MAX_SEQ):
+        raise ValueError(f"not a stream entry ID: {text!r} (each part of <ms>-<seq> is at most {MAX_SEQ})")
     if not sep:
         return (int(ms), MAX_SEQ if end else 0)
     return (int(ms), int(seq))

@@ -1,7 +1,8 @@
 """Kill trials (issue 5, item 4; the fault matrix, T1 and T4): `replayd run` subprocesses on a real redis-server,
 SIGKILLed at seeded random moments and restarted, or SIGTERMed during slow batches.
 
-- atomic (order_summary, effects in the checkpoint's script): the final projection equals a clean rebuild;
+- atomic (order_summary, effects in the checkpoint's script): the final projection equals a clean rebuild; an async
+  handler (lanes and group commits, not the inline path) commits each effect exactly once;
 - at-least-once (a handler writing with its own client): every entry ID is seen;
 - SIGTERM: exit 0 within the drain deadline, status `stopped`, and the checkpoint is exactly the handled work.
 """
@@ -154,6 +155,22 @@ def test_sigkill_20_times_with_a_non_transactional_handler_loses_no_event(
     entries: Any = sync_redis.xrange(STREAM)
     ids = [entry_id for entry_id, _ in entries]
     assert sync_redis.smismember(SEEN, ids) == [1] * EVENTS
+
+
+def test_sigkill_20_times_during_an_async_handlers_replay_then_each_effect_is_committed_once(
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]]
+) -> None:
+    """T1, atomic on the lane path: SlowEffects is async, so its batches run in lanes (8 partitions) and commit in
+    groups, unlike order_summary (called inline). After 20 random kills and a last run, every event's effect is
+    committed exactly once, and each partition's checkpoint covers exactly the effects."""
+    load_history_sync(sync_redis, STREAM, EVENTS)
+    # 0.5 ms per event over 8 lanes: about 6 s of replay, across which the 20 kills fall
+    config = write_config(tmp_path, redis_url, handler="tests.trial_plugins:SlowEffects", partitions=8, batch_size=200)
+    mid_replay = kill_trials(sync_redis, config, redis_url, processes, seed=1905, max_sleep_s=0.5)
+    assert mid_replay > TRIALS // 2, f"only {mid_replay} of {TRIALS} kills landed mid-replay"
+    finish(config, redis_url, processes)
+    assert floor(sync_redis) == last_id(sync_redis)
+    assert handled_matches_checkpoint(sync_redis, 8) == (EVENTS, EVENTS)
 
 
 def handled_matches_checkpoint(client: redis.Redis, partitions: int) -> tuple[int, int]:

@@ -28,13 +28,13 @@ from replayd.api import Replay
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import Client, create_redis, is_retriable, retrying, text, text_hash
 from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
-from replayd.events import format_id, parse_end, parse_id, parse_shard, parse_start
+from replayd.events import MAX_SEQ, WHOLE, format_id, parse_end, parse_id, parse_shard, parse_start
 from replayd.handlers.builtin import jsonl_dump, republish
 from replayd.handlers.loader import load_handler
 from replayd.jobs.daemon import Daemon, drain_on_signals, start_http
 from replayd.jobs.deadletter import Letters
 from replayd.jobs.engine import Engine, rebuild_in_place
-from replayd.jobs.lease import lease_key
+from replayd.jobs.lease import fenced, lease_key
 from replayd.jobs.plan import dry_run, dry_run_spec, plan
 from replayd.jobs.rebuild import Rebuild
 from replayd.jobs.verify import verify
@@ -44,7 +44,7 @@ from replayd.ops.console import display_id, summary, with_progress
 from replayd.ops.http import Readiness
 from replayd.ops.logs import setup_logging
 from replayd.ops.metrics import Metrics
-from replayd.pipeline.commit import Tally, job_key, stream_positions
+from replayd.pipeline.commit import Tally, floor_field, job_key, stream_field, stream_positions
 from replayd.pipeline.pacing import parse_speed
 from replayd.version import __version__
 
@@ -599,8 +599,10 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     metrics = Metrics()
     async with _client(settings) as client:
         await _require_streams(client, settings, spec)
-        if args.in_place:
-            engine = Engine(spec, client, redis_cfg=settings.redis, metrics=metrics)
+        if args.in_place:  # refused (exit 75) while the job runs: it would clear what the running job writes
+            engine = Engine(
+                spec.model_copy(update={"on_lease_held": "exit"}), client, redis_cfg=settings.redis, metrics=metrics
+            )
             work = _serving_metrics(args, settings, metrics, with_progress(engine.stats, rebuild_in_place(engine)))
             _, code = await _drained_on_signals(engine.stop, work, settings)
             done = "stopped rebuilding" if code else "rebuilt"
@@ -774,39 +776,61 @@ def _positions(checkpoint: dict[str, str]) -> dict[str, str]:
 async def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     key = job_key(args.job, "checkpoint")
     async with _client(settings) as client:
-        fields = text_hash(await client.hgetall(key))
         if args.action == "show":
-            if args.json:
-                print(json.dumps({"checkpoint": fields, "positions": _positions(fields)}, indent=2, sort_keys=True))
-            else:
-                for field, value in sorted(fields.items()):
-                    print(f"{field}\t{value}")
-            if not fields:
-                print(f"replayd: job {args.job!r} has no checkpoint ({key} is absent; `replayd status` lists the "
-                      "jobs in Redis)", file=sys.stderr)  # fmt: skip
-            return 0 if fields else 1
+            return await _checkpoint_show(args, client, key)
         if args.action == "reset":
-            _confirm(args, f"delete {key}: job {args.job} replays from its start position next run")
-            progress = [k async for k in client.scan_iter(match=job_key(args.job, "progress") + "*")]
-            await client.unlink(key, *progress)  # an intended reset: not to be mistaken for a lost checkpoint
-            print(f"reset {key}")
-            return 0
-        if not args.stream or not args.to:
-            raise UsageError("checkpoint set needs --stream S and --to ID")
-        target = format_id(parse_id(args.to, end=True)) if _is_id(args.to) else None
-        if target is None:
-            raise UsageError(f"--to {args.to!r} is not an entry ID")
-        _confirm(args, f"set every partition of {args.stream} in {key} to {target}")
-        # every partition resumes after the stream's floor once its own checkpoint is gone
-        prefix = f"{args.stream}#"
-        own = [field for field in fields if field.startswith(prefix) and field[len(prefix) :].isdigit()]
+            return await _checkpoint_reset(args, client, key)
+        return await _checkpoint_set(args, client, key)
+
+
+async def _checkpoint_show(args: argparse.Namespace, client: Client, key: str) -> int:
+    fields = text_hash(await client.hgetall(key))
+    if args.json:
+        print(json.dumps({"checkpoint": fields, "positions": _positions(fields)}, indent=2, sort_keys=True))
+    else:
+        for field, value in sorted(fields.items()):
+            print(f"{field}\t{value}")
+    if not fields:
+        print(f"replayd: job {args.job!r} has no checkpoint ({key} is absent; `replayd status` lists the "
+              "jobs in Redis)", file=sys.stderr)  # fmt: skip
+    return 0 if fields else 1
+
+
+async def _checkpoint_reset(args: argparse.Namespace, client: Client, key: str) -> int:
+    _confirm(args, f"delete {key}: job {args.job} replays from its start position next run")
+
+    async def reset() -> None:
+        progress = [k async for k in client.scan_iter(match=job_key(args.job, "progress") + "*")]
+        await client.unlink(key, *progress)  # an intended reset: not to be mistaken for a lost checkpoint
+
+    await fenced(client, args.job, "checkpoint_reset", reset)
+    print(f"reset {key}")
+    return 0
+
+
+async def _checkpoint_set(args: argparse.Namespace, client: Client, key: str) -> int:
+    if not args.stream or not args.to:
+        raise UsageError("checkpoint set needs --stream S and --to ID")
+    target = format_id(parse_id(args.to, end=True)) if _is_id(args.to) else None
+    if target is None:
+        raise UsageError(f"--to {args.to!r} is not an entry ID (<ms>-<seq>, each at most {MAX_SEQ})")
+    _confirm(args, f"set every partition of {args.stream} in {key} to {target}")
+
+    async def move() -> None:
+        # every partition resumes after the stream's floor once its own checkpoint and the shards' floors
+        # are gone (what counts as history, replay_until, stays)
+        fields = text_hash(await client.hgetall(key))
+        prefix = stream_field(args.stream) + "#"
+        positions = [f for f in fields if f.startswith(prefix) and f != prefix + "replay_until"]
         async with client.pipeline(transaction=True) as tx:
-            if own:
-                tx.hdel(key, *own)
-            tx.hset(key, f"{args.stream}#*", target)
+            if positions:
+                tx.hdel(key, *positions)
+            tx.hset(key, floor_field(args.stream, WHOLE), target)
             await tx.execute()
-        print(f"set {args.stream} of {args.job} to {target}")
-        return 0
+
+    await fenced(client, args.job, "checkpoint_set", move)
+    print(f"set {args.stream} of {args.job} to {target}")
+    return 0
 
 
 def _is_id(text: str) -> bool:
@@ -870,10 +894,12 @@ async def _dlq(args: argparse.Namespace, settings: Settings, letters: Letters) -
         if not ids:
             raise UsageError("dlq discard needs entry IDs or --all")
         _confirm(args, f"discard {len(ids)} dead letter(s) of job {args.job}")
-        print(f"discarded {await letters.discard(ids)} dead letter(s)")
+        discarded = await fenced(letters.client, args.job, "dlq_discard", partial(letters.discard, ids))
+        print(f"discarded {discarded} dead letter(s)")
         return 0
     handler = load_handler(args.handler or _job_handler(settings, args.job))
-    done, left = await letters.retry(handler, args.ids or None)
+    retry = partial(letters.retry, handler, args.ids or None)
+    done, left = await fenced(letters.client, args.job, "dlq_retry", retry)
     print(f"retried: {done} handled and removed, {left} left")
     return 0 if left == 0 else 1
 

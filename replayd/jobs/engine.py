@@ -733,7 +733,7 @@ async def rebuild_in_place(engine: Engine) -> Stats:
     engine.on_leased = clear
     engine.view.rebuild_targets = engine.stats.target  # replayd_rebuild_running, _target_timestamp_seconds
     stats = await engine.run()
-    if stats.status == "stopped":  # stopped part way: not rebuilt (the next run starts over)
+    if stats.status != "completed":  # stopped part way (a stop, a StopReplay): not rebuilt (the next run starts over)
         return stats
     meta = partial(redis.hset, f"{engine.namespace}:meta", mapping={
         "rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed,

@@ -1,14 +1,16 @@
 """Checkpoints: where each (job, stream, partition) is, committed atomically with the handler's writes.
 
 Layout of `replayd:{job}:checkpoint` (one hash per job; the braces are a Cluster hash tag):
-    <stream>#<p>             the last entry of partition p whose effects are committed
+    <stream>#<p>             the last entry of partition p whose effects are committed (a stream name holding
+                             `#` or `%` is written with them percent-encoded, so no name runs into another's fields)
     <stream>#*               the stream's floor: every routed entry at or below it is committed, whatever its
                              partition (so partitions that get no events, and filtered events, still advance)
     <stream>#*i/N            the same, for shard i of N
     <stream>#replay_until    entries at or below it are history (`ctx.replaying`) for a following job
     partitions               P, fixed for the job's lifetime (changing it would re-route committed keys)
     seq, seq:i/N             the commit sequence `<n>:<token>` of the job (or shard): each commit runs only if it
-                             is unchanged, which makes retries apply once and fences out a second instance
+                             is unchanged, which makes retries apply once and fences out a second instance; a claim
+                             moves the sequences of every other shard layout too (and an operator command's, all)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 import anyio
 import hiredis
@@ -91,16 +94,18 @@ class CheckpointStore:
         past the TTL) can then no longer commit, so the checkpoint this one resumes from is final. The version
         is read in the same step, because a rebuild's flip moves both: a flip after this claim fences the run."""
         keys = [self.key, alias] if alias else [self.key]
-        seq, version = await self.redis.eval(_CLAIM_SCRIPT, len(keys), *keys, seq_field(self.shard), token)
+        seq, version = await self.redis.eval(
+            _CLAIM_SCRIPT, len(keys), *keys, seq_field(self.shard), token, str(self.shard.total)
+        )
         return text(seq), int(version)
 
     def replay_until(self, stream: str) -> Id | None:
-        text = self.fields.get(f"{stream}#replay_until")
+        text = self.fields.get(_replay_until_field(stream))
         return parse_id(text) if text else None
 
     async def init_stream(self, stream: str, replay_until: Id) -> None:
         await self.redis.hset(
-            self.key, mapping={"partitions": self.partitions, f"{stream}#replay_until": format_id(replay_until)}
+            self.key, mapping={"partitions": self.partitions, _replay_until_field(stream): format_id(replay_until)}
         )
 
     async def reset(self) -> None:
@@ -108,17 +113,42 @@ class CheckpointStore:
         if self.shard.total == 1:
             await self.redis.unlink(self.key)
             return
-        own_floor, own_seq = f"#{FLOOR}{self.shard.suffix}", seq_field(self.shard)
+        own_floor, own_seq = FLOOR + self.shard.suffix, seq_field(self.shard)
         fields = text_hash(await self.redis.hgetall(self.key))
         mine = [
             name
             for name in fields
             if name == own_seq
-            or name.endswith(own_floor)
-            or ((tail := name.rpartition("#")[2]).isdigit() and self.shard.owns(int(tail)))
+            or (tail := name.partition("#")[2]) == own_floor
+            or (tail.isdigit() and self.shard.owns(int(tail)))
         ]
         if mine:
             await self.redis.hdel(self.key, *mine)
+
+
+def stream_field(stream: str) -> str:
+    """A stream's name as its checkpoint fields begin: as it is, unless it holds `#` or `%`, which are then
+    percent-encoded. No encoded name holds a `#`, so the first `#` of a field ends the name, and no name can
+    collide with another's fields (streams `ev` and `ev#*`); checkpoints of ordinary names read as they always did."""
+    return stream.replace("%", "%25").replace("#", "%23") if "#" in stream or "%" in stream else stream
+
+
+def partition_field(stream: str, partition: int) -> str:
+    return f"{stream_field(stream)}#{partition}"
+
+
+def _replay_until_field(stream: str) -> str:
+    return f"{stream_field(stream)}#replay_until"
+
+
+def _floor_shard(tail: str) -> Shard | None:
+    """The shard whose floor a field's tail (`*`, `*i/N`) names, or None when it names none."""
+    if tail == FLOOR:
+        return Shard()
+    try:
+        return parse_shard(tail[1:]) if tail.startswith(FLOOR) else None
+    except ValueError:
+        return None
 
 
 def partition_positions(
@@ -129,7 +159,7 @@ def partition_positions(
     A partition's position is the highest of its own checkpoint and every floor that covers it: the job's
     floor `<stream>#*`, and the floor `<stream>#*i/N` of a shard that owns it.
     """
-    prefix = stream + "#"
+    prefix = stream_field(stream) + "#"
     own: dict[int, Id] = {}
     floors: list[tuple[Shard, Id]] = []
     for name, value in fields.items():
@@ -138,8 +168,8 @@ def partition_positions(
         tail = name[len(prefix) :]
         if tail.isdigit():
             own[int(tail)] = parse_id(value)
-        elif tail.startswith(FLOOR):
-            floors.append((parse_shard(tail[1:]) if tail[1:] else Shard(), parse_id(value)))
+        elif (owner := _floor_shard(tail)) is not None:
+            floors.append((owner, parse_id(value)))
     if not own and not floors:
         return None
     return {
@@ -152,7 +182,7 @@ def partition_positions(
 def stream_positions(checkpoint: dict[str, str]) -> dict[str, Id]:
     """Per stream: the position a restart resumes after (the lowest over all partitions and shards)."""
     partitions = int(checkpoint.get("partitions") or 1)
-    streams = {field.rpartition("#")[0] for field in checkpoint if "#" in field}
+    streams = {unquote(field.partition("#")[0]) for field in checkpoint if "#" in field}
     result = {}
     for stream in sorted(streams):
         per_partition = partition_positions(checkpoint, stream, partitions)
@@ -162,7 +192,7 @@ def stream_positions(checkpoint: dict[str, str]) -> dict[str, Id]:
 
 
 def floor_field(stream: str, shard: Shard) -> str:
-    return f"{stream}#{FLOOR}{shard.suffix}"
+    return f"{stream_field(stream)}#{FLOOR}{shard.suffix}"
 
 
 @dataclass(eq=False)
@@ -509,10 +539,30 @@ def seq_field(shard: Shard) -> str:
     return "seq" + (f":{shard}" if shard.total > 1 else "")
 
 
+async def fence_commits(redis: Client, job: str, token: str) -> None:
+    """Move every commit sequence of `job`: no commit of any instance started before applies after this (an
+    operator command changing the job's state, which no instance may run meanwhile)."""
+    await redis.eval(_CLAIM_SCRIPT, 1, job_key(job, "checkpoint"), "", token, "")
+
+
+# KEYS: checkpoint hash, [alias]; ARGV: the seq field to claim ('' for none), token, layout N ('' for none). The
+# sequences of other layouts move too: their shards own other sets of partitions, and one paused past its lease
+# must not commit beside the new layout (the lease keeps live ones out; this fences late ones).
 _CLAIM_SCRIPT = """
-local n = tonumber(string.match(redis.call('HGET', KEYS[1], ARGV[1]) or '', '^(%d+)')) or 0
-local seq = (n + 1) .. ':' .. ARGV[2]
-redis.call('HSET', KEYS[1], ARGV[1], seq)
+local function bump(f)
+  local n = tonumber(string.match(redis.call('HGET', KEYS[1], f) or '', '^(%d+)')) or 0
+  local seq = (n + 1) .. ':' .. ARGV[2]
+  redis.call('HSET', KEYS[1], f, seq)
+  return seq
+end
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if f ~= ARGV[1] and (f == 'seq' or string.match(f, '^seq:%d+/%d+$'))
+      and (string.match(f, '/(%d+)$') or '1') ~= ARGV[3] then
+    bump(f)
+  end
+end
+local seq = ''
+if ARGV[1] ~= '' then seq = bump(ARGV[1]) end
 return {seq, KEYS[2] and redis.call('GET', KEYS[2]) or '0'}
 """
 

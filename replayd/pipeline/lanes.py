@@ -24,7 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from replayd.errors import DataError
 from replayd.events import Event
 from replayd.handlers import Context, Handler, Outcome
-from replayd.pipeline.commit import CommitRequest, Mark
+from replayd.pipeline.commit import CommitRequest, Mark, partition_field
 from replayd.pipeline.source import BatchSizer
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class Lanes:
                 ctx.replaying = piece.replaying
                 outcome = await self.handler.handle_batch(piece.events, ctx)
                 self.on_outcome(piece.events[0].stream, outcome)
-                where = f"{piece.events[0].stream}#{partition}"
+                where = partition_field(piece.events[0].stream, partition)
                 if outcome.failed_at is not None:  # policy `stop`: commit what came before, then fail the job
                     if failure is None:
                         failure = piece.events[outcome.failed_at]

@@ -10,8 +10,10 @@ from operator import itemgetter
 from typing import Any, NamedTuple
 
 from anyio.streams.memory import MemoryObjectSendStream
+from redis.exceptions import ResponseError
 
-from replayd.connection import Client, OwnConnection, connects, count_received, retrying
+from replayd.connection import Client, OwnConnection, connects, count_received, retrying, text
+from replayd.errors import DataError
 from replayd.events import Id, Poison, format_id, parse_id
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.codec import RawEntry
@@ -250,8 +252,15 @@ def _text(value: bytes) -> str:
 
 
 async def head(redis: Client, stream: str) -> Id | None:
-    """The ID of the stream's last entry, or None when it is empty or missing."""
-    entries: list[Any] = await redis.execute_command("XREVRANGE", stream, "+", "-", "COUNT", 1)
+    """The ID of the stream's last entry, or None when it is empty or missing; DataError when the key holds
+    another type (a job is started on it, and it is looked at again every few seconds)."""
+    try:
+        entries: list[Any] = await redis.execute_command("XREVRANGE", stream, "+", "-", "COUNT", 1)
+    except ResponseError as exc:
+        if not str(exc).startswith("WRONGTYPE"):
+            raise
+        kind = text(await redis.type(stream))
+        raise DataError(f"key {stream} holds a {kind}, not a stream: check the job's streams") from None
     return parse_id(entries[0][0]) if entries else None
 
 
