@@ -23,6 +23,7 @@ import redis
 from redis.asyncio import Redis
 
 from replayd.config import JobSpec, RedisConfig, Settings
+from replayd.connection import text_hash
 from replayd.embedded import free_port
 from replayd.jobs.daemon import Daemon
 from replayd.jobs.engine import Engine, rebuild_in_place
@@ -417,3 +418,21 @@ def test_one_shot_rebuilds_serve_metrics_while_they_run(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+async def test_a_flip_moves_commit_sequences_only_not_the_fields_of_a_stream_named_seq(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    """The flip bumps the live job's `seq` and `seq:i/N` fields; the fields of a stream whose name starts with
+    `seq` are positions (the flip once took every field starting with `seq` for a commit sequence, and turned a
+    following job's `replay_until` into `<n>:flip`)."""
+    stream = "sequence:orders"
+    load_history_sync(sync_redis, stream, 500)
+    await Engine(job(streams=[stream], end="now"), raw_redis, redis_cfg=redis_cfg).run()
+    key = "replayd:{orders}:checkpoint"
+    until = stream_ids(sync_redis, stream)[-1]
+    sync_redis.hset(key, f"{stream}#replay_until", until)  # as a following job writes it
+    await Rebuild(job(streams=[stream], end="now"), raw_redis, redis_cfg=redis_cfg).run(retain_s=0)
+    checkpoint = text_hash(sync_redis.hgetall(key))
+    assert checkpoint[f"{stream}#replay_until"] == until
+    assert checkpoint["seq"].endswith(":flip")

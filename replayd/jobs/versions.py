@@ -150,7 +150,7 @@ local old = redis.call('GET', KEYS[1]) or '0'
 local live = redis.call('HGETALL', KEYS[4])
 for i = 1, #live, 2 do
   local f = live[i]
-  if string.sub(f, 1, 3) == 'seq' then
+  if f == 'seq' or string.match(f, '^seq:%d+/%d+$') then
     redis.call('HSET', KEYS[4], f, ((tonumber(string.match(live[i + 1], '^(%d+)')) or 0) + 1) .. ':flip')
   elseif string.find(f, '#', 1, true) and not string.find(f, '#replay_until', 1, true) then
     redis.call('HDEL', KEYS[4], f)
