@@ -9,15 +9,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import redis
 from redis.asyncio import Redis
 
 from replayd.cli import run_cli
 from replayd.config import RedisConfig
-from replayd.events import Event
+from replayd.events import Event, parse_shard
 from replayd.handlers import Context, ObjectHandler, Projection, on
 from replayd.jobs.engine import Engine
+from replayd.jobs.lease import Lease
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.codec import Codec
 from replayd.sample import load_history_sync
@@ -341,15 +343,21 @@ def test_job_delete_removes_all_of_a_jobs_state_and_nothing_else(
     assert run_cli(["job", "delete", "a", "--redis-url", redis_url, "--yes"]) == 1  # no such job
 
 
-@pytest.mark.parametrize("lease", ["lease", "lease:0/2"])
-def test_job_delete_refuses_while_the_job_runs(
-    redis_url: str, sync_redis: redis.Redis, lease: str, capsys: pytest.CaptureFixture[str]
+@pytest.mark.anyio
+@pytest.mark.parametrize("shard", ["0/1", "0/2"])
+async def test_job_delete_refuses_while_the_job_runs(
+    redis_url: str, raw_redis: Redis, sync_redis: redis.Redis, shard: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _job_state(sync_redis, "a")
-    sync_redis.set(f"replayd:{{a}}:{lease}", "host:1:token", px=60_000)
-    assert run_cli(["job", "delete", "a", "--redis-url", redis_url, "--yes"]) == 75
-    assert "is running" in capsys.readouterr().err
-    assert len(sync_redis.keys("replayd:{a}:*")) == 6
+    lease = Lease(raw_redis, "a", parse_shard(shard), ttl_ms=60_000, wait=False)  # an instance running as `shard`
+    assert await lease.acquire(anyio.Event())
+    delete = ["job", "delete", "a", "--redis-url", redis_url, "--yes"]
+    assert await anyio.to_thread.run_sync(run_cli, delete) == 75
+    assert "stop it first" in capsys.readouterr().err
+    assert len(sync_redis.keys("replayd:{a}:*")) == 7  # its state, its lease and its owners set
+    await lease.release()
+    assert await anyio.to_thread.run_sync(run_cli, delete) == 0
+    assert sync_redis.keys("replayd:{a}:*") == []
 
 
 def test_a_first_versioned_rebuild_of_an_unversioned_projection_asks_first(

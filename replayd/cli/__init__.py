@@ -34,7 +34,7 @@ from replayd.handlers.loader import load_handler
 from replayd.jobs.daemon import Daemon, drain_on_signals, start_http
 from replayd.jobs.deadletter import Letters
 from replayd.jobs.engine import Engine, rebuild_in_place
-from replayd.jobs.lease import fenced, lease_key
+from replayd.jobs.lease import fenced, lease_key, owners_key
 from replayd.jobs.plan import dry_run, dry_run_spec, plan
 from replayd.jobs.progress import Stats
 from replayd.jobs.rebuild import Rebuild
@@ -944,37 +944,23 @@ async def cmd_job(args: argparse.Namespace, settings: Settings) -> int:
             print(f"replayd: no job {args.job!r} in Redis", file=sys.stderr)
             return 1
         lease = job_key(args.job, "lease")
-        if any(key == lease or key.startswith(lease + ":") for key in keys):
+        if owners_key(args.job) in keys or any(key == lease or key.startswith(lease + ":") for key in keys):
             raise FencingError(f"job {args.job} is running (its lease is held): stop it first, then delete it")
         _confirm(args, f"delete job {args.job} ({', '.join(k.rpartition('}:')[2] for k in keys)})")
-        leases = _lease_keys(args.job, keys)
-        # refused in the same step if an instance took the lease since: never delete a running job's state
-        if not await client.eval(_DELETE_UNLESS_LEASED, len(leases) + len(keys), *leases, *keys, len(leases)):
-            raise FencingError(f"job {args.job} started meanwhile (its lease is held): stop it first, then delete it")
-    print(f"deleted job {args.job}: {len(keys)} keys")
+
+        async def delete() -> int:
+            # under the command's own lease (`fenced`): an instance that starts meanwhile waits, or exits 75
+            mine = (job_key(args.job, "lease:job_delete"), owners_key(args.job))
+            found = [key for key in await _scan(client, job_key(args.job, "*")) if text(key) not in mine]
+            return int(await client.unlink(*found)) if found else 0
+
+        deleted = await fenced(client, args.job, "job_delete", delete)
+    print(f"deleted job {args.job}: {deleted} keys")
     return 0
-
-
-# KEYS: the job's lease keys (ARGV[1] of them), then every key of the job; ARGV[1]: how many lease keys.
-_DELETE_UNLESS_LEASED = """
-local leases = tonumber(ARGV[1])
-for i = 1, leases do
-  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
-end
-for i = leases + 1, #KEYS do redis.call('UNLINK', KEYS[i]) end
-return 1
-"""
 
 
 async def _scan(client: Client, pattern: str) -> list[bytes | str]:
     return [key async for key in client.scan_iter(match=pattern, count=500)]
-
-
-def _lease_keys(job: str, keys: list[str]) -> list[str]:
-    """The lease keys the job's state names: the whole job's and one per shard that reported progress."""
-    progress = job_key(job, "progress")
-    shards = [key.removeprefix(progress + ":") for key in keys if key.startswith(progress + ":")]
-    return [job_key(job, "lease"), *(f"{job_key(job, 'lease')}:{shard}" for shard in shards)]
 
 
 async def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
