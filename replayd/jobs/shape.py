@@ -20,6 +20,7 @@ from replayd.errors import DataError
 from replayd.handlers.loader import load_codec
 from replayd.pipeline.codec import RawEntry, Shape
 from replayd.pipeline.codecs import SHAPES, CodecFactory, codec_factory, is_plugin, shape_of
+from replayd.pipeline.source import last_entry
 
 _NEEDED = ("event_type", "data")
 """What every event needs from its entry: without them it is `unknown` with empty `data`."""
@@ -62,9 +63,11 @@ async def detect_shapes(redis: Client, spec: JobSpec, codec_for: CodecFactory) -
 
 async def sample(redis: Client, stream: str) -> list[RawEntry]:
     """The stream's first and last entries (one when it has one, none when it is empty or missing)."""
+    last = await last_entry(redis, stream)  # first: a key of another type is named (DataError)
+    if last is None:
+        return []
     first: list[Any] = await redis.execute_command("XRANGE", stream, "-", "+", "COUNT", 1)
-    last: list[Any] = await redis.execute_command("XREVRANGE", stream, "+", "-", "COUNT", 1)
-    return first + [entry for entry in last if not first or entry[0] != first[0][0]]
+    return [*first, last] if first and first[0][0] != last[0] else [last]
 
 
 def inspect(stream: str, entries: Sequence[RawEntry], spec: JobSpec, codec_for: CodecFactory) -> StreamShape:
