@@ -22,6 +22,8 @@ from replayd.jobs.engine import Engine
 from replayd.jobs.lease import Lease
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.codec import Codec
+from replayd.pipeline.codecs import SHAPES
+from replayd.pipeline.router import Router
 from replayd.sample import load_history_sync
 from tests.helpers import add, checkpoint, entry, progress, replayd, run, spec
 from tests.plugins import Recorder
@@ -184,6 +186,25 @@ async def test_events_without_the_partition_key_are_counted_and_reported(
     assert progress(sync_redis)["unkeyed_events"] == "10"
     sample = metrics.registry.get_sample_value("replayd_unkeyed_events_total", {"stream": "orders", "replay": "job"})
     assert sample == 10
+
+
+def test_an_entry_field_key_read_with_the_batch_routes_as_event_fields_does() -> None:
+    """Routing by `fields.user_id`, the codec reads that field alone (not every field of every event): each event
+    lands where `event.fields` would put it (text, bytes that are not UTF-8, a missing field), and events
+    without it are counted."""
+    values = [b"u1", b"u2", b"\xff\xfe", None, b"u1", b""]
+    entries: list[Any] = [
+        [f"{i}-0".encode(), [b"type", b"A", *([b"user_id", v] if v is not None else []), b"payload", b"{}"]]
+        for i, v in enumerate(values, 1)
+    ]
+    router = Router(8, partition_by="fields.user_id", ordering="key")
+    events, poison, parts = Codec(USERS, SHAPES["payload"], router).decode(entries)
+    assert poison == []
+    assert parts is not None
+    generic = Router(8, partition_by=lambda e: e.fields.get("user_id"), ordering="key")
+    assert {e.stream_id: p for p, part in parts.items() for e in part} == {
+        e.stream_id: generic.partition(e) for e in events}  # fmt: skip
+    assert router.partitioner.take_unkeyed() == 1
 
 
 class ByUser(Projection):

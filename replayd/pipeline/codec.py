@@ -195,6 +195,16 @@ def key_decoder(field: str) -> Callable[[bytes], Any]:
     return msgspec.json.Decoder(Key).decode
 
 
+class _RawKey:
+    """An entry field's value as a partition key, read as `key_decoder`'s are (`.value`): its text, or its
+    bytes where they are not UTF-8 (keyed as `str()` of them, as the router does from `event.fields`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.value = _text_or_bytes(raw)
+
+
 class Decoded(NamedTuple):
     """A read batch, decoded."""
 
@@ -211,8 +221,8 @@ class Codec:
 
     A producer writes its fields in the same order every time, so the positions of the five fields are
     learnt once per field layout and each entry is then read by index: no per-entry dict (the hot path).
-    Given the `router`: when it routes by a field of `data`, that field is decoded into each event's `key` and
-    the batch is split by partition in the same pass, an entry of another shard's partition left unbuilt (that
+    Given the `router`: when it routes by a field of `data` (or by an entry field, `fields.<name>`), that field
+    alone is decoded into each event's `key` and the batch is split by partition in the same pass, an entry of another shard's partition left unbuilt (that
     shard decodes it); an entry that cannot be decoded is reported by the shard the router says keeps it.
     """
 
@@ -229,6 +239,12 @@ class Codec:
             self._keeps = partial(router.keeps, stream)
             if router.key_field is not None and self._event.json_data:
                 self._key, self._partitioner = key_decoder(router.key_field), router.partitioner
+            elif router.key_entry_field is not None:
+                self._key, self._partitioner = _RawKey, router.partitioner
+        self._key_field = router.key_entry_field.encode() if self._key is _RawKey else None  # type: ignore[union-attr]
+        """Routing by an entry field: its name (the key is its value); else the key is read from `data`."""
+        self._i_key: int | None = None
+        """Where the key is in an entry of the current layout (None: not there)."""
         self._keys: list[bytes] = []
         self._texts: tuple[int | None, int | None] = (None, None)
         self._layout: dict[str, int] = {}
@@ -240,16 +256,14 @@ class Codec:
         split = self._partitioner
         parts: dict[int, list[Event]] = {}
         mine = split.mine if split is not None else []
-        stream, keys, layout, (i_id, i_type) = self.stream, self._keys, self._layout, self._texts
-        i_data = layout.get("data")
+        stream, keys, layout, (i_id, i_type), i_key = self.stream, self._keys, self._layout, self._texts, self._i_key
         for raw_id, flat in entries:
             try:
                 if flat[::2] != keys:
                     keys = self._learn(flat[::2])
-                    layout, (i_id, i_type) = self._layout, self._texts
-                    i_data = layout.get("data")
+                    layout, (i_id, i_type), i_key = self._layout, self._texts, self._i_key
                 if decode_key is not None:
-                    key: Any = decode_key(flat[i_data]).value if i_data is not None else UNSET
+                    key: Any = decode_key(flat[i_key]).value if i_key is not None else UNSET
                     # a number and its text are one key; no key at all is UNKEYED, counted below
                     key = key if type(key) is str else UNKEYED if key is UNSET else str(key)
             except _UNDECODABLE as exc:  # no fields (a tombstone), or `data` no key can be read from
@@ -296,6 +310,7 @@ class Codec:
         self._texts = (positions.get(names.get("event_id", b"")), positions.get(names.get("event_type", b"")))
         lazy = ("data", "timestamp", "metadata")
         self._layout = {role: positions[names[role]] for role in lazy if names.get(role, b"") in positions}
+        self._i_key = self._layout.get("data") if self._key_field is None else positions.get(self._key_field)
         self._keys = keys
         return keys
 

@@ -78,6 +78,8 @@ class Router:
         by_data = partitions > 1 and ordering == "key" and not self._by_stream
         self.key_field = _data_field(partition_by) if by_data else None
         """The field of `data` routing reads from every event (for the codec to decode with the batch), or None."""
+        self.key_entry_field = _entry_field(partition_by) if by_data else None
+        """The entry field (`fields.<name>`) routing reads from every event (the codec reads it with the batch)."""
         self.partitioner = Partitioner(partitions, [shard.owns(p) for p in range(partitions)])
         """With `key_field`, the codec splits each batch as it decodes it (one pass), and leaves other shards'
         entries unbuilt."""
@@ -200,6 +202,9 @@ def _key_function(partition_by: PartitionBy, ordering: str) -> Callable[[Event],
     field = _data_field(partition_by)
     if field is not None:
         return partial(_data_key, field)
+    name = _entry_field(partition_by)
+    if name is not None:
+        return partial(_entry_key, name)
     get = partition_by if callable(partition_by) else path_getter(partition_by, bare="data")
     return lambda e: _key_text(get(e))
 
@@ -214,6 +219,20 @@ def _data_field(partition_by: PartitionBy) -> str | None:
     if head == "data":
         return rest if rest and "." not in rest else None
     return partition_by
+
+
+def _entry_field(partition_by: PartitionBy) -> str | None:
+    """The entry field that `partition_by` names (`fields.<name>`), or None."""
+    if not isinstance(partition_by, str) or not partition_by.startswith("fields."):
+        return None
+    return partition_by.removeprefix("fields.") or None
+
+
+def _entry_key(name: str, event: Event) -> str:
+    try:
+        return event.key  # type: ignore[attr-defined,no-any-return] # the codec read it with the batch
+    except AttributeError:
+        return _key_text(event.fields.get(name, MISSING))
 
 
 def _data_key(field: str, event: Event) -> str:
