@@ -222,8 +222,9 @@ class Codec:
     A producer writes its fields in the same order every time, so the positions of the five fields are
     learnt once per field layout and each entry is then read by index: no per-entry dict (the hot path).
     Given the `router`: when it routes by a field of `data` (or by an entry field, `fields.<name>`), that field
-    alone is decoded into each event's `key` and the batch is split by partition in the same pass, an entry of another shard's partition left unbuilt (that
-    shard decodes it); an entry that cannot be decoded is reported by the shard the router says keeps it.
+    alone is decoded into each event's `key` and the batch is split by partition in the same pass, an entry of
+    another shard's partition left unbuilt (that shard decodes it); an entry that cannot be decoded is reported
+    by the shard the router says keeps it.
     """
 
     def __init__(self, stream: str, shape: Shape | FieldNames = ARTICLE, router: Router | None = None) -> None:
