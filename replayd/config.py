@@ -225,13 +225,32 @@ class HttpConfig(_Section):
 
 
 class FieldNames(_Section):
-    """Names of the entry fields, for producers that do not use the article's schema."""
+    """The entry fields that hold each part of an event, for producers that do not use the article's names
+    (`[jobs.fields]`, `--field event_type=type`). Unset: the codec's own (the article's: `event_type`...)."""
 
-    event_id: str = "event_id"
-    event_type: str = "event_type"
-    data: str = "data"
-    timestamp: str = "timestamp"
-    metadata: str = "metadata"
+    event_id: str | None = None
+    event_type: str | None = None
+    data: str | None = None
+    timestamp: str | None = None
+    metadata: str | None = None
+
+
+BUILTIN_CODECS = ("article", "payload", "flat", "cloudevents")
+"""The entry shapes replayd knows by name (`replayd.pipeline.codecs`); any other codec is `module:function`."""
+
+
+def _codec_name(value: str) -> str:
+    if value not in BUILTIN_CODECS and ":" not in value:
+        raise ValueError(
+            f"{value!r}: expected one of {', '.join(BUILTIN_CODECS)} or a plugin 'package.module:function'"
+        )
+    return value
+
+
+def _entity_text(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[^:]+:.+", value):
+        raise ValueError(f"{value!r}: expected TYPE:ID, e.g. order:o-1 or user:u7")
+    return value
 
 
 class JobSpec(_Section):
@@ -246,7 +265,8 @@ class JobSpec(_Section):
     """Resume from the job's checkpoint when it has one; `start`/`after` then only place a new job."""
     end: str = "follow"
     types: list[str] = []
-    entity: str | None = Field(None, pattern=r"^[^:]+:.+$")
+    entity: Annotated[str | None, AfterValidator(_entity_text)] = None
+    """`TYPE:ID`: only this entity's events (see `filters.entity_predicate`)."""
     where: list[str] = []
     filter: str | None = None
     upcasters: str | None = None
@@ -267,7 +287,11 @@ class JobSpec(_Section):
     """Reads shrink so a reply stays near this many bytes, as Redis sends them (big entries, smaller batches)."""
     max_entry_bytes: int = Field(64 << 20, ge=1)
     """A bigger entry is poison (`on_poison`): refused, or dead-lettered without its payload."""
+    codec: Annotated[str, AfterValidator(_codec_name)] = "article"
+    """The entries' shape: `article` (the default), `payload`, `flat`, `cloudevents`, or `module:function`."""
     fields: FieldNames = FieldNames()
+    check_shape: bool = True
+    """Check each stream's first and last entries against `codec` and `fields` at start (exit 65 on a mismatch)."""
     progress_interval_s: float = Field(1.0, gt=0)
     shard: ShardText | None = None
     """`i/N`: this process handles partitions p with p mod N == i (replicas, `--workers`)."""

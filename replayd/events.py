@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from replayd.errors import DecodeError
 
@@ -20,15 +22,22 @@ ZERO: Id = (0, 0)
 TOP: Id = (2**64 - 1, MAX_SEQ)
 
 
+ARTICLE_FIELDS = ("stream_id", "event_id", "event_type", "data", "timestamp", "metadata", "stream")
+"""The article's `ReplayEvent` fields (and `stream`), in its order: what equality and repr compare and show."""
+
+RawValue = str | bytes
+"""An entry field's value as `Event.fields` holds it: text, or bytes when they are not UTF-8."""
+
+
 class Event:
     """One stream entry, decoded. Field names follow the article's `ReplayEvent` so its handlers port over.
 
     A plain value with slots (the article's positional constructor, equality and repr). The events the codec
-    makes decode `data`, `timestamp` and `metadata` on first read (`codec.LazyEvent`): what no filter, router
-    or handler reads is never decoded.
+    makes decode `data`, `timestamp`, `metadata` and `fields` on first read (`codec.LazyEvent`): what no filter,
+    router or handler reads is never decoded.
     """
 
-    __slots__ = ("stream_id", "event_id", "event_type", "data", "timestamp", "metadata", "stream")  # noqa: RUF023 - the article's order
+    __slots__ = (*ARTICLE_FIELDS, "fields")
 
     stream_id: str
     """The entry ID, e.g. `1700000000000-0`."""
@@ -44,6 +53,9 @@ class Event:
     """The decoded `metadata` JSON object."""
     stream: str
     """The stream key the entry was read from."""
+    fields: dict[str, RawValue]
+    """Every field of the entry as the producer wrote it, whatever the codec made of them: `fields["user_id"]`.
+    Values are text, or bytes where they are not UTF-8. Not part of equality (two codecs of one entry agree)."""
 
     def __init__(
         self,
@@ -54,6 +66,8 @@ class Event:
         timestamp: float,
         metadata: dict[str, Any],
         stream: str,
+        *,
+        fields: dict[str, RawValue] | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.event_id = event_id
@@ -62,6 +76,7 @@ class Event:
         self.timestamp = timestamp
         self.metadata = metadata
         self.stream = stream
+        self.fields = {} if fields is None else fields
 
     def astuple(self) -> tuple[str, str, str, dict[str, Any], float, dict[str, Any], str]:
         """Every field, in the article's order (decoding what is not decoded yet)."""
@@ -74,13 +89,69 @@ class Event:
     __hash__ = None  # type: ignore[assignment] # a value holding dicts, like the NamedTuple it was
 
     def __repr__(self) -> str:
-        return "Event(" + ", ".join(f"{name}={self._shown(name)}" for name in Event.__slots__) + ")"
+        return "Event(" + ", ".join(f"{name}={self._shown(name)}" for name in ARTICLE_FIELDS) + ")"
 
     def _shown(self, name: str) -> str:
         try:
             return repr(getattr(self, name))
         except DecodeError:  # a repr never raises: logs and debuggers show poison events too
             return "<undecodable>"
+
+
+PartitionBy = str | Callable[["Event"], Any] | None
+"""What orders a job's events: a path (a bare name is a field of `data`; `fields.user_id`, `metadata.tenant`,
+`data.a.b`, `@stream`), a function of the event returning its key (None: no key), or None (the stream)."""
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = _Missing()
+"""What `path_getter`'s functions return for a part the event does not have."""
+
+STREAM_KEY = "@stream"
+"""The path of the stream key (`partition_by = "@stream"`: one ordered lane per stream)."""
+
+ATTRIBUTES = ("event_type", "event_id", "stream_id", "timestamp", "stream")
+
+PATHS = "data.<field>[.<field>...], metadata.<field>..., fields.<entry field>, @stream, " + ", ".join(ATTRIBUTES)
+"""The paths to the parts of an event, for messages."""
+
+
+def path_getter(path: str, *, bare: str | None = None) -> Callable[[Event], Any]:
+    """A path to a part of an event -> a function reading it, `MISSING` where the event lacks that part.
+
+    `data.a.b` and `metadata.a` reach into the decoded JSON, `fields.user_id` reads an entry field as the producer
+    wrote it, `@stream` is the stream key, and an attribute (`event_type`, ...) is itself. A bare name means
+    `<bare>.<name>` when `bare` is given (`partition_by = "customer_id"` is `data.customer_id`); otherwise it
+    must be an attribute. ValueError says which paths exist.
+    """
+    head, _, rest = path.partition(".")
+    if head == "fields" and rest:
+        return lambda e: e.fields.get(rest, MISSING)
+    if head in ("data", "metadata") and rest:
+        return _nested(operator.attrgetter(head), rest.split("."))
+    if path == STREAM_KEY:
+        return operator.attrgetter("stream")
+    if bare is not None and path and head not in ("data", "metadata", "fields"):
+        return _nested(operator.attrgetter(bare), [path])  # today's meaning: the whole name is one field's
+    if path in ATTRIBUTES:
+        return operator.attrgetter(path)
+    raise ValueError(f"{path!r} is not a path to a part of an event: use one of {PATHS}")
+
+
+def _nested(root: Callable[[Event], Any], parts: list[str]) -> Callable[[Event], Any]:
+    def get(e: Event) -> Any:
+        node: Any = root(e)
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                return MISSING
+            node = node[part]
+        return node
+
+    return get
 
 
 def parse_id(text: str | bytes, *, end: bool = False) -> Id:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,7 @@ from replayd.errors import StopReplay
 from replayd.events import Event
 from replayd.handlers import Context, Projection, on
 from replayd.handlers.upcast import Upcasters
+from replayd.pipeline.codecs import Entry
 
 record_event_log: list[tuple[str, int]] = []
 """What `record_event` saw: (entry ID, thread ident)."""
@@ -157,3 +159,11 @@ class OrderTotals(Projection):
 async def always_fail(event: Event) -> None:
     """An async handler that fails on every event (its retries happen while the first failure is being handled)."""
     raise RuntimeError(f"cannot handle {event.stream_id}")
+
+
+def pipe_codec(entry: Entry) -> Event:
+    """A codec plugin for a producer of its own: one field `e` holding `<type>|<JSON data>`."""
+    kind, sep, body = str(entry.fields["e"]).partition("|")
+    if not sep:
+        raise ValueError("no '|' between type and data")
+    return Event(entry.stream_id, entry.stream_id, kind, json.loads(body), 0.0, {}, entry.stream)

@@ -61,13 +61,13 @@ def test_full_entry() -> None:
     )
 
 
-def test_missing_fields_take_the_article_defaults() -> None:
-    event = one(raw("5-1", other="x"))
-    assert event.event_id == "5-1"
+def test_missing_fields_take_the_article_defaults_and_the_entry_ids_time() -> None:
+    event = one(raw("1700000000123-1", other="x"))
+    assert event.event_id == "1700000000123-1"
     assert event.event_type == "unknown"
     assert event.data == {}
     assert event.metadata == {}
-    assert event.timestamp == 0.0
+    assert event.timestamp == 1700000000.123  # when Redis added the entry, not 0.0 (the article's default)
     assert event.stream == "orders"
 
 

@@ -27,16 +27,18 @@ from pydantic import BaseModel, ValidationError
 from replayd.api import Replay
 from replayd.config import JobSpec, Settings, describe, load_settings
 from replayd.connection import Client, create_redis, is_retriable, retrying, text, text_hash
-from replayd.errors import ConfigError, ReplaydError, UsageError, most_telling
+from replayd.errors import ConfigError, DataError, FencingError, ReplaydError, UsageError, most_telling
 from replayd.events import MAX_SEQ, WHOLE, format_id, parse_end, parse_id, parse_shard, parse_start
 from replayd.handlers.builtin import jsonl_dump, republish
 from replayd.handlers.loader import load_handler
 from replayd.jobs.daemon import Daemon, drain_on_signals, start_http
 from replayd.jobs.deadletter import Letters
 from replayd.jobs.engine import Engine, rebuild_in_place
-from replayd.jobs.lease import fenced, lease_key
+from replayd.jobs.lease import fenced, lease_key, owners_key
 from replayd.jobs.plan import dry_run, dry_run_spec, plan
+from replayd.jobs.progress import Stats
 from replayd.jobs.rebuild import Rebuild
+from replayd.jobs.shape import sample
 from replayd.jobs.verify import verify
 from replayd.jobs.versions import Versions, namespace
 from replayd.jobs.workers import Supervisor, without_workers
@@ -44,7 +46,9 @@ from replayd.ops.console import display_id, summary, with_progress
 from replayd.ops.http import Readiness
 from replayd.ops.logs import setup_logging
 from replayd.ops.metrics import Metrics
+from replayd.pipeline.codec import ROLES
 from replayd.pipeline.commit import Tally, floor_field, job_key, stream_field, stream_positions
+from replayd.pipeline.filters import entity_miss
 from replayd.pipeline.pacing import parse_speed
 from replayd.version import __version__
 
@@ -61,6 +65,7 @@ EX_CONFIG = 78
 EX_PIPE = 128 + 13
 """Stdout's reader went away: what a shell reports for a command that SIGPIPE ended (`yes | head -1`)."""
 DRY_RUN = "run filters and handlers but discard their writes; report what they would write"
+NO_CHECK_SHAPE = "run even when the streams' first and last entries lack the fields the codec reads"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", parents=[common, scale], help="the daemon: run every job of the config, follow live"
     )
+    run.add_argument("--no-check-shape", action="store_true", help=NO_CHECK_SHAPE)
     run.set_defaults(func=cmd_run)
 
     selection = argparse.ArgumentParser(add_help=False)
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rebuild.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     rebuild.add_argument(
+        "--yes", action="store_true", help="go on without asking when the projection's keys move to a version"
+    )
+    rebuild.add_argument(
         "--retain-old",
         type=float,
         metavar="S",
@@ -188,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=20.0, help="live events per second the producer appends")
     demo.set_defaults(func=cmd_demo)
 
+    job = commands.add_parser("job", parents=[common], help="manage a job as a whole")
+    job.add_argument("action", choices=["delete"], help="delete: remove all of the job's state in Redis")
+    job.add_argument("job")
+    job.add_argument("--yes", action="store_true", help="do it without asking")
+    job.set_defaults(func=cmd_job)
+
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=None)
     for command in commands.choices.values():
@@ -218,6 +233,13 @@ def _speed(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _field(text: str) -> tuple[str, str]:
+    role, sep, name = text.partition("=")
+    if not sep or role not in ROLES or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PART=FIELD with PART one of {', '.join(ROLES)}")
+    return role, name
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -245,7 +267,28 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", metavar="NAME", help="job name (keys its checkpoint), or a job of --config")
     parser.add_argument("--stream", action="append", default=[], metavar="S", help="stream key (repeatable)")
     parser.add_argument("--handler", metavar="MOD:ATTR", help="handler: module:attr or an entry-point name")
-    parser.add_argument("--partition-by", metavar="FIELD", help="data field that orders events (@stream: the stream)")
+    parser.add_argument(
+        "--partition-by",
+        metavar="PATH",
+        help="what orders events: a data field (customer_id), data.a.b, metadata.tenant, fields.user_id (an entry "
+        "field), or @stream (the stream)",
+    )
+    parser.add_argument(
+        "--codec",
+        metavar="NAME",
+        help="the entries' shape: article (default), payload, flat, cloudevents, or a plugin module:function",
+    )
+    parser.add_argument(
+        "--field",
+        dest="fields",
+        action="append",
+        type=_field,
+        default=[],
+        metavar="PART=FIELD",
+        help="the entry field holding a part of the event, e.g. event_type=type or data=payload (repeatable; "
+        "parts: " + ", ".join(ROLES) + ")",
+    )
+    parser.add_argument("--no-check-shape", action="store_true", help=NO_CHECK_SHAPE)
     parser.add_argument("--partitions", type=int, metavar="P", help="virtual partitions (default 16)")
     parser.add_argument("--concurrency", type=int, metavar="C", help="lanes running at once (default 16)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="entries per read (default 1000)")
@@ -408,6 +451,9 @@ def job_from_args(args: argparse.Namespace, settings: Settings, *, one_shot: dic
         "batch_size": args.batch_size,
         "ordering": args.ordering,
         "shard": getattr(args, "shard", None) or settings.shard,
+        "codec": args.codec,
+        "fields": {**values.get("fields", {}), **dict(args.fields)} if args.fields else None,
+        "check_shape": False if args.no_check_shape else None,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     values.update(one_shot)
@@ -483,7 +529,7 @@ async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     _selected_types(report, spec.types)
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return _shape_problems(spec, report)
     rate = report["measured_rate_events_per_s"]
     print(f"job {report['job']}: handler {report['handler']}, {report['partitions']} partitions")
     for stream, about in report["streams"].items():
@@ -491,6 +537,9 @@ async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
         start = "its checkpoint" if about["resumes_from_checkpoint"] else display_id(about["after"])
         to = display_id(about["to"])
         print(f"  {stream}: after {start} to {to}: {about['entries']:,} entries ({how}){_of_selected(about)}")
+        shape = about["shape"]
+        fit = "fits" if shape["fits"] else "DOES NOT FIT"
+        print(f"    shape: fields {', '.join(shape['fields']) or '(no entries)'}; codec {shape['codec']} {fit}")
         for kind, count in about["types"].items():
             print(f"    {kind}: {count:,}")
     by = f" (job {report['rate_measured_by']})" if report.get("rate_measured_by") else ""
@@ -501,7 +550,15 @@ async def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     )
     effects = report["side_effects_skipped_while_replaying"]
     print(f"  side effects skipped while replaying: {', '.join(effects) if effects else 'none'}")
-    return 0
+    return _shape_problems(spec, report)
+
+
+def _shape_problems(spec: JobSpec, report: dict[str, Any]) -> int:
+    """65 after the plan when a stream's entries do not fit the codec (as the replay would stop), else 0."""
+    problems = [about["shape"]["problem"] for about in report["streams"].values() if about["shape"]["problem"]]
+    for problem in problems:
+        print(f"replayd: {problem}", file=sys.stderr)
+    return DataError.exit_code if problems and spec.check_shape else 0
 
 
 def _selected_types(report: dict[str, Any], types: list[str]) -> None:
@@ -546,8 +603,19 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     replay = Replay(spec, settings.redis, metrics=metrics)
     work = _serving_metrics(args, settings, metrics, with_progress(replay.stats, replay.run()))
     _, code = await _drained_on_signals(replay.stop, work, settings)
+    await _report_entity_miss(spec, replay.stats, settings)
     print(summary("replayed", replay.stats), file=sys.stderr)  # stdout belongs to handlers writing data (jsonl_dump)
     return code
+
+
+async def _report_entity_miss(spec: JobSpec, stats: Stats, settings: Settings) -> None:
+    """`--entity` that matched none of the events read says why (its IDs may be in another field)."""
+    if not (spec.entity and stats.total) or stats.processed or stats.failed:
+        return
+    async with _client(settings) as client:
+        entries = await sample(client, stats.streams[0])
+    fields = sorted({text(key) for _, flat in entries for key in flat[::2]})
+    print(f"replayd: {entity_miss(spec.entity, stats.total, fields)}", file=sys.stderr)
 
 
 async def _drained_on_signals(stop: Callable[[], None], work: Awaitable[T], settings: Settings) -> tuple[T | None, int]:
@@ -609,6 +677,7 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
             print(summary(f"{done} projection:{engine.handler.name} from", engine.stats), file=sys.stderr)
             return code
         rebuild = Rebuild(spec, client, redis_cfg=settings.redis, metrics=metrics)
+        await _confirm_versioning(args, rebuild.versions)
         run = _serving_metrics(args, settings, metrics, rebuild.run(retain_s=spec.retain_old_s, watch=with_progress))
         result, code = await _drained_on_signals(rebuild.stop, run, settings)
         built, old = namespace(rebuild.handler.name, rebuild.version), result[1] if result else None
@@ -622,6 +691,22 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
         replaced = namespace(rebuild.handler.name, old)
         print(f"{built} is current; {replaced} {retained if spec.retain_old_s else 'is deleted'}", file=sys.stderr)
     return code
+
+
+async def _confirm_versioning(args: argparse.Namespace, versions: Versions) -> None:
+    """A first versioned rebuild moves an unversioned projection's keys: its readers must follow the alias."""
+    if args.yes or not await versions.unversioned():
+        return
+    name = versions.name
+    print(
+        f"projection {name} is unversioned: its keys are projection:{name}:*. This rebuild writes "
+        f"projection:{name}:v1:* and, once it is current, deletes the unversioned keys after --retain-old seconds: "
+        f"an application reading projection:{name}:* directly then finds nothing. Readers must resolve "
+        f"projection:{name}:current first (replayd.jobs.versions.current_namespace). `rebuild --in-place` keeps the "
+        "keys where they are.",
+        file=sys.stderr,
+    )
+    _confirm(args, f"move projection {name} to versioned keys")
 
 
 async def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -669,6 +754,8 @@ async def _dry_run(spec: JobSpec, settings: Settings, *, next_version: bool = Fa
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.jobs:
         raise ConfigError("no jobs configured: add [[jobs]] tables to the config file (see config.example.toml)")
+    if args.no_check_shape:
+        settings.jobs = [job.model_copy(update={"check_shape": False}) for job in settings.jobs]
     await Daemon(settings).run()
     return 0
 
@@ -848,6 +935,32 @@ def _confirm(args: argparse.Namespace, what: str) -> None:
         raise UsageError(f"refusing to {what} without --yes")
     if input(f"{what}? [y/N] ").strip().lower() not in ("y", "yes"):
         raise UsageError("cancelled")
+
+
+async def cmd_job(args: argparse.Namespace, settings: Settings) -> int:
+    async with _client(settings) as client:
+        keys = sorted(text(key) for key in await _scan(client, job_key(args.job, "*")))
+        if not keys:
+            print(f"replayd: no job {args.job!r} in Redis", file=sys.stderr)
+            return 1
+        lease = job_key(args.job, "lease")
+        if owners_key(args.job) in keys or any(key == lease or key.startswith(lease + ":") for key in keys):
+            raise FencingError(f"job {args.job} is running (its lease is held): stop it first, then delete it")
+        _confirm(args, f"delete job {args.job} ({', '.join(k.rpartition('}:')[2] for k in keys)})")
+
+        async def delete() -> int:
+            # under the command's own lease (`fenced`): an instance that starts meanwhile waits, or exits 75
+            mine = (job_key(args.job, "lease:job_delete"), owners_key(args.job))
+            found = [key for key in await _scan(client, job_key(args.job, "*")) if text(key) not in mine]
+            return int(await client.unlink(*found)) if found else 0
+
+        deleted = await fenced(client, args.job, "job_delete", delete)
+    print(f"deleted job {args.job}: {deleted} keys")
+    return 0
+
+
+async def _scan(client: Client, pattern: str) -> list[bytes | str]:
+    return [key async for key in client.scan_iter(match=pattern, count=500)]
 
 
 async def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:

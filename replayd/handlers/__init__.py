@@ -29,7 +29,7 @@ import anyio.to_thread
 from redis.asyncio import Redis, RedisCluster
 
 from replayd.errors import DecodeError, StopReplay
-from replayd.events import Event
+from replayd.events import Event, PartitionBy
 from replayd.handlers.upcast import Upcast, Upcasters
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,8 @@ class Handler(Protocol):
         """The projection's name: its keys live under `projection:<name>:`."""
 
     @property
-    def partition_by(self) -> str | None:
-        """The data field whose value orders events (None: the stream key)."""
+    def partition_by(self) -> PartitionBy:
+        """What orders events: a data field or another path, a function of the event (None: the stream key)."""
 
     @property
     def event_types(self) -> frozenset[str] | None:
@@ -233,7 +233,8 @@ class Projection:
     """Base class of projections: methods decorated with `@on("Type")` handle events of those types."""
 
     name: ClassVar[str] = ""
-    partition_by: ClassVar[str | None] = None
+    partition_by: PartitionBy = None
+    """A data field (`customer_id`), a path (`fields.user_id`, `metadata.tenant`), or a method of the event."""
     upcasters: ClassVar[Upcasters | Mapping[tuple[str, int], Upcast] | None] = None
     """Upcasters of the old versions of its event types (`replayd.handlers.upcast`): events reach its `@on`
     methods, and the job's filters, in their newest shape."""
@@ -431,7 +432,7 @@ def _count(outcome: Outcome, verdict: str) -> str:
 class FunctionHandler:
     """Adapts a plain function `f(event)` or `f(event, ctx)`, sync or async, to the Handler protocol."""
 
-    partition_by: str | None = None
+    partition_by: PartitionBy = None
     event_types: frozenset[str] | None = None
     writes_projection = False
     """A plain function names no projection: keys it queues on `ctx.tx` are checked per commit under Cluster."""

@@ -85,3 +85,11 @@ def load_predicate(spec: str) -> Callable[[Event], bool]:
         raise ConfigError(f"filter {spec!r}: must be a plain (sync) function of one Event returning bool")
     func: Callable[[Event], bool] = obj
     return func
+
+
+def load_codec(spec: str) -> Callable[..., Any]:
+    """A codec plugin `module:func` taking an `Entry` and returning an Event (`replayd.pipeline.codecs`)."""
+    obj = import_from_string(spec)
+    if not callable(obj) or inspect.iscoroutinefunction(obj):
+        raise ConfigError(f"codec {spec!r}: must be a plain (not async) function taking an Entry, returning an Event")
+    return obj  # type: ignore[no-any-return]

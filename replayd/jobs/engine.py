@@ -30,10 +30,10 @@ from replayd.jobs.deadletter import DeadLetters, poison_letter
 from replayd.jobs.gaps import find_gap
 from replayd.jobs.lease import Lease
 from replayd.jobs.progress import ProgressWriter, Stats
+from replayd.jobs.shape import check_shapes, job_codecs
 from replayd.jobs.versions import ProjectionFlipped, Versions
 from replayd.ops.logs import current_job
 from replayd.ops.metrics import JobView, Metrics
-from replayd.pipeline.codec import Codec
 from replayd.pipeline.commit import (
     CheckpointStore,
     CommitRequest,
@@ -117,6 +117,7 @@ class Engine:
         self.store = CheckpointStore(redis, spec.name, spec.partitions, self.shard)
         self.filter = self._build_filter(spec.entity)
         self.upcasters = self._load_upcasters()
+        self.codec_for = job_codecs(spec)
         self.router = Router(
             spec.partitions,
             partition_by=spec.partition_by or self.handler.partition_by,
@@ -220,6 +221,13 @@ class Engine:
         return False
 
     async def _run(self) -> Stats:
+        if self.spec.check_shape:  # before the lease: a job that cannot decode its streams waits for nothing
+            await retrying(
+                partial(check_shapes, self.redis, self.spec, self.codec_for),
+                what="start",
+                budget_s=self.budget_s,
+                metrics=self.metrics,
+            )
         acquire = partial(self.lease.acquire, self.stop_requested)
         if not await retrying(acquire, what="lease", budget_s=self.budget_s, metrics=self.metrics):
             self.stats.status = "stopped"  # asked to stop while waiting for another instance's lease
@@ -545,7 +553,7 @@ class Engine:
         inflight: InFlight,
     ) -> None:
         router = self.router
-        codec = Codec(plan.stream, self.spec.fields, router)
+        codec = self.codec_for(plan.stream, router)
         skip = plan.skip or None
         skip_until = max(skip.values()) if skip else ZERO
         stats = self.stats
@@ -562,6 +570,8 @@ class Engine:
                     if self.upcasters is not None:  # before the filters: they see the newest shape too
                         events, parts, poison = self._upcast(events, parts, poison)
                     routed = router.route(events, self.filter, skip, parts)
+                    if router.partitioner.unkeyed:
+                        self._count_unkeyed(plan.stream)
                     if not feed.inline:
                         self.sizer.observe_decode(len(batch.entries), time.perf_counter() - began)
                     read = len(batch.entries) + len(batch.oversized)
@@ -597,7 +607,21 @@ class Engine:
         kept, failed, changed = self.upcasters.apply(events)
         if failed:
             poison = [*poison, *map(Poison.of, failed)]
+        if parts is not None and (changed or failed):
+            self.router.partitioner.take_unkeyed()  # the router splits the batch again, counting what has no key
         return kept, None if changed or failed else parts, poison
+
+    def _count_unkeyed(self, stream: str) -> None:
+        """Events without the partition key all go with the key "default": counted, and said once per run."""
+        missing = self.router.partitioner.take_unkeyed()
+        if not self.stats.unkeyed:
+            logger.warning(
+                "job %s: %d events of %s have no partition key (partition_by %s): they go to one partition, the "
+                "key 'default''s; counted in unkeyed_events (progress hash) and replayd_unkeyed_events",
+                self.spec.name, missing, stream, self.router.partition_by,
+            )  # fmt: skip
+        self.stats.unkeyed += missing
+        self.metrics.unkeyed.labels(stream, self.spec.name).inc(missing)
 
     def _pace_from(self, routed: Routed) -> float | None:
         """The timestamp playback at the original pace starts a batch from (None: not paced)."""

@@ -22,6 +22,8 @@ from replayd.events import ZERO, Id, format_id, parse_id
 from replayd.handlers import Projection
 from replayd.jobs.engine import Engine, resolve_end, resolve_start
 from replayd.jobs.progress import Stats
+from replayd.jobs.shape import detect_shapes
+from replayd.pipeline.codec import Codec
 from replayd.pipeline.commit import CheckpointStore, job_key
 from replayd.pipeline.source import head, redis_time_ms
 
@@ -56,6 +58,7 @@ async def plan(engine: Engine, *, exact_up_to: int = 100_000, page: int = 5000) 
     store = CheckpointStore(redis, spec.name, spec.partitions, engine.shard)
     await store.load()
     now_ms = await redis_time_ms(redis)
+    shapes = await detect_shapes(redis, spec, engine.codec_for)
     streams = {}
     for stream in spec.streams:
         last = await head(redis, stream)
@@ -63,12 +66,14 @@ async def plan(engine: Engine, *, exact_up_to: int = 100_000, page: int = 5000) 
         resume = store.resume(stream) if spec.resume else None
         after = resume.after if resume else resolve_start(spec.start_bound, now_ms)
         upper = end if end is not None else (last or ZERO)
-        counted = await _count(redis, stream, after, upper, spec.fields.event_type.encode(), exact_up_to, page)
+        codec = engine.codec_for(stream, None)
+        counted = await _count(redis, stream, after, upper, codec, exact_up_to, page)
         streams[stream] = {
             "after": format_id(after),
             "to": "follow" if end is None else format_id(upper),
             "resumes_from_checkpoint": resume is not None,
             **counted,
+            "shape": {"codec": spec.codec, **shapes[stream].describe()},
         }
     progress = text_hash(await redis.hgetall(engine.progress.key))
     rate = float(progress["events_per_second"]) if progress.get("status") == "completed" else None
@@ -86,7 +91,7 @@ async def plan(engine: Engine, *, exact_up_to: int = 100_000, page: int = 5000) 
 
 
 async def _count(
-    redis: Client, stream: str, after: Id, upper: Id, type_field: bytes, exact_up_to: int, page: int
+    redis: Client, stream: str, after: Id, upper: Id, codec: Codec, exact_up_to: int, page: int
 ) -> dict[str, Any]:
     """Entries in (after, upper] by type: exact up to `exact_up_to`, then extrapolated by entry-ID time."""
     types: dict[str, int] = {}
@@ -97,9 +102,9 @@ async def _count(
         )
         if not entries:
             break
-        for _, flat in entries:
-            kind = next((flat[i + 1] for i in range(0, len(flat), 2) if flat[i] == type_field), b"unknown")
-            types[kind.decode(errors="replace")] = types.get(kind.decode(errors="replace"), 0) + 1
+        events, poison, _ = codec.decode(entries)
+        for kind in [event.event_type for event in events] + ["(undecodable)"] * len(poison):
+            types[kind] = types.get(kind, 0) + 1
         counted += len(entries)
         pos = parse_id(entries[-1][0])
         if len(entries) < page:

@@ -41,6 +41,8 @@ class Stats:
     """Entries that could not be decoded."""
     dead_lettered: int = 0
     """Events and entries written to the dead-letter stream."""
+    unkeyed: int = 0
+    """Events without the job's partition key (routed with the key "default", so in one partition)."""
     start: dict[str, Id] = field(default_factory=dict)
     """Per stream: the position the run started after."""
     target: dict[str, Id | None] = field(default_factory=dict)
@@ -87,6 +89,7 @@ class Stats:
             "failed_events": str(self.failed),
             "poison_events": str(self.poison),
             "dead_lettered_events": str(self.dead_lettered),
+            "unkeyed_events": str(self.unkeyed),
             "events_per_second": f"{self.rate:.1f}",
             "current_stream_id": format_id(self.position[first]) if first in self.position else "",
             "target_id": _fmt(self.target.get(first)),

@@ -22,6 +22,7 @@ from replayd.handlers import Handler
 from replayd.handlers.loader import load_handler
 from replayd.jobs.engine import Engine
 from replayd.jobs.progress import Stats
+from replayd.jobs.shape import check_shapes
 from replayd.jobs.versions import Versions, build_job, namespace
 from replayd.ops.metrics import Metrics
 
@@ -72,7 +73,9 @@ class Rebuild:
 
     async def begin(self) -> int:
         """Pick the version to write (an interrupted rebuild's, else current + 1), after deleting the versions
-        whose retention has passed."""
+        whose retention has passed. A stream its codec does not fit stops it first (`shape`): no version begun."""
+        if self.spec.check_shape:
+            await self._retried(partial(check_shapes, self.redis, self.spec))
         await self._retried(self.versions.sweep)
         self.version = await self._retried(self.versions.begin)
         logger.info("rebuilding %s as v%d", self.handler.name, self.version)

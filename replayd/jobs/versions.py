@@ -72,6 +72,15 @@ class Versions:
     async def current(self) -> int:
         return int(await self.redis.get(self.current_key) or 0)
 
+    async def unversioned(self) -> bool:
+        """Whether readers may be reading `projection:<name>:*` directly: no version is current, none is being
+        built, and the unversioned namespace holds keys. A first versioned rebuild moves them to `:v1:`."""
+        if await self.current() or await self.redis.exists(self.next_key):
+            return False
+        async for _ in version_keys(self.redis, self.name, 0):
+            return True
+        return False
+
     async def begin(self) -> int:
         """The version a rebuild writes: the one an interrupted rebuild left, else current + 1."""
         version = await self.current() + 1

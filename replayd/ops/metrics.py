@@ -91,6 +91,10 @@ class Metrics:
         self.redis_errors = Counter("replayd_redis_errors", "Redis errors", ["command", "error"], registry=r)
         self.reconnects = Counter("replayd_redis_reconnects", "Successful retries after Redis errors", registry=r)
         self.gaps = Counter("replayd_gap_detected", "Data-loss signals", ["stream", "kind"], registry=r)
+        self.unkeyed = Counter(
+            "replayd_unkeyed_events", "Events without their partition key (they share the key 'default')",
+            ["stream", "replay"], registry=r,
+        )  # fmt: skip
         self.collector = JobCollector()
         r.register(self.collector)
 
@@ -99,6 +103,7 @@ class Metrics:
         for stream in view.streams:
             self.events_read.labels(stream)
             self.read_batch.labels(stream)
+            self.unkeyed.labels(stream, view.replay)
             for outcome in OUTCOMES:
                 self.handler_events.labels(stream, view.replay, outcome)
         self.handler_batch.labels(view.replay)

@@ -1,7 +1,9 @@
 """Entry fields -> `Event`, with the article's defaults; what cannot be decoded becomes a `Poison` record.
 
+A `Shape` says which entry fields hold what (the article's by default; `codecs` has the other producers' shapes).
 Decoding is lazy where it costs: the entry ID, `event_id` and `event_type` (short texts every stage may log or
-filter on) are decoded with the batch, `data`, `metadata` (JSON) and `timestamp` when first read. When the router
+filter on) are decoded with the batch, `data`, `metadata` (JSON), `timestamp` and `fields` (every entry field,
+raw) when first read. When the router
 partitions by a field of `data`, that one field is decoded with the batch (the rest of the document is only
 checked, not built) and the batch is split by partition in the same pass; a shard leaves the entries of other
 shards' partitions unbuilt. An entry whose text fields cannot be decoded, or that has no fields (a tombstone), or
@@ -15,20 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import msgspec
 
 from replayd.config import FieldNames
 from replayd.errors import DecodeError
-from replayd.events import Event, Poison
-from replayd.pipeline.router import Partitioner, Router
+from replayd.events import Event, Poison, RawValue
+from replayd.pipeline.router import UNKEYED, Partitioner, Router
 
 RawEntry = Sequence[Any]
 """An XRANGE/XREAD reply element as hiredis returns it: `[id, [field, value, field, value, ...]]`."""
 
 
 _decode_json = msgspec.json.Decoder().decode
+UNSET = msgspec.UNSET
+
 
 _UNDECODABLE = (ValueError, TypeError, RecursionError)
 """What decoding a field raises: msgspec's errors and UnicodeDecodeError are ValueErrors; nesting deeper than
@@ -42,7 +46,16 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
-class _Lazy:
+def _empty(event: LazyEvent) -> dict[str, Any]:
+    return {}
+
+
+def id_time(event: LazyEvent) -> float:
+    """The entry ID's time in seconds: Redis's clock when the entry was added, the time of an entry without one."""
+    return int(event.stream_id.partition("-")[0]) / 1000
+
+
+class Lazy:
     """A field of `LazyEvent` decoded on its first read and kept in the event's `__dict__`.
 
     A non-data descriptor: once the value is in the instance dict, reads find it there and never call this.
@@ -50,10 +63,10 @@ class _Lazy:
 
     __slots__ = ("decode", "default", "name")
 
-    def __init__(self, decode: Callable[[bytes], Any], default: Callable[[], Any]) -> None:
+    def __init__(self, decode: Callable[[bytes], Any], default: Callable[[LazyEvent], Any]) -> None:
         self.decode = decode
         self.default = default
-        """The value when the entry lacks the field: a fresh `{}`, or 0.0."""
+        """The value when the entry lacks the field: a fresh `{}`, or the entry ID's time."""
         self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -64,18 +77,60 @@ class _Lazy:
             return self
         index = event._layout.get(self.name)
         try:
-            value = self.default() if index is None else self.decode(event._flat[index])
+            value = self.default(event) if index is None else self.decode(event._flat[index])
         except _UNDECODABLE as exc:
             reason = f"{type(exc).__name__}: {self.name}: {exc}"
-            raise DecodeError(event.stream, event.stream_id, _lenient(event._flat), reason) from None
+            raise DecodeError(event.stream, event.stream_id, lenient(event._flat), reason) from None
         event.__dict__[self.name] = value
         return value
 
 
-class LazyEvent(Event):
-    """An `Event` whose `data`, `timestamp` and `metadata` are decoded when first read.
+class Whole:
+    """A field of `LazyEvent` made from all of the entry's fields on its first read (`fields`, a flat entry's
+    `data`): `build` takes the event and returns the value, or raises ValueError (the entry is then poison)."""
 
-    Their values live in the instance dict, filled by `_Lazy` on the first read; later reads find them there.
+    __slots__ = ("build", "name")
+
+    def __init__(self, build: Callable[[LazyEvent], Any]) -> None:
+        self.build = build
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, event: LazyEvent | None, owner: type | None = None) -> Any:
+        if event is None:
+            return self
+        try:
+            value = self.build(event)
+        except _UNDECODABLE as exc:
+            reason = f"{type(exc).__name__}: {self.name}: {exc}"
+            raise DecodeError(event.stream, event.stream_id, lenient(event._flat), reason) from None
+        event.__dict__[self.name] = value
+        return value
+
+
+def raw_fields(flat: list[bytes]) -> dict[str, RawValue]:
+    """Every field of an entry: names as text, values as text or, where they are not UTF-8, bytes."""
+    it = iter(flat)
+    return {key.decode(errors="replace"): _text_or_bytes(value) for key, value in zip(it, it, strict=False)}
+
+
+def _event_fields(event: LazyEvent) -> dict[str, RawValue]:
+    return raw_fields(event._flat)
+
+
+def _text_or_bytes(value: bytes) -> RawValue:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value
+
+
+class LazyEvent(Event):
+    """An `Event` whose `data`, `timestamp`, `metadata` and `fields` are decoded when first read.
+
+    Their values live in the instance dict, filled by `Lazy` on the first read; later reads find them there.
     No `__getattr__`: on Python 3.11 a class with one pays for it on every attribute read, and a first read that
     falls through to it first builds an AttributeError. Only `Codec` makes them.
     """
@@ -90,19 +145,64 @@ class LazyEvent(Event):
     _layout: dict[str, int]
     """Lazy field -> index of its value in `_flat` (absent: the entry lacks the field)."""
 
-    data = _Lazy(_json_object, dict)
-    timestamp = _Lazy(float, float)
-    metadata = _Lazy(_json_object, dict)
+    data = Lazy(_json_object, _empty)
+    timestamp = Lazy(float, id_time)
+    metadata = Lazy(_json_object, _empty)
+    fields = Whole(_event_fields)
+
+    json_data: ClassVar[bool] = True
+    """`data` is one JSON field: routing by a field of it can decode that field alone (`key_decoder`)."""
+
+
+ROLES = ("event_id", "event_type", "data", "timestamp", "metadata")
+"""What entry fields hold, as `FieldNames` names them."""
+
+
+class Shape(NamedTuple):
+    """How a producer lays its events out in entry fields: the entry field of each of `ROLES`, and the event
+    class whose lazy fields decode them."""
+
+    name: str
+    names: dict[str, str]
+    """Role -> the entry field holding it (a role not named: the event's default)."""
+    event: type[LazyEvent] = LazyEvent
+    prefix: str = ""
+    """An entry that has `<prefix><name>` fields uses them (CloudEvents' `ce_type`... beside `type`...)."""
+
+    def mapped(self, fields: FieldNames) -> Shape:
+        """This shape with the entry fields `fields` names (set ones only) in place of its own."""
+        chosen = {role: name for role in ROLES if (name := getattr(fields, role)) is not None}
+        return self._replace(names={**self.names, **chosen}) if chosen else self
+
+    def layout_names(self, keys: list[bytes]) -> dict[str, bytes]:
+        """Role -> entry field name, for an entry with fields `keys`."""
+        prefixed = bool(self.prefix) and any(key.startswith(self.prefix.encode()) for key in keys)
+        return {role: (self.prefix + name if prefixed and role != "data" else name).encode()
+                for role, name in self.names.items() if name}  # fmt: skip
+
+
+ARTICLE = Shape("article", {role: role for role in ROLES})
+"""The article's entries: `event_id`, `event_type`, `data` (JSON), `timestamp`, `metadata` (JSON)."""
 
 
 def key_decoder(field: str) -> Callable[[bytes], Any]:
-    """Decodes `field` of a JSON object into `.value` (`default` when absent), checking the rest of the document
-    without building it: about half the cost of a full decode, and nothing to free."""
+    """Decodes `field` of a JSON object into `.value` (`msgspec.UNSET` when absent), checking the rest of the
+    document without building it: about half the cost of a full decode, and nothing to free."""
 
     class Key(msgspec.Struct, rename={"value": field}, gc=False):  # gc=False: freed at once, never in a cycle
-        value: Any = "default"
+        value: Any = msgspec.UNSET
 
     return msgspec.json.Decoder(Key).decode
+
+
+class _RawKey:
+    """An entry field's value as a partition key, read as `key_decoder`'s are (`.value`): its text, or its
+    bytes where they are not UTF-8 (keyed as `str()` of them, as the router does from `event.fields`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.value = _text_or_bytes(raw)
 
 
 class Decoded(NamedTuple):
@@ -121,14 +221,16 @@ class Codec:
 
     A producer writes its fields in the same order every time, so the positions of the five fields are
     learnt once per field layout and each entry is then read by index: no per-entry dict (the hot path).
-    Given the `router`: when it routes by a field of `data`, that field is decoded into each event's `key` and
-    the batch is split by partition in the same pass, an entry of another shard's partition left unbuilt (that
-    shard decodes it); an entry that cannot be decoded is reported by the shard the router says keeps it.
+    Given the `router`: when it routes by a field of `data` (or by an entry field, `fields.<name>`), that field
+    alone is decoded into each event's `key` and the batch is split by partition in the same pass, an entry of
+    another shard's partition left unbuilt (that shard decodes it); an entry that cannot be decoded is reported
+    by the shard the router says keeps it.
     """
 
-    def __init__(self, stream: str, names: FieldNames, router: Router | None = None) -> None:
+    def __init__(self, stream: str, shape: Shape | FieldNames = ARTICLE, router: Router | None = None) -> None:
         self.stream = stream
-        self._names = names
+        self._shape = shape if isinstance(shape, Shape) else ARTICLE.mapped(shape)
+        self._event = self._shape.event
         self._key: Callable[[bytes], Any] | None = None
         self._partitioner: Partitioner | None = None
         """Routing by a field of `data`: the events' partitions, and which are this shard's."""
@@ -136,8 +238,14 @@ class Codec:
         """Whether this shard reports an undecodable entry (by its ID) that no key places in its partitions."""
         if router is not None:
             self._keeps = partial(router.keeps, stream)
-            if router.key_field is not None:
+            if router.key_field is not None and self._event.json_data:
                 self._key, self._partitioner = key_decoder(router.key_field), router.partitioner
+            elif router.key_entry_field is not None:
+                self._key, self._partitioner = _RawKey, router.partitioner
+        self._key_field = router.key_entry_field.encode() if self._key is _RawKey else None  # type: ignore[union-attr]
+        """Routing by an entry field: its name (the key is its value); else the key is read from `data`."""
+        self._i_key: int | None = None
+        """Where the key is in an entry of the current layout (None: not there)."""
         self._keys: list[bytes] = []
         self._texts: tuple[int | None, int | None] = (None, None)
         self._layout: dict[str, int] = {}
@@ -145,21 +253,20 @@ class Codec:
     def decode(self, entries: Sequence[RawEntry]) -> Decoded:
         events: list[Event] = []
         poison: list[Poison] = []
-        append, decode_key, new = events.append, self._key, object.__new__
+        append, decode_key, new, kind = events.append, self._key, object.__new__, self._event
         split = self._partitioner
         parts: dict[int, list[Event]] = {}
         mine = split.mine if split is not None else []
-        stream, keys, layout, (i_id, i_type) = self.stream, self._keys, self._layout, self._texts
-        i_data = layout.get("data")
+        stream, keys, layout, (i_id, i_type), i_key = self.stream, self._keys, self._layout, self._texts, self._i_key
         for raw_id, flat in entries:
             try:
                 if flat[::2] != keys:
                     keys = self._learn(flat[::2])
-                    layout, (i_id, i_type) = self._layout, self._texts
-                    i_data = layout.get("data")
+                    layout, (i_id, i_type), i_key = self._layout, self._texts, self._i_key
                 if decode_key is not None:
-                    key = decode_key(flat[i_data]).value if i_data is not None else "default"
-                    key = key if type(key) is str else str(key)  # a number and its text are one key
+                    key: Any = decode_key(flat[i_key]).value if i_key is not None else UNSET
+                    # a number and its text are one key; no key at all is UNKEYED, counted below
+                    key = key if type(key) is str else UNKEYED if key is UNSET else str(key)
             except _UNDECODABLE as exc:  # no fields (a tombstone), or `data` no key can be read from
                 self._reject(poison, raw_id, flat, exc)
                 continue
@@ -169,7 +276,7 @@ class Codec:
                     continue  # another shard's partition: that shard decodes this entry
             try:
                 # the slots filled here, not in an __init__: a class call costs a third of the rest of the loop
-                event = new(LazyEvent)
+                event = new(kind)
                 event.stream_id = stream_id = raw_id.decode()
                 event.event_id = flat[i_id].decode() if i_id is not None else stream_id
                 event.event_type = flat[i_type].decode() if i_type is not None else "unknown"
@@ -187,14 +294,24 @@ class Codec:
                     parts[p] = [event]
                 else:
                     bucket.append(event)
-        return Decoded(events, poison, parts if split is not None else None)
+        return Decoded(events, poison, self._count_unkeyed(parts))
+
+    def _count_unkeyed(self, parts: dict[int, list[Event]]) -> dict[int, list[Event]] | None:
+        """The batch's split (None: no split), its events without a key counted (they are UNKEYED, so in the
+        partition of "default"): reported, not silently more events of the key "default"."""
+        split = self._partitioner
+        if split is None:
+            return None
+        split.unkeyed += sum(type(e.key) is not str for e in parts.get(split[UNKEYED], ()))  # type: ignore[attr-defined]
+        return parts
 
     def _learn(self, keys: list[bytes]) -> list[bytes]:
         positions = {key: 2 * index + 1 for index, key in enumerate(keys)}
-        names = self._names
-        self._texts = (positions.get(names.event_id.encode()), positions.get(names.event_type.encode()))
-        lazy = {"data": names.data, "timestamp": names.timestamp, "metadata": names.metadata}
-        self._layout = {field: positions[name.encode()] for field, name in lazy.items() if name.encode() in positions}
+        names = self._shape.layout_names(keys)
+        self._texts = (positions.get(names.get("event_id", b"")), positions.get(names.get("event_type", b"")))
+        lazy = ("data", "timestamp", "metadata")
+        self._layout = {role: positions[names[role]] for role in lazy if names.get(role, b"") in positions}
+        self._i_key = self._layout.get("data") if self._key_field is None else positions.get(self._key_field)
         self._keys = keys
         return keys
 
@@ -211,14 +328,14 @@ class Codec:
         if flat is None:  # an entry deleted between listing and reading (XDEL): a tombstone
             return Poison(self.stream, stream_id, {}, "tombstone: entry has no fields")
         field = "data: " if isinstance(exc, msgspec.MsgspecError) else ""  # only the partition key uses msgspec here
-        return Poison(self.stream, stream_id, _lenient(flat), f"{type(exc).__name__}: {field}{exc}")
+        return Poison(self.stream, stream_id, lenient(flat), f"{type(exc).__name__}: {field}{exc}")
 
 
 def _always(stream_id: str) -> bool:
     return True
 
 
-def _lenient(flat: list[bytes]) -> dict[str, str]:
+def lenient(flat: list[bytes]) -> dict[str, str]:
     """The fields as text, for display and dead letters, whatever their bytes."""
     it = iter(flat)
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in zip(it, it, strict=False)}

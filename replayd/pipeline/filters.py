@@ -1,9 +1,10 @@
 """Which events a job handles: event types, one entity, `--where` predicates and plugin predicates.
 
 `--where` takes `PATH OP VALUE` with PATH one of `data.<field>[.<field>...]`, `metadata.<field>...`,
-`event_type`, `event_id`, `stream_id`, `timestamp`, `stream`; OP one of `= == != > >= < <= ~` (`~` is
-"contains"); VALUE a number, `true`/`false`/`null`, or text (quotes optional). It is parsed once into a
-closure: never `eval`. A field the event does not have never matches.
+`fields.<entry field>` (as the producer wrote it), `@stream`, `event_type`, `event_id`, `stream_id`, `timestamp`,
+`stream`; OP one of `= == != > >= < <= ~` (`~` is "contains"); VALUE a number, `true`/`false`/`null`, or text
+(quotes optional). It is parsed once into a closure: never `eval`. A field the event does not have never
+matches.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ from typing import Any
 
 import msgspec
 
-from replayd.events import Event
+from replayd.events import MISSING, PATHS, Event, path_getter
 
 Predicate = Callable[[Event], bool]
 
-_MISSING = object()
-_WHERE = re.compile(r"^\s*([A-Za-z_][\w]*(?:\.[\w-]+)*)\s*(==|=|!=|>=|<=|>|<|~)\s*([^=<>!~\s].*?)\s*$")
-_ATTRS = ("event_type", "event_id", "stream_id", "timestamp", "stream")
+_WHERE = re.compile(r"^\s*(@stream|[A-Za-z_][\w]*(?:\.[\w-]+)*)\s*(==|=|!=|>=|<=|>|<|~)\s*([^=<>!~\s].*?)\s*$")
 _ORDER: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,
@@ -75,40 +74,41 @@ def entity_predicate(entity_type: str, entity_id: str) -> Predicate:
     return matches
 
 
+def entity_miss(entity: str, read: int, fields: Sequence[str]) -> str:
+    """Why `--entity TYPE:ID` matched none of the `read` events, and what would select them (`fields`: the
+    entry fields the stream's entries have)."""
+    kind, ident = entity.split(":", 1)
+    where = f"--where fields.{kind}_id={ident}" if f"{kind}_id" in fields else f"--where fields.FIELD={ident}"
+    return (
+        f"--entity {entity} matched none of the {read:,} events read: an event is {kind} {ident}'s when "
+        f'data.aggregate_type or metadata.entity_type is "{kind}" and data.aggregate_id or data.{kind}_id is '
+        f'"{ident}" (or when the stream events:{kind}:{ident} exists). The entries have the fields '
+        f"{', '.join(fields) or '(none)'}: to select by one of them, use {where}"
+    )
+
+
 def parse_where(text: str) -> Predicate:
     """Compile one `PATH OP VALUE` condition; ValueError names what is wrong."""
     match = _WHERE.match(text)
     if not match:
-        raise ValueError(f"--where {text!r}: expected PATH OP VALUE, e.g. data.total>1000")
+        raise ValueError(
+            f"--where {text!r}: expected PATH OP VALUE with OP one of = != > >= < <= ~ (contains), e.g. "
+            "data.total>1000 or fields.user_id=u7"
+        )
     path, op, raw = match.groups()
-    get = _getter(path, text)
+    try:
+        get = path_getter(path)
+    except ValueError:
+        raise ValueError(f"--where {text!r}: PATH must be one of {PATHS}") from None
     value = _literal(raw)
     if op == "~":
         needle = value if isinstance(value, str) else raw  # the text as written: `~15` is not `~15.0`
-        return lambda e: (v := get(e)) is not _MISSING and needle in str(v)
+        return lambda e: (v := get(e)) is not MISSING and needle in str(v)
     if op in ("=", "==", "!="):
         equal = op != "!="
-        return lambda e: (v := get(e)) is not _MISSING and _equals(v, value) == equal
+        return lambda e: (v := get(e)) is not MISSING and _equals(v, value) == equal
     compare = _ORDER[op]
-    return lambda e: (v := get(e)) is not _MISSING and _ordered(compare, v, value)
-
-
-def _getter(path: str, text: str) -> Callable[[Event], Any]:
-    head, *rest = path.split(".")
-    if head in ("data", "metadata") and rest:
-
-        def nested(e: Event) -> Any:
-            node: Any = e.data if head == "data" else e.metadata
-            for part in rest:
-                if not isinstance(node, dict) or part not in node:
-                    return _MISSING
-                node = node[part]
-            return node
-
-        return nested
-    if head in _ATTRS and not rest:
-        return operator.attrgetter(head)
-    raise ValueError(f"--where {text!r}: PATH must be data.<field>, metadata.<field> or one of {', '.join(_ATTRS)}")
+    return lambda e: (v := get(e)) is not MISSING and _ordered(compare, v, value)
 
 
 def _literal(raw: str) -> Any:

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from zlib import crc32
 
 from replayd.errors import DecodeError
-from replayd.events import WHOLE, Event, Id, Poison, Shard, parse_id
+from replayd.events import MISSING, STREAM_KEY, WHOLE, Event, Id, PartitionBy, Poison, Shard, parse_id, path_getter
 
-STREAM_KEY = "@stream"
-"""`partition_by` value that partitions by the stream key (one ordered lane per stream)."""
+__all__ = ["STREAM_KEY", "UNKEYED", "PartitionBy", "Partitioner", "Routed", "Router"]
 
 Predicate = Callable[[Event], bool]
+
+
+class _Unkeyed(str):
+    __slots__ = ()
+
+
+UNKEYED: str = _Unkeyed("default")
+"""The partition key of an event without one: the article's "default" group, told apart by its type so that
+such events are counted (`Partitioner.unkeyed`)."""
 
 
 class Routed(NamedTuple):
@@ -45,6 +53,13 @@ class Partitioner:
         self.partitions = partitions
         self.mine = mine
         """Partition -> whether this shard handles it."""
+        self.unkeyed = 0
+        """This shard's events that had no partition key (they go with the key "default"): `take_unkeyed`."""
+
+    def take_unkeyed(self) -> int:
+        """The events without a partition key since the last call."""
+        count, self.unkeyed = self.unkeyed, 0
+        return count
 
     def __getitem__(self, key: str) -> int:
         return crc32(key.encode()) % self.partitions
@@ -53,14 +68,18 @@ class Partitioner:
 class Router:
     """Splits a decoded batch into this shard's partitions, keeping stream order within each."""
 
-    def __init__(self, partitions: int, *, partition_by: str | None, ordering: str, shard: Shard = WHOLE) -> None:
+    def __init__(self, partitions: int, *, partition_by: PartitionBy, ordering: str, shard: Shard = WHOLE) -> None:
         self.partitions = partitions
         self.shard = shard
+        self.partition_by = getattr(partition_by, "__qualname__", partition_by)
+        """What orders events, for messages: the path, or the function's name."""
         self._key = _key_function(partition_by, ordering)
         self._by_stream = ordering == "key" and partition_by in (None, STREAM_KEY)
         by_data = partitions > 1 and ordering == "key" and not self._by_stream
-        self.key_field = partition_by if by_data else None
+        self.key_field = _data_field(partition_by) if by_data else None
         """The field of `data` routing reads from every event (for the codec to decode with the batch), or None."""
+        self.key_entry_field = _entry_field(partition_by) if by_data else None
+        """The entry field (`fields.<name>`) routing reads from every event (the codec reads it with the batch)."""
         self.partitioner = Partitioner(partitions, [shard.owns(p) for p in range(partitions)])
         """With `key_field`, the codec splits each batch as it decodes it (one pass), and leaves other shards'
         entries unbuilt."""
@@ -136,9 +155,12 @@ class Router:
         parts: dict[int, list[Event]] = {}
         key, partition, mine = self._key, self.partitioner, self.partitioner.mine
         for event in events:
-            p = partition[key(event)]
+            k = key(event)
+            p = partition[k]
             if not mine[p]:
                 continue
+            if type(k) is not str:  # UNKEYED
+                partition.unkeyed += 1
             bucket = parts.get(p)
             if bucket is None:
                 parts[p] = [event]
@@ -171,18 +193,56 @@ def _position(event: Event) -> Id:
     return parse_id(event.stream_id)
 
 
-def _key_function(partition_by: str | None, ordering: str) -> Callable[[Event], str]:
+def _key_function(partition_by: PartitionBy, ordering: str) -> Callable[[Event], str]:
     if ordering == "none":
         # no order promised: spread entries evenly, still the same partition for an entry in every run
         return lambda e: e.stream_id
     if partition_by is None or partition_by == STREAM_KEY:
         return lambda e: e.stream
-    return partial(_data_key, partition_by)
+    field = _data_field(partition_by)
+    if field is not None:
+        return partial(_data_key, field)
+    name = _entry_field(partition_by)
+    if name is not None:
+        return partial(_entry_key, name)
+    get = partition_by if callable(partition_by) else path_getter(partition_by, bare="data")
+    return lambda e: _key_text(get(e))
+
+
+def _data_field(partition_by: PartitionBy) -> str | None:
+    """The field of `data` that `partition_by` names (a bare name, or `data.<name>`), or None."""
+    if not isinstance(partition_by, str) or partition_by == STREAM_KEY:
+        return None
+    head, _, rest = partition_by.partition(".")
+    if head in ("fields", "metadata") and rest:
+        return None
+    if head == "data":
+        return rest if rest and "." not in rest else None
+    return partition_by
+
+
+def _entry_field(partition_by: PartitionBy) -> str | None:
+    """The entry field that `partition_by` names (`fields.<name>`), or None."""
+    if not isinstance(partition_by, str) or not partition_by.startswith("fields."):
+        return None
+    return partition_by.removeprefix("fields.") or None
+
+
+def _entry_key(name: str, event: Event) -> str:
+    try:
+        return event.key  # type: ignore[attr-defined,no-any-return] # the codec read it with the batch
+    except AttributeError:
+        return _key_text(event.fields.get(name, MISSING))
 
 
 def _data_key(field: str, event: Event) -> str:
     try:
         return event.key  # type: ignore[attr-defined,no-any-return] # the codec decoded it with the batch
     except AttributeError:
-        # an event without the field goes with the others that lack it, as the article's "default" group does
-        return str(event.data.get(field, "default"))  # str(): a number and its text are one key
+        value = event.data.get(field, MISSING)
+        return UNKEYED if value is MISSING else str(value)  # as the codec's key: a JSON null is "None"
+
+
+def _key_text(value: Any) -> str:
+    # an event without a key goes with the others that lack it, as the article's "default" group does (counted)
+    return UNKEYED if value is MISSING or value is None else str(value)  # str(): a number and its text are one key

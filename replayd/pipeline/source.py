@@ -254,6 +254,13 @@ def _text(value: bytes) -> str:
 async def head(redis: Client, stream: str) -> Id | None:
     """The ID of the stream's last entry, or None when it is empty or missing; DataError when the key holds
     another type (a job is started on it, and it is looked at again every few seconds)."""
+    last = await last_entry(redis, stream)
+    return parse_id(last[0]) if last is not None else None
+
+
+async def last_entry(redis: Client, stream: str) -> Any:
+    """The stream's last entry as read (`[id, [field, value, ...]]`), or None when it is empty or missing;
+    DataError when the key holds another type."""
     try:
         entries: list[Any] = await redis.execute_command("XREVRANGE", stream, "+", "-", "COUNT", 1)
     except ResponseError as exc:
@@ -261,7 +268,7 @@ async def head(redis: Client, stream: str) -> Id | None:
             raise
         kind = text(await redis.type(stream))
         raise DataError(f"key {stream} holds a {kind}, not a stream: check the job's streams") from None
-    return parse_id(entries[0][0]) if entries else None
+    return entries[0] if entries else None
 
 
 async def redis_time_ms(redis: Client) -> int:
