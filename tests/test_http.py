@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -299,6 +300,75 @@ async def test_slow_clients_are_dropped_and_connections_capped() -> None:
     assert closed == [b"", b""]
     assert waited < 2.0
     assert after.status == 200
+
+
+def trickle(port: int, stop: threading.Event, every_s: float = 2.0) -> tuple[int, float]:
+    """A slow client: one byte of a request every `every_s` until the server closes the connection or `stop` is
+    set. Returns (bytes sent, seconds the connection stayed open)."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"y" * 1000
+    started = time.monotonic()
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.settimeout(every_s)
+        for byte in request:
+            if stop.is_set():
+                break
+            try:
+                sock.sendall(bytes([byte]))
+                sent += 1
+                if sock.recv(1) == b"":  # the server closed it
+                    break
+            except TimeoutError:
+                continue  # nothing from the server: send the next byte
+            except OSError:
+                break
+    return sent, time.monotonic() - started
+
+
+async def test_64_slow_clients_do_not_starve_the_health_probe() -> None:
+    """FAULTS T43. 1. 64 clients each send a request one byte every 2 s (a per-read time-out never fires)
+    2. /healthz is probed every 0.25 s meanwhile: every probe is answered 200 within 2 s
+    3. each slow client is dropped at the request deadline (default 5 s), not kept while it trickles."""
+    server = HttpServer(Metrics(), ready())  # the defaults the daemon uses
+    stop = threading.Event()
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.run)
+        slow: list[tuple[int, float]] = []
+
+        async def slow_client() -> None:
+            slow.append(await anyio.to_thread.run_sync(trickle, port, stop, limiter=clients))
+
+        clients = anyio.CapacityLimiter(64)
+        async with anyio.create_task_group() as slow_ones:
+            for _ in range(64):
+                slow_ones.start_soon(slow_client)
+            await anyio.sleep(1.0)  # all 64 connected and trickling
+            probes = []
+            for _ in range(16):
+                began = time.monotonic()
+                try:
+                    response = await anyio.to_thread.run_sync(partial(probe, port))
+                except OSError as exc:
+                    response = Response(0, {}, repr(exc).encode())
+                probes.append((response.status, time.monotonic() - began))
+                await anyio.sleep(0.25)
+            stop.set()
+        tg.cancel_scope.cancel()
+    assert [status for status, _ in probes] == [200] * 16, probes
+    assert max(took for _, took in probes) < 2.0, probes
+    assert len(slow) == 64
+    assert max(held for _, held in slow) < 5.0 + 2.0 + 1.0, slow  # the deadline, one trickle step, slack
+
+
+def probe(port: int) -> Response:
+    """A kubelet-like probe: one GET with a 2 s time-out."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        return Response(response.status, {}, response.read())
+    finally:
+        conn.close()
 
 
 async def test_a_port_in_use_is_a_config_error() -> None:

@@ -10,8 +10,11 @@ and /metrics goes dark exactly when it is needed. So the loop only *beats* and t
   cancellation stops both threads.
 - The listener is the standard library's `socketserver` + `BaseHTTPRequestHandler` (its request parsing, 400
   on malformed requests), one short-lived thread per connection and at most `max_connections` at once (more are
-  closed at once), `request_timeout_s` on every socket read and write (slow clients are dropped), and
-  `Connection: close` on every response. GET and HEAD; 404 for unknown paths.
+  closed at once), and `Connection: close` on every response. GET and HEAD; 404 for unknown paths.
+- A request has `request_timeout_s` in all to arrive, however it trickles in (a deadline on the whole request,
+  not a time-out per read: a client sending a byte every 2 s would otherwise hold its thread for ever), and as
+  long again for its response to be written. Slow or hostile clients are dropped at their deadline; with 256
+  connections allowed, 64 of them at once still leave room for the kubelet's probes and the scrape.
 - /healthz compares the heartbeat's age with `stall_after_s` when asked: 200 while the loop keeps beating,
   503 with the reason while it is blocked, 200 again once it runs. It never touches Redis.
 - The watchdog thread checks the same heartbeat and logs, once per stall, a warning with the loop thread's
@@ -24,6 +27,7 @@ and /metrics goes dark exactly when it is needed. So the loop only *beats* and t
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -124,7 +128,7 @@ class HttpServer:
         stall_after_s: float = 10.0,
         heartbeat_s: float = 1.0,
         request_timeout_s: float = 5.0,
-        max_connections: int = 16,
+        max_connections: int = 256,
     ) -> None:
         if not 0 < heartbeat_s < stall_after_s:
             raise ValueError(f"heartbeat_s ({heartbeat_s}) must be positive and below stall_after_s ({stall_after_s})")
@@ -248,7 +252,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(self.server.app.request_timeout_s)  # every read and write of this socket
+        deadline = time.monotonic() + self.server.app.request_timeout_s
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
 
     def do_GET(self) -> None:
         self._respond(body=True)
@@ -258,6 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, *, body: bool) -> None:
         app = self.server.app
+        self.connection.settimeout(app.request_timeout_s)  # the response's own bound, once the request is in
         route = self.routes.get(urlsplit(self.path).path)
         content_type = JSON
         if route == "metrics":
@@ -281,6 +287,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("http: %s %s", self.address_string(), format % args)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each given only what is left of one deadline for the whole request."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
 
 
 def _json(doc: dict[str, Any]) -> bytes:
