@@ -13,7 +13,7 @@ import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -36,6 +36,7 @@ from pydantic_settings import (
 
 from replayd.errors import ConfigError
 from replayd.events import Bound, Shard, parse_end, parse_shard, parse_start
+from replayd.ops.logs import register_secrets
 from replayd.pipeline.filters import parse_where
 
 _toml_path: ContextVar[Path | None] = ContextVar("replayd_toml_path", default=None)
@@ -82,7 +83,10 @@ class RedisConfig(_Section):
     tls_key_file: Path | None = None
     """The client certificate's private key (unencrypted PEM), when not inside `tls_cert_file`."""
     tls_verify_hostname: bool = True
-    """Check that the server's certificate names the URL's host (the certificate chain is always checked)."""
+    """Check that the server's certificate names the URL's host."""
+    tls_allow_unverified: bool = False
+    """Accept a server certificate that is not checked at all (`?ssl_cert_reqs=none` in the URL is refused
+    otherwise): for tests only; every start warns about it."""
     socket_timeout_s: float = Field(10.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     block_ms: int = Field(2000, ge=0)
@@ -177,13 +181,48 @@ class RedisConfig(_Section):
             if not secret:
                 raise ValueError(f"password_file {self.password_file} is empty")
             self._file_password = SecretStr(secret)
+        register_secrets(*self.secrets())
         return self
+
+    @model_validator(mode="after")
+    def _verification(self) -> RedisConfig:
+        """Certificate checks are turned off by a setting that says so, never by a URL's query string."""
+        query = {key.lower(): value.lower() for key, value in parse_qsl(urlsplit(self.url.get_secret_value()).query)}
+        if (
+            query.get("ssl_cert_reqs", "required") not in ("required", "cert_required")
+            and not self.tls_allow_unverified
+        ):
+            raise ValueError(
+                f"ssl_cert_reqs={query['ssl_cert_reqs']} in the url turns the server certificate check off: refused. "
+                "Drop it (give tls_ca_file for a private CA), or, for tests only, set tls_allow_unverified = true "
+                "(REPLAYD_REDIS__TLS_ALLOW_UNVERIFIED=true)"
+            )
+        if query.get("ssl_check_hostname", "true") in ("false", "0", "no", "off") and self.tls_verify_hostname:
+            raise ValueError(
+                "ssl_check_hostname in the url turns the host name check off: refused. Set tls_verify_hostname = "
+                "false instead (REPLAYD_REDIS__TLS_VERIFY_HOSTNAME=false)"
+            )
+        return self
+
+    def secrets(self) -> list[str]:
+        """Every secret these settings hold (for log redaction): passwords in the URL (as written and decoded),
+        in its query string, in `password` and in `password_file`."""
+        url = urlsplit(self.url.get_secret_value())
+        found = [value for key, value in parse_qsl(url.query) if "pass" in key.lower() or "data" in key.lower()]
+        userinfo = url.netloc.rpartition("@")[0]
+        if userinfo:
+            raw = userinfo.partition(":")[2]
+            found += [raw, unquote(raw)]
+        found += [s.get_secret_value() for s in (self.password, self._file_password) if s is not None]
+        return [secret for secret in found if secret]
 
     @model_validator(mode="after")
     def _tls(self) -> RedisConfig:
         options = [name for name in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, name)]
         if not self.tls_verify_hostname:
             options.append("tls_verify_hostname")
+        if self.tls_allow_unverified:
+            options.append("tls_allow_unverified")
         scheme = self.scheme
         if options and scheme != "rediss":
             verb = "needs" if len(options) == 1 else "need"

@@ -222,8 +222,8 @@ def connection_options(cfg: RedisConfig) -> dict[str, Any]:
     if password is not None:
         options["password"] = password.get_secret_value()
     if cfg.scheme == "rediss":
-        options["ssl_cert_reqs"] = "required"
-        options["ssl_check_hostname"] = cfg.tls_verify_hostname
+        options["ssl_cert_reqs"] = "none" if cfg.tls_allow_unverified else "required"
+        options["ssl_check_hostname"] = cfg.tls_verify_hostname and not cfg.tls_allow_unverified
         for option, path in (
             ("ssl_ca_certs", cfg.tls_ca_file),
             ("ssl_certfile", cfg.tls_cert_file),

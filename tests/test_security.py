@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -426,3 +428,103 @@ async def test_secrets_never_appear_in_metrics(acl_server: RedisServer, admin: r
     exposition = generate_latest(metrics.registry).decode()
     assert "replayd_" in exposition
     assert SECRET not in exposition
+
+
+# --- every form of a password in a URL (FAULTS T42) --------------------------------------------------------------
+
+TRICKY = "s3cr@t:p%zz!x"
+"""A password with a raw `@`, a `:` and a `%` that is no escape: every part of it must stay hidden."""
+PARTS = ("s3cr", "t:p%zz", "zz!x", "s3cr%40t")
+
+
+@pytest.fixture(scope="module")
+def tricky_server() -> Iterator[tuple[RedisServer, str]]:
+    """A redis-server on TCP and a unix socket whose default user's password is TRICKY; yields it and the socket."""
+    folder = Path(tempfile.mkdtemp(prefix="replayd-sock-"))  # short: a socket path has at most 107 bytes
+    sock = folder / "redis.sock"
+    server = RedisServer(folder, extra_args=["--unixsocket", str(sock), "--unixsocketperm", "700"]).start()
+    try:
+        with server.client() as client:
+            client.config_set("requirepass", TRICKY)
+        with redis.Redis(port=server.port, password=TRICKY, socket_timeout=10) as client:
+            load_history_sync(client, STREAM, EVENTS)
+        yield server, str(sock)
+    finally:
+        server.stop()
+
+
+def password_urls(port: int, sock: str) -> dict[str, str]:
+    escaped = quote(TRICKY, safe="")
+    return {
+        "user:pass@ (raw @ : %)": f"redis://default:{TRICKY}@127.0.0.1:{port}/0",
+        ":pass@ (%-escaped)": f"redis://:{escaped}@127.0.0.1:{port}/0",
+        "?password=": f"redis://127.0.0.1:{port}/0?password={escaped}",
+        "unix://:pass@": f"unix://:{escaped}@{sock}",
+        "unix:// ?password=": f"unix://{sock}?password={escaped}",
+    }
+
+
+def test_no_form_of_a_password_in_a_url_is_ever_printed(tricky_server: tuple[RedisServer, str], tmp_path: Path) -> None:
+    """1. each URL form replays (so replayd did use the password) and runs as a daemon job, at DEBUG, in JSON and
+    in text  2. status, text and JSON  3. an unreachable server's error  4. no part of the password in any output."""
+    server, sock = tricky_server
+    config = tmp_path / "replayd.toml"
+    config.write_text(
+        '[http]\nenabled = false\n\n[[jobs]]\nname = "daemon-job"\nstreams = ["events:orders"]\n'
+        'handler = "order_summary"\nend = "now"\n'
+    )
+    shown: list[subprocess.CompletedProcess[str]] = []
+    for form, url in password_urls(server.port, sock).items():
+        log_format = "json" if "unix" not in form else "text"
+        flags = ("--log-level", "DEBUG", "--log-format", log_format)
+        done, _ = timed(*replay_args(url, "--job", f"job-{len(shown)}", *flags))
+        assert done.returncode == 0, (form, done.stderr)
+        daemon, _ = timed("run", "--config", str(config), *flags, env={"REPLAYD_REDIS__URL": url})
+        assert daemon.returncode == 0, (form, daemon.stderr)
+        assert "***" in daemon.stderr  # the start line shows the URL, redacted
+        shown += [done, daemon]
+    url = password_urls(server.port, sock)["user:pass@ (raw @ : %)"]
+    shown += [timed("status", "--redis-url", url, *extra)[0] for extra in ((), ("--json",))]
+    assert all(done.returncode == 0 for done in shown[-2:])
+    unreachable, _ = timed(
+        *replay_args(url.replace(str(server.port), "1"), "--log-level", "DEBUG"),
+        env={"REPLAYD_REDIS__UNAVAILABLE_TIMEOUT_S": "1"},
+    )
+    assert unreachable.returncode == 69, unreachable.stderr
+    for done in [*shown, unreachable]:
+        for part in PARTS:
+            assert part not in done.stdout + done.stderr, (done.args, part)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"redis://default:{TRICKY}@h:1/0",
+        f"redis://:{quote(TRICKY, safe='')}@h:1/0",
+        f"rediss://h:1/0?db=0&password={quote(TRICKY, safe='')}",
+        f"unix://:{TRICKY}@/tmp/redis.sock?db=0",
+        f"unix:///tmp/redis.sock?db=0&password={TRICKY}",
+        f"rediss://h:1/0?ssl_password={TRICKY}&ssl_ca_data=MIIs3cr",
+    ],
+)
+def test_redaction_hides_every_form(text: str) -> None:
+    redacted = redact_text(f"connecting to '{text}' now")
+    assert not any(part in redacted for part in PARTS), redacted
+    assert "***" in redacted and redacted.endswith("' now")
+
+
+def test_turning_certificate_checks_off_is_refused_unless_a_setting_says_so() -> None:
+    """`?ssl_cert_reqs=none` in a URL: 78 naming the setting; with the setting, a warning at every start."""
+    url = "rediss://127.0.0.1:1/0?ssl_cert_reqs=none"
+    refused, _ = timed(*replay_args(url))
+    assert refused.returncode == 78, refused.stderr
+    assert "tls_allow_unverified" in refused.stderr
+    hostname, _ = timed(*replay_args("rediss://127.0.0.1:1/0?ssl_check_hostname=false"))
+    assert hostname.returncode == 78
+    assert "tls_verify_hostname" in hostname.stderr
+    allowed, _ = timed(
+        *replay_args(url, "--log-format", "text"),
+        env={"REPLAYD_REDIS__TLS_ALLOW_UNVERIFIED": "true", "REPLAYD_REDIS__UNAVAILABLE_TIMEOUT_S": "1"},
+    )
+    assert allowed.returncode == 69, allowed.stderr  # it tried to connect (nothing listens on port 1)
+    assert "certificate is not checked" in allowed.stderr

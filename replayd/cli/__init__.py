@@ -44,7 +44,7 @@ from replayd.jobs.versions import Versions, namespace
 from replayd.jobs.workers import Supervisor, without_workers
 from replayd.ops.console import display_id, summary, with_progress
 from replayd.ops.http import Readiness
-from replayd.ops.logs import setup_logging
+from replayd.ops.logs import redact_text, setup_logging
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.codec import ROLES
 from replayd.pipeline.commit import Tally, floor_field, job_key, stream_field, stream_positions
@@ -322,6 +322,11 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             getattr(args, "log_format", None) or settings.log_format,
         )
         _warn_unknown_environment(os.environ)
+        if settings.redis.tls_allow_unverified:
+            logger.warning(
+                "redis.tls_allow_unverified = true: the server's certificate is not checked, so anyone on the "
+                "path to Redis can read and change replayd's traffic (meant for tests only)"
+            )
         if args.command == "version":
             print(f"replayd {__version__}")
             return 0
@@ -415,20 +420,25 @@ def _report(exc: BaseException) -> int:
     if isinstance(error, BrokenPipeError) and _stdout_closed():
         return EX_PIPE
     if isinstance(error, ReplaydError):
-        print(f"replayd: {error}", file=sys.stderr)
+        _say(f"replayd: {error}")
         return error.exit_code
     if isinstance(error, redis.exceptions.AuthenticationError | redis.exceptions.NoPermissionError):
-        print(f"replayd: Redis refused the credentials or an ACL permission: {error}", file=sys.stderr)
+        _say(f"replayd: Redis refused the credentials or an ACL permission: {error}")
         return EX_CONFIG
     if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError) or (
         isinstance(error, redis.exceptions.RedisClusterException) and is_retriable(error)
     ):
-        print(f"replayd: cannot reach Redis: {error}", file=sys.stderr)
+        _say(f"replayd: cannot reach Redis: {error}")
         return EX_UNAVAILABLE
     if isinstance(error, KeyboardInterrupt):
         return 130
     logger.error("internal error", exc_info=error)
     return EX_SOFTWARE
+
+
+def _say(message: str) -> None:
+    """An error line on stderr, never with a secret in it (a library's message may quote a URL)."""
+    print(redact_text(message), file=sys.stderr)
 
 
 # --- one-shot jobs ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from redis.asyncio import Redis, RedisCluster
 from replayd.errors import DecodeError, StopReplay
 from replayd.events import Event, PartitionBy
 from replayd.handlers.upcast import Upcast, Upcasters
+from replayd.ops.logs import preview
 
 logger = logging.getLogger(__name__)
 
@@ -373,7 +374,9 @@ def _parked(event: Event, tx: Tx, policy: FailurePolicy | None, outcome: Outcome
 
 
 def _poisoned(event: Event, error: DecodeError, tx: Tx, policy: FailurePolicy | None, outcome: Outcome) -> str:
-    logger.error("undecodable entry %s %s: %s (fields %s)", event.stream, event.stream_id, error.reason, error.fields)
+    logger.error(
+        "undecodable entry %s %s: %s (fields %s)", event.stream, event.stream_id, error.reason, preview(error.fields)
+    )
     outcome.failed += 1
     outcome.poison += 1
     return _count(outcome, policy.give_up(event, error, 1, tx) if policy else "skipped")

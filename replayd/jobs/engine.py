@@ -32,7 +32,7 @@ from replayd.jobs.lease import Lease
 from replayd.jobs.progress import ProgressWriter, Stats
 from replayd.jobs.shape import check_shapes, job_codecs
 from replayd.jobs.versions import ProjectionFlipped, Versions
-from replayd.ops.logs import current_job
+from replayd.ops.logs import current_job, preview
 from replayd.ops.metrics import JobView, Metrics
 from replayd.pipeline.commit import (
     CheckpointStore,
@@ -705,8 +705,9 @@ class Engine:
             outcome = "tombstone" if entry.error.startswith("tombstone") else "failed"
             self.metrics.handler_events.labels(entry.stream, self.spec.name, outcome).inc()
             logger.error(
-                "undecodable entry %s %s: %s (fields %s)", entry.stream, entry.stream_id, entry.error, entry.fields
-            )
+                "undecodable entry %s %s: %s (fields %s)", entry.stream, entry.stream_id, entry.error,
+                preview(entry.fields),
+            )  # fmt: skip
 
 
 def resolve_end(bound: Bound, last: Id | None, now_ms: int) -> Id | None:
