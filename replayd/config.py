@@ -259,7 +259,7 @@ class HttpConfig(_Section):
     """The /metrics, /healthz and /readyz listener of the daemon."""
 
     enabled: bool = True
-    host: str = "0.0.0.0"  # noqa: S104 - a sidecar is scraped from outside its container
+    host: str = "0.0.0.0"  # noqa: S104 - the kubelet's probes and the scrape reach a sidecar on its pod IP
     port: int = Field(9464, ge=0, le=65535)
 
 
@@ -346,6 +346,14 @@ class JobSpec(_Section):
     retries: int = Field(3, ge=0)
     """Attempts after the first for a failing handler, with exponential backoff and jitter."""
     retry_backoff_s: float = Field(0.1, ge=0)
+    handler_timeout_s: float = Field(60.0, gt=0)
+    """The longest a handler call (an event, or a batch for `handle_batch`) may take. An async call past it is
+    cancelled and counts as a failure of its event (retried, then `on_poison`); a sync function in a worker thread
+    cannot be cancelled: it is reported (log, metric, state `stalled`) and its lane waits for it."""
+    breaker_failures: int = Field(20, ge=0)
+    """The circuit breaker: after this many events in a row fail for good (no lane batch handling any event in
+    between), the job stops (exit 65) or, following, waits `blocked` for `replayd resume`, instead of
+    dead-lettering or skipping the stream. 0 turns it off."""
     on_lease_held: Literal["wait", "exit"] = "wait"
     """Another instance holds this job's (shard's) lease: wait for it, or exit 75."""
     lease_ttl_s: float = Field(15.0, gt=0)
@@ -474,7 +482,8 @@ def load_settings(path: str | None = None, **overrides: Any) -> Settings:
         if not file.is_file():
             raise ConfigError(f"config file {file} does not exist")
         try:
-            tomllib.loads(file.read_text())
+            with file.open("rb") as toml:  # as the settings source reads it: no newline translation (a lone \r)
+                tomllib.load(toml)
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {file} cannot be read: {exc}") from None
     token = _toml_path.set(file)

@@ -4,7 +4,9 @@
     ├── UsageError               bad command-line arguments (exit 2)
     ├── ConfigError              invalid settings, missing config file, bad plugin path (exit 78)
     ├── DataError                the stream cannot be replayed as asked: gap, divergence (exit 65)
-    │   └── DecodeError          a field of an entry cannot be decoded: the entry is poison
+    │   ├── DecodeError          a field of an entry cannot be decoded: the entry is poison
+    │   └── JobBlocked           a dead letter holds the whole stream back, or the circuit breaker tripped
+    ├── HandlerTimeout           a handler call outlived `handler_timeout_s` (a failure of its event)
     ├── SourceError              Redis unreachable or failing while reading (exit 69, retriable)
     ├── CommitError              a checkpoint transaction failed (exit 69, retriable)
     └── FencingError             another instance of the same job and shard committed (exit 75)
@@ -80,6 +82,16 @@ class FencingError(ReplaydError):
     """Raised when another instance of the same job and shard has committed: this one must stop."""
 
     exit_code = 75
+
+
+class JobBlocked(DataError):
+    """Raised when a job cannot go on without an operator: the stream waits behind a dead letter of its only key,
+    or the circuit breaker tripped. A one-shot command exits 65; a following job waits, `blocked`, for
+    `replayd resume`."""
+
+
+class HandlerTimeout(ReplaydError):
+    """Recorded (as the error of an event or batch) when a handler call outlived `handler_timeout_s`."""
 
 
 class RestartJob(FencingError):

@@ -810,19 +810,22 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 RUNNING = ("starting", "catching_up", "live", "paused", "stalled", "draining")
-"""Progress statuses of a job that runs: shown with whether an owner still holds its lease."""
+"""Progress statuses of a job that runs: shown with whether an owner still holds its lease. (A `blocked` job
+waiting for `replayd resume` holds none: it is not among them.)"""
 
 
 def _progress_line(progress: dict[str, str], owner: str | None) -> str:
+    """Status, counts (what waits included), rate, percent, position; and, blocked, why, on a line of its own."""
     status = progress.get("status", "never run" if not progress else "?")
     if status in RUNNING:
         status += f" (owner {owner})" if owner else " (no owner holds the lease: not running, last seen so)"
-    return (
-        f"{status}  processed "
-        f"{progress.get('processed_events', 0)}  failed {progress.get('failed_events', 0)}  "
-        f"{progress.get('events_per_second', '0')} ev/s  {progress.get('percent', '0')}%  "
-        f"at {progress.get('current_stream_id', '-')}{_updated(progress)}"
+    line = (
+        f"{status}  processed {progress.get('processed_events', 0)}  failed {progress.get('failed_events', 0)}  "
+        f"dead-lettered {progress.get('dead_lettered_events', 0)}  parked {progress.get('parked_events', 0)} "
+        f"({progress.get('parked_keys', 0)} keys)  {progress.get('events_per_second', '0')} ev/s  "
+        f"{progress.get('percent', '0')}%  at {progress.get('current_stream_id', '-')}{_updated(progress)}"
     )
+    return line + (f"\n  blocked: {progress['blocked']}" if progress.get("blocked") else "")
 
 
 def _updated(progress: dict[str, str]) -> str:

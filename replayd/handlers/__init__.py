@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import inspect
 import logging
+from asyncio import CancelledError
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import chain
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 from redis.asyncio import Redis, RedisCluster
 
-from replayd.errors import DecodeError, StopReplay
+from replayd.errors import DecodeError, HandlerTimeout, StopReplay
 from replayd.events import Event, PartitionBy
 from replayd.handlers.upcast import Upcast, Upcasters
 from replayd.ops.logs import preview
+
+if TYPE_CHECKING:
+    from replayd.handlers.timeouts import HandlerWatch, Watched
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +167,10 @@ class Context:
     """Writes queued here run in the same atomic commit as the checkpoint of the batch."""
     failures: FailurePolicy | None = None
     """What a handler error leads to (None: log, count, go on)."""
+    watch: HandlerWatch | None = field(default=None, repr=False)
+    """The job's handler time-outs (None: none)."""
+    watched: Watched | None = field(default=None, repr=False)
+    """The time-out registration of the lane batch being handled."""
 
     def key(self, *parts: object) -> str:
         """A key in the projection's namespace: `ctx.key("order", 42)` -> `projection:<name>:order:42`
@@ -210,9 +219,11 @@ class Outcome:
     retried: int = 0
     """Attempts repeated after a handler error."""
     dead_lettered: int = 0
-    """Events written to the dead-letter stream (failed for good, or parked behind one that did)."""
+    """Events that failed for good and were written to the dead-letter stream (those parked behind one: `parked`)."""
     poison: int = 0
     """Events a field of which the handler read could not be decoded (also counted in `failed`)."""
+    parked: int = 0
+    """Events not handled because their key waits behind a dead letter (dead-lettered as `Parked`, or skipped)."""
 
 
 CATCH_ALL = "*"
@@ -330,17 +341,53 @@ class FailurePolicy(Protocol):
         `skipped`."""
 
 
-async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Context], Any]) -> Outcome:
+async def _each(
+    events: Sequence[Event], ctx: Context, call: Callable[[Event, Context], Any], *, cancellable: bool = True
+) -> Outcome:
     """Handle events one by one, in order; a StopReplay, or a failure under the `stop` policy, ends the batch.
 
-    The loop is the per-event hot path: one call and, for async handlers, one await per event; parked keys
-    and failures take the slower paths below. The adapters' `handle_batch` is a plain `def` returning this
-    coroutine, not awaiting it: every suspend and resume of every event then passes one frame fewer.
+    With time-outs, the job's `HandlerWatch` watches the batch (not a timer per event): when it cancels a call
+    that outlived `handler_timeout_s`, that event fails (retried, then the poison policy) and the batch goes on
+    after it. `cancellable` is False for sync functions in worker threads: reported only.
     """
     outcome = Outcome()
+    watch = ctx.watch
+    if watch is None:
+        await _loop(events, 0, ctx, call, outcome)
+        return outcome
+    start = 0
+    while start < len(events):
+        watched = ctx.watched = watch.watch(events, outcome, cancellable=cancellable)
+        try:
+            await _loop(events, start, ctx, call, outcome)
+            break
+        except CancelledError:
+            if not watched.expired():  # a shutdown, not a time-out
+                raise
+        finally:
+            watch.unwatch(watched)
+        index = watched.index()
+        verdict = await _settle(events[index], ctx, call, outcome, _timeout(events[index], watch), len(ctx.tx))
+        if verdict == "stopped":
+            outcome.stopped_at = index
+            break
+        if verdict == "stop":
+            outcome.failed_at = index
+            break
+        start = index + 1
+    ctx.watched = None
+    return outcome
+
+
+async def _loop(
+    events: Sequence[Event], start: int, ctx: Context, call: Callable[[Event, Context], Any], outcome: Outcome
+) -> None:
+    """The per-event hot path: one call and, for async handlers, one await per event; parked keys and failures
+    take the slower paths below. The adapters' `handle_batch` is a plain `def` returning the `_each` coroutine, not
+    awaiting it: every suspend and resume of every event then passes one frame fewer."""
     tx, policy = ctx.tx, ctx.failures
     parking = policy is not None and policy.parks
-    for index, event in enumerate(events):
+    for index, event in enumerate(events[start:] if start else events, start):
         verdict = _parked(event, tx, policy, outcome) if parking else None
         if verdict is None:
             mark = len(tx.commands)
@@ -350,6 +397,9 @@ async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Co
                     await result
             except Exception as exc:  # noqa: BLE001 - StopReplay, poison, or an error to retry: `_settle` says
                 failure = exc
+            except BaseException:  # cancelled (a time-out, a shutdown): the event's writes go with it
+                tx._rollback(mark)
+                raise
             else:
                 outcome.handled += 1
                 continue
@@ -362,7 +412,12 @@ async def _each(events: Sequence[Event], ctx: Context, call: Callable[[Event, Co
         if verdict == "stop":
             outcome.failed_at = index
             break
-    return outcome
+
+
+def _timeout(event: Event, watch: HandlerWatch) -> HandlerTimeout:
+    return HandlerTimeout(
+        f"handler call on {event.stream} {event.stream_id} outlived handler_timeout_s = {watch.timeout_s:g}"
+    )
 
 
 def _parked(event: Event, tx: Tx, policy: FailurePolicy | None, outcome: Outcome) -> str | None:
@@ -370,7 +425,10 @@ def _parked(event: Event, tx: Tx, policy: FailurePolicy | None, outcome: Outcome
     behind = policy.parked_behind(event) if policy is not None else None
     if policy is None or behind is None:
         return None
-    return _count(outcome, policy.give_up(event, f"parked behind dead letter {behind} of its key", 0, tx))
+    verdict = policy.give_up(event, f"parked behind dead letter {behind} of its key", 0, tx)
+    if verdict in ("dead_lettered", "skipped"):
+        outcome.parked += 1
+    return verdict
 
 
 def _poisoned(event: Event, error: DecodeError, tx: Tx, policy: FailurePolicy | None, outcome: Outcome) -> str:
@@ -416,7 +474,27 @@ async def _settle(
 
 
 async def _attempt(event: Event, ctx: Context, call: Callable[[Event, Context], Any]) -> Exception | None:
-    """One more call of the handler on `event`: what it raised, or None."""
+    """One more call of the handler on `event`: what it raised (HandlerTimeout past `handler_timeout_s`), or None."""
+    watch = ctx.watch
+    if watch is None:
+        return await _call(event, ctx, call)
+    outer = ctx.watched
+    if outer is not None:
+        outer.paused = True  # the batch's clock waits while this call has one of its own
+    watched = watch.watch([event], None, cancellable=outer is None or outer.cancellable)
+    try:
+        return await _call(event, ctx, call)
+    except CancelledError:
+        if not watched.expired():
+            raise
+        return _timeout(event, watch)
+    finally:
+        watch.unwatch(watched)
+        if outer is not None:
+            outer.paused = False
+
+
+async def _call(event: Event, ctx: Context, call: Callable[[Event, Context], Any]) -> Exception | None:
     try:
         result = call(event, ctx)
         if result is not None and inspect.isawaitable(result):
@@ -443,6 +521,8 @@ class FunctionHandler:
     def __init__(self, func: Callable[..., Any], name: str) -> None:
         self.name = name
         self._async = inspect.iscoroutinefunction(func)
+        self.threads = not self._async
+        """It runs in worker threads, where a call can block for ever: the engine watches its time-outs."""
         self.awaits = self._async
         """False for a sync function: it runs in worker threads, partition after partition of each read batch, with
         no lanes (as a sync `Projection` runs), so its commits overlap its next batches. In lanes, with a thread
@@ -467,12 +547,18 @@ class FunctionHandler:
         """A sync function on a partition's events: blocking code runs in a worker thread, so the event loop goes
         on meanwhile. One thread call runs the function on the events until one raises or waits behind a dead
         letter (a thread call per event cost 3-15x the work of a small function); that one takes `_each`'s slow
-        path here, on the loop, and the next thread call goes on after it."""
+        path here, on the loop, and the next thread call goes on after it. With time-outs, the thread call is
+        watched (it cannot be cancelled: a call past `handler_timeout_s` is reported)."""
         outcome = Outcome()
-        tx, policy = ctx.tx, ctx.failures
+        tx, policy, watch = ctx.tx, ctx.failures, ctx.watch
         start = 0
         while start < len(events):
-            index, mark, error = await anyio.to_thread.run_sync(self._until_error, events, start, ctx)
+            watched = ctx.watched = watch.watch(events, None, cancellable=False, at=start) if watch else None
+            try:
+                index, mark, error = await anyio.to_thread.run_sync(self._until_error, events, start, ctx)
+            finally:
+                if watch is not None and watched is not None:
+                    watch.unwatch(watched)
             outcome.handled += index - start
             if index == len(events):
                 break
@@ -488,13 +574,14 @@ class FunctionHandler:
                 outcome.failed_at = index
                 break
             start = index if verdict is None else index + 1  # None: not parked after all, so it is called
+        ctx.watched = None
         return outcome
 
     def _until_error(self, events: Sequence[Event], start: int, ctx: Context) -> tuple[int, int, Exception | None]:
         """In a worker thread: call the function on `events[start:]` in order. Returns the index of the first
         event that raised (with the length of `ctx.tx` before it and the error) or whose key waits behind a dead
-        letter (error None), else `len(events)`."""
-        call, tx, policy = self._call, ctx.tx, ctx.failures
+        letter (error None), else `len(events)`. Each event's index is shown to the time-out watch as it starts."""
+        call, tx, policy, watched = self._call, ctx.tx, ctx.failures, ctx.watched
         # read once, as `_each` does: a failure here returns to the loop, and the next thread call reads it again
         parking = policy is not None and policy.parks
         for index in range(start, len(events)):
@@ -502,6 +589,8 @@ class FunctionHandler:
             if parking and policy is not None and policy.parked_behind(event) is not None:
                 return index, len(tx.commands), None
             mark = len(tx.commands)
+            if watched is not None:
+                watched.at = index
             try:
                 call(event, ctx)
             except Exception as exc:  # noqa: BLE001 - StopReplay, poison or a retry: `_settle` says, on the loop
@@ -553,9 +642,10 @@ class ObjectHandler:
     async def _batch(self, batch: Callable[..., Any], events: Sequence[Event], ctx: Context) -> Outcome:
         mark = len(ctx.tx)
         try:
-            result = batch(events, ctx)
-            if inspect.isawaitable(result):
-                await result
+            with anyio.fail_after(ctx.watch.timeout_s) if ctx.watch else nullcontext():
+                result = batch(events, ctx)
+                if inspect.isawaitable(result):
+                    await result
         except StopReplay:
             return Outcome(handled=len(events), stopped_at=len(events) - 1)
         except DecodeError:

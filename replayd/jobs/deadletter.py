@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,10 @@ from replayd.pipeline.commit import job_key, sendable
 
 
 class DeadLetters:
-    """The job's failure policy: retries with backoff, then `stop`, `dead-letter` or `skip`."""
+    """The job's failure policy: retries with backoff, then `stop`, `dead-letter` or `skip`; and its circuit
+    breaker. Two things stop a job here rather than let it dead-letter (or skip) its stream: a dead letter whose
+    key is a whole stream (no `partition_by`: every later event would wait behind it), and `breaker` events in a
+    row failing for good. `blocked` then says why, and the event that met it is not given up on (`stop`)."""
 
     def __init__(
         self,
@@ -36,22 +40,41 @@ class DeadLetters:
         backoff_s: float,
         key_of: Callable[[Event], str] | None,
         parked: dict[str, str] | None = None,
+        whole_stream: bool = False,
+        breaker: int = 0,
+        max_backoff_s: float = 5.0,
     ) -> None:
         self.mode = mode
         self.retries = retries
         self.base_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self.key_of = key_of
         self.parked: dict[str, str] = parked if parked is not None else {}
         """Partition key -> entry ID of its first dead letter (persisted in `parked_key`)."""
+        self.whole_stream = whole_stream and key_of is not None
+        """Keys are streams (no `partition_by`): a parked key holds back a whole stream."""
+        self.breaker = breaker
+        self.failing = 0
+        """Events failed for good one after another (the engine resets it when a lane batch handles one)."""
+        self.errors: deque[str] = deque(maxlen=3)
+        """The last errors, for the breaker's message."""
+        self.blocked = ""
+        """Why the job stopped here (a whole stream parked, the breaker): set with the `stop` verdict."""
         self.key = job_key(job, "dlq")
         self.parked_key = job_key(job, "parked")
 
     def backoff_s(self, attempt: int) -> float:
-        return float(min(self.base_s * 2 ** (attempt - 2), 5.0) * random.uniform(0.5, 1.0))
+        return float(min(self.base_s * 2 ** (attempt - 2), self.max_backoff_s) * random.uniform(0.5, 1.0))
 
     @property
     def parks(self) -> bool:
         return bool(self.parked) and self.key_of is not None
+
+    def holding(self) -> tuple[str, str] | None:
+        """(stream, dead letter) when a parked key holds back a whole stream, else None."""
+        if self.whole_stream and self.parked:
+            return next(iter(self.parked.items()))
+        return None
 
     def parked_behind(self, event: Event) -> str | None:
         if not self.parked or self.key_of is None:
@@ -63,6 +86,20 @@ class DeadLetters:
         return self.parked.get(key)
 
     def give_up(self, event: Event, error: BaseException | str, attempts: int, tx: Tx) -> str:
+        if isinstance(error, str):  # parked behind a dead letter of its key
+            if self.whole_stream:
+                return self._block(
+                    f"stream {event.stream} waits behind dead letter {self.parked_behind(event)} (handler error on "
+                    "that event): without partition_by every event of a stream has one key, so all later events "
+                    "would wait. Fix the cause, then `replayd dlq retry` (or `dlq discard`) and `replayd resume`; "
+                    "or set partition_by so that only one entity waits"
+                )
+        elif self._trips(event, error):
+            return self._block(
+                f"circuit breaker: {self.failing} events in a row failed for good (breaker_failures = "
+                f"{self.breaker}); last errors: {'; '.join(self.errors)}. Fix the cause, then `replayd resume` "
+                "(following) or run again: the event it stopped at is retried"
+            )
         if self.mode != "dead-letter":
             return "stop" if self.mode == "stop" else "skipped"
         key = ""
@@ -81,6 +118,20 @@ class DeadLetters:
             self.parked[key] = event.stream_id
             tx.hset(self.parked_key, key, event.stream_id)
         return "dead_lettered"
+
+    def _trips(self, event: Event, error: BaseException) -> bool:
+        self.failing += 1
+        self.errors.append(f"{event.stream} {event.stream_id}: {type(error).__name__}: {str(error)[:200]}")
+        return self.mode != "stop" and 0 < self.breaker <= self.failing
+
+    def _block(self, why: str) -> str:
+        self.blocked = self.blocked or why
+        return "stop"
+
+    def reset(self) -> None:
+        """Going on after `replayd resume`: the breaker closes; what is parked is read again at start."""
+        self.failing, self.blocked = 0, ""
+        self.errors.clear()
 
 
 def dead_letter(event: Event, error: BaseException | str, attempts: int, key: str) -> dict[str, Any]:

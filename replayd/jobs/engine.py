@@ -21,10 +21,19 @@ from redis.asyncio import RedisCluster
 
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import Client, close_reads_client, is_retriable, reads_client, retrying, text_hash
-from replayd.errors import ConfigError, DataError, DecodeError, FencingError, ReplaydError, most_telling
+from replayd.errors import (
+    ConfigError,
+    DataError,
+    DecodeError,
+    FencingError,
+    JobBlocked,
+    ReplaydError,
+    most_telling,
+)
 from replayd.events import TOP, ZERO, Bound, Event, Id, Poison, age_to_id, format_id, parse_id
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import import_from_string, load_handler, load_predicate
+from replayd.handlers.timeouts import HandlerWatch
 from replayd.handlers.upcast import Upcasters, as_upcasters
 from replayd.jobs.deadletter import DeadLetters, poison_letter
 from replayd.jobs.gaps import find_gap
@@ -47,7 +56,7 @@ from replayd.pipeline.commit import (
 from replayd.pipeline.filters import Predicate, build_filter
 from replayd.pipeline.lanes import Feed, InFlight, Lanes, fewer_collections
 from replayd.pipeline.pacing import Pacer
-from replayd.pipeline.router import Routed, Router
+from replayd.pipeline.router import STREAM_KEY, Routed, Router
 from replayd.pipeline.source import IN_FLIGHT_READS, Batch, BatchSizer, StreamReader, head, redis_time_ms
 
 logger = logging.getLogger(__name__)
@@ -113,6 +122,8 @@ class Engine:
         self.stop_requested = anyio.Event()
         self._running = anyio.Event()
         self._running.set()
+        self._cancel_wait = anyio.CancelScope()
+        """Cancels the wait of a blocked job for `replayd resume` (on stop)."""
         self.caught_up = anyio.Event()
         self.store = CheckpointStore(redis, spec.name, spec.partitions, self.shard)
         self.filter = self._build_filter(spec.entity)
@@ -129,9 +140,11 @@ class Engine:
         self._plans: list[_Plan] = []
         self.seq = ""
         self.inflight = InFlight(spec.max_in_flight)
+        by_stream = (spec.partition_by or self.handler.partition_by) in (None, STREAM_KEY)
         self.dead_letters = DeadLetters(
             spec.name, spec.poison_policy, retries=spec.retries, backoff_s=spec.retry_backoff_s,
-            key_of=self.router.key_of if spec.ordering == "key" else None,
+            key_of=self.router.key_of if spec.ordering == "key" else None, whole_stream=by_stream,
+            breaker=spec.breaker_failures, max_backoff_s=min(5.0, spec.handler_timeout_s / 4),
         )  # fmt: skip
         self.lease = Lease(redis, spec.name, self.shard, ttl_ms=int(spec.lease_ttl_s * 1000),
                            wait=spec.on_lease_held == "wait")  # fmt: skip
@@ -141,19 +154,31 @@ class Engine:
                                 max_bytes=spec.max_batch_bytes)  # fmt: skip
         self.pacer = Pacer(spec.rate_limit, spec.speed)
         self.metrics = metrics or Metrics()
+        timeouts = self.metrics.handler_timeouts
+        self.watch = HandlerWatch(spec.handler_timeout_s, self.handler.name or spec.handler,
+                                  lambda action: timeouts.labels(spec.name, action).inc())  # fmt: skip
         self._handled: dict[str, Counter] = {}
         """Stream -> its `replayd_handler_events{outcome="ok"}` counter: looked up once, not per lane batch."""
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
-                            inflight=lambda: self.inflight.count)  # fmt: skip
+                            inflight=lambda: self.inflight.count,
+                            parked_keys=lambda: len(self.dead_letters.parked))  # fmt: skip
 
     def _state(self) -> str:
-        running = self.stats.status in ("catching_up", "live")
-        return "draining" if running and self.stop_requested.is_set() else self.stats.status
+        state = self.stats.state()
+        if state in ("catching_up", "live") and self.watch.overrunning:
+            return "stalled"  # a handler call past its time-out that cannot be cancelled
+        running = state in ("catching_up", "live", "blocked")
+        return "draining" if running and self.stop_requested.is_set() else state
+
+    @property
+    def following(self) -> bool:
+        return self.spec.end_bound.kind == "follow" and not self.ends
 
     def stop(self) -> None:
         """Stop reading; what is routed drains and commits, then `run` returns."""
         self.stop_requested.set()
         self._running.set()  # a paused job stops too
+        self._cancel_wait.cancel()  # and a blocked one
 
     def _refuse_split_commits(self) -> None:
         """Under Redis Cluster a commit is one script on one node: the projection's keys (`projection:{<name>}:...`)
@@ -175,6 +200,8 @@ class Engine:
             self.spec.name, self.handler_redis, f"{self.namespace}:v{self.version}" if self.version else self.namespace
         )
         ctx.failures = self.dead_letters
+        if getattr(self.handler, "awaits", True) or getattr(self.handler, "threads", False):
+            ctx.watch = self.watch  # code that neither awaits nor runs in a thread cannot hang but by blocking the loop
         return ctx
 
     def _load_upcasters(self) -> Upcasters | None:
@@ -196,7 +223,18 @@ class Engine:
     async def run(self) -> Stats:
         token = current_job.set(self.spec.name)  # every log line of this job's tasks carries its name
         try:
-            return await self._run()
+            while True:
+                try:
+                    return await self._run()
+                except BaseException as exc:
+                    blocked = self._blocked(exc)
+                    if blocked is None:
+                        raise
+                    if not self.following or self.stop_requested.is_set():
+                        raise blocked from None
+                    await self._wait_for_resume(blocked)
+                if self.stop_requested.is_set():
+                    return self.stats
         except BaseException as exc:  # our own error, not the task groups' wrapping, for callers
             error = most_telling(exc)
             if isinstance(error, FencingError) and await self._flipped():
@@ -211,6 +249,47 @@ class Engine:
             current_job.reset(token)
             with anyio.move_on_after(2, shield=True):
                 await close_reads_client(self.handler_redis, self.redis)
+
+    def _blocked(self, exc: BaseException) -> JobBlocked | None:
+        """The stop the failure policy asked for (a whole stream parked, the circuit breaker) behind `exc`."""
+        error = most_telling(exc)
+        if isinstance(error, JobBlocked):
+            return error
+        if isinstance(error, DataError) and self.dead_letters.blocked:
+            return JobBlocked(f"job {self.spec.name} blocked: {self.dead_letters.blocked}")
+        return None
+
+    async def _wait_for_resume(self, blocked: JobBlocked) -> None:
+        """A following job that blocked waits (`blocked` in status and metrics) until `replayd resume` clears the
+        `paused` field it sets, then starts again from its checkpoint: the event it stopped at comes first."""
+        self.stats.blocked = str(blocked)
+        self.stats.status = "blocked"
+        logger.error("%s; waiting for `replayd resume %s`", blocked, self.spec.name)
+        with anyio.CancelScope() as scope:
+            self._cancel_wait = scope
+            await retrying(partial(self.redis.hset, self.progress.key, "paused", "blocked"), what="progress",
+                           budget_s=self.budget_s, metrics=self.metrics)  # fmt: skip
+            await self.progress.write()
+            while not self.stop_requested.is_set() and await self._still_paused():  # noqa: ASYNC110 - Redis changes
+                await anyio.sleep(0.5)
+        self.dead_letters.reset()
+        self.stats.blocked = ""
+        self.watermark, self.inflight = Watermark(), InFlight(self.spec.max_in_flight)
+        if self.stop_requested.is_set():
+            self.stats.status = "stopped"
+            with anyio.move_on_after(5, shield=True):
+                await self.progress.write()
+        else:
+            self.stats.status = "catching_up"
+            logger.info("job %s resumed: starting again from its checkpoint", self.spec.name)
+
+    async def _still_paused(self) -> bool:
+        try:
+            return await self.redis.hget(self.progress.key, "paused") is not None
+        except Exception as exc:
+            if not is_retriable(exc):
+                raise
+            return True  # Redis away: asked again in a moment
 
     async def _flipped(self) -> bool:
         """Whether the live version moved under this job (a rebuild's flip), which also fences it."""
@@ -280,9 +359,14 @@ class Engine:
         self.seq, version = await self.store.claim(self.lease.token.rpartition(":")[2], alias)
         self.version = version if self.alias else self.version
         await self.store.load()
+        if await self.redis.hget(self.progress.key, "paused") in (b"blocked", "blocked"):
+            # a run that blocked left it, waiting for `replayd resume`: starting again is going on (a fixed handler
+            # is deployed by a restart); what still holds the job back blocks it again
+            await self.redis.hdel(self.progress.key, "paused")
         parked = text_hash(await self.redis.hgetall(self.dead_letters.parked_key))
         self.dead_letters.parked.clear()
         self.dead_letters.parked.update(parked)
+        self._note_waiting()
         if not had_checkpoint:
             await self._refuse_lost_checkpoint()
         streams = list(spec.streams)
@@ -367,6 +451,16 @@ class Engine:
             self.stats.caught_up_at = time.time()
             self.caught_up.set()
 
+    def _note_waiting(self) -> None:
+        """Parked counts and, when a parked key is a whole stream, why the job is blocked, for status and logs."""
+        dead_letters = self.dead_letters
+        self.stats.parked_keys = len(dead_letters.parked)
+        holding = dead_letters.holding()
+        if holding and not self.stats.blocked:
+            self.stats.blocked = (
+                f"stream {holding[0]} waits behind dead letter {holding[1]} (`replayd dlq list {self.spec.name}`)"
+            )
+
     def _on_commit(self, floors: dict[str, Id]) -> None:
         if floors:
             self.stats.checkpointed = True
@@ -381,6 +475,11 @@ class Engine:
         self.stats.failed += outcome.failed
         self.stats.dead_lettered += outcome.dead_lettered
         self.stats.poison += outcome.poison
+        self.stats.parked += outcome.parked
+        if outcome.handled:
+            self.dead_letters.failing = 0  # the breaker counts failures in a row
+        if outcome.parked or outcome.dead_lettered:
+            self._note_waiting()
         events = self.metrics.handler_events
         if outcome.handled:
             handled = self._handled.get(stream)
@@ -388,7 +487,7 @@ class Engine:
                 handled = self._handled[stream] = events.labels(stream, self.spec.name, "ok")
             handled.inc(outcome.handled)
         for label, count in (("failed", outcome.failed), ("retried", outcome.retried),
-                             ("dead_lettered", outcome.dead_lettered)):  # fmt: skip
+                             ("dead_lettered", outcome.dead_lettered), ("parked", outcome.parked)):  # fmt: skip
             if count:
                 events.labels(stream, self.spec.name, label).inc(count)
 
@@ -429,6 +528,7 @@ class Engine:
             tg.start_soon(self.lease.keep)
             tg.start_soon(self.progress.run)
             tg.start_soon(self._watch_heads)
+            tg.start_soon(self.watch.run)
             if self.alias:
                 tg.start_soon(self._sweep_retired, self.alias)
             async with anyio.create_task_group() as pipeline:

@@ -40,7 +40,13 @@ class Stats:
     poison: int = 0
     """Entries that could not be decoded."""
     dead_lettered: int = 0
-    """Events and entries written to the dead-letter stream."""
+    """Events and entries that failed for good and were written to the dead-letter stream."""
+    parked: int = 0
+    """Events not handled because their key waits behind a dead letter (dead-lettered as `Parked`, or skipped)."""
+    parked_keys: int = 0
+    """Partition keys waiting behind a dead letter now."""
+    blocked: str = ""
+    """Why the job cannot go on by itself (its stream waits behind a dead letter, the circuit breaker), or ""."""
     unkeyed: int = 0
     """Events without the job's partition key (routed with the key "default", so in one partition)."""
     start: dict[str, Id] = field(default_factory=dict)
@@ -56,6 +62,12 @@ class Stats:
     rate: float = 0.0
     _origin: dict[str, int] = field(default_factory=dict, repr=False)
     """Per stream started from `0-0`: the ms of the first position `percent` saw, where its span begins."""
+
+    def state(self) -> str:
+        """`status`, except that a running job held back by a dead letter or its circuit breaker is `blocked`."""
+        if self.blocked and self.status in ("catching_up", "live"):
+            return "blocked"
+        return self.status
 
     def percent(self) -> float:
         """Done fraction by entry-ID time between start and target (IDs carry Redis's clock), 0-100. A run from the
@@ -79,7 +91,7 @@ class Stats:
         first = self.streams[0]
         fields = {
             "name": self.job,
-            "status": self.status,
+            "status": self.state(),
             "streams": ",".join(self.streams),
             "started_at": repr(self.started_at),
             "updated_at": repr(time.time()),
@@ -90,6 +102,9 @@ class Stats:
             "poison_events": str(self.poison),
             "dead_lettered_events": str(self.dead_lettered),
             "unkeyed_events": str(self.unkeyed),
+            "parked_events": str(self.parked),
+            "parked_keys": str(self.parked_keys),
+            "blocked": self.blocked,
             "events_per_second": f"{self.rate:.1f}",
             "current_stream_id": format_id(self.position[first]) if first in self.position else "",
             "target_id": _fmt(self.target.get(first)),
@@ -152,14 +167,18 @@ class ProgressWriter:
             await anyio.sleep(self.interval_s)
             await self.write()
             now = time.monotonic()
-            if now - logged_at >= log_every_s and self.stats.total != logged_total:
+            if now - logged_at >= log_every_s and (self.stats.total != logged_total or self.stats.blocked):
                 self._log(self.stats.total - logged_total, now - logged_at)
                 logged_at, logged_total = now, self.stats.total
 
     def _log(self, events: int, seconds: float) -> None:
         stats = self.stats
-        logger.info(
-            "%s: %d events read (%.0f/s), %d processed, %d skipped, %d failed, %.1f%% at %s",
-            stats.status, stats.total, events / seconds, stats.processed, stats.skipped, stats.failed,
-            stats.percent(), ", ".join(f"{s} {format_id(p)}" for s, p in stats.position.items()),
+        log = logger.warning if stats.blocked or stats.parked_keys else logger.info
+        log(
+            "%s: %d events read (%.0f/s), %d processed, %d skipped, %d failed, %d dead-lettered, %d parked behind "
+            "%d key(s), %.1f%% at %s%s",
+            stats.state(), stats.total, events / seconds, stats.processed, stats.skipped, stats.failed,
+            stats.dead_lettered, stats.parked, stats.parked_keys, stats.percent(),
+            ", ".join(f"{s} {format_id(p)}" for s, p in stats.position.items()),
+            f" ({stats.blocked})" if stats.blocked else "",
         )  # fmt: skip

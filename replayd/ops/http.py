@@ -253,6 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         deadline = time.monotonic() + self.server.app.request_timeout_s
+        self.rfile.close()  # the socket's own reader, replaced (closed: the socket's close is not held back by it)
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
 
     def do_GET(self) -> None:

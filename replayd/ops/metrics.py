@@ -31,8 +31,8 @@ from prometheus_client.registry import Collector
 
 from replayd.version import __version__
 
-STATES = ("starting", "catching_up", "live", "stalled", "paused", "draining", "stopped")
-OUTCOMES = ("ok", "retried", "failed", "tombstone", "dead_lettered", "skipped")
+STATES = ("starting", "catching_up", "live", "stalled", "paused", "blocked", "draining", "stopped")
+OUTCOMES = ("ok", "retried", "failed", "tombstone", "dead_lettered", "parked", "skipped")
 STALL_AFTER_S = 300.0
 """A job with lag whose checkpoint has not moved for this long is `stalled` (Burrow's idle vs stalled)."""
 
@@ -50,6 +50,7 @@ class JobView:
     retention: dict[str, int] = field(default_factory=dict)
     last_progress: dict[str, float] = field(default_factory=dict)
     inflight: Callable[[], int] = lambda: 0
+    parked_keys: Callable[[], int] = lambda: 0
     rebuild_targets: dict[str, tuple[int, int] | None] | None = None
     """A rebuild's: the end of each stream it runs to (filled as it plans); None for any other job."""
 
@@ -95,6 +96,10 @@ class Metrics:
             "replayd_unkeyed_events", "Events without their partition key (they share the key 'default')",
             ["stream", "replay"], registry=r,
         )  # fmt: skip
+        self.handler_timeouts = Counter(
+            "replayd_handler_timeouts", "Handler calls past handler_timeout_s: cancelled, or reported (a sync call "
+            "in a thread)", ["replay", "action"], registry=r,
+        )  # fmt: skip
         self.collector = JobCollector()
         r.register(self.collector)
 
@@ -109,6 +114,8 @@ class Metrics:
         self.handler_batch.labels(view.replay)
         for result in ("ok", "fenced", "error"):
             self.commits.labels(view.replay, result)
+        for action in ("cancelled", "reported"):
+            self.handler_timeouts.labels(view.replay, action)
         self.collector.jobs[view.replay] = view
 
     def redis_error(self, command: str, exc: BaseException) -> None:
@@ -162,6 +169,9 @@ class JobCollector(Collector):
         )  # fmt: skip
         state = GaugeMetricFamily("replayd_state", "Job state (one-hot)", labels=["replay", "state"])
         inflight = GaugeMetricFamily("replayd_inflight_entries", "Events read but not committed", labels=["replay"])
+        parked = GaugeMetricFamily(
+            "replayd_parked_keys", "Partition keys whose events wait behind a dead letter", labels=["replay"]
+        )
         rebuilding = GaugeMetricFamily("replayd_rebuild_running", "1 while a rebuild runs", labels=["replay"])
         target = GaugeMetricFamily(
             "replayd_rebuild_target_timestamp_seconds", "Head snapshot the rebuild runs to", labels=["replay"]
@@ -173,13 +183,14 @@ class JobCollector(Collector):
             for name in STATES:
                 state.add_metric([job.replay, name], 1.0 if name == current else 0.0)
             inflight.add_metric([job.replay], job.inflight())
+            parked.add_metric([job.replay], job.parked_keys())
             ends = [end for end in dict(job.rebuild_targets or {}).values() if end is not None]
             rebuilding.add_metric(
                 [job.replay], 1.0 if job.rebuild_targets is not None and current != "stopped" else 0.0
             )
             if ends:
                 target.add_metric([job.replay], max(ends)[0] / 1000)
-        return [checkpoint, head, lag, lag_entries, retention, progress, state, inflight, rebuilding, target]
+        return [checkpoint, head, lag, lag_entries, retention, progress, state, inflight, parked, rebuilding, target]
 
     @staticmethod
     def _collect_job(
