@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple
 
@@ -287,3 +287,15 @@ class Poison(NamedTuple):
     @classmethod
     def of(cls, error: DecodeError) -> Poison:
         return cls(error.stream, error.stream_id, error.fields, error.reason)
+
+
+def preview(fields: Mapping[str, object], limit: int = 200) -> str:
+    """An entry's `fields` for a log line, each value cut to `limit` characters with its full length stated: an
+    entry can be megabytes, a log line must not."""
+    shown = []
+    for name, value in fields.items():
+        text = str(value)
+        if len(text) > limit:
+            text = f"{text[:limit]}... ({len(text)} chars)"
+        shown.append(f"{str(name)[:limit]}={text!r}")
+    return "{" + ", ".join(shown) + "}"

@@ -17,7 +17,8 @@ PACKAGE = Path(replayd.__file__).parent
 LAYERS = [
     ("values", ["replayd.version", "replayd.errors", "replayd.events", "replayd.pipeline.filters",
                 "replayd.pipeline.pacing", "replayd.sample", "replayd.embedded"]),
-    ("plugin contract", ["replayd.handlers", "replayd.handlers.loader", "replayd.handlers.upcast"]),
+    ("plugin contract", ["replayd.handlers", "replayd.handlers.loader", "replayd.handlers.upcast",
+                         "replayd.handlers.timeouts"]),
     ("settings and instruments", ["replayd.config", "replayd.ops.logs", "replayd.ops.metrics"]),
     ("Redis access", ["replayd.connection", "replayd.ops.http"]),
     ("pipeline", ["replayd.pipeline.*", "replayd.handlers.builtin*"]),

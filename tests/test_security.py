@@ -485,7 +485,9 @@ def test_no_form_of_a_password_in_a_url_is_ever_printed(tricky_server: tuple[Red
         shown += [done, daemon]
     url = password_urls(server.port, sock)["user:pass@ (raw @ : %)"]
     shown += [timed("status", "--redis-url", url, *extra)[0] for extra in ((), ("--json",))]
-    assert all(done.returncode == 0 for done in shown[-2:])
+    shown.append(timed("plan", "--redis-url", url, "--stream", STREAM, "--handler", "order_summary", "--log-level",
+                       "DEBUG")[0])  # fmt: skip
+    assert all(done.returncode == 0 for done in shown[-3:]), [done.stderr for done in shown[-3:]]
     unreachable, _ = timed(
         *replay_args(url.replace(str(server.port), "1"), "--log-level", "DEBUG"),
         env={"REPLAYD_REDIS__UNAVAILABLE_TIMEOUT_S": "1"},

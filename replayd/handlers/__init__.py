@@ -31,9 +31,8 @@ import anyio.to_thread
 from redis.asyncio import Redis, RedisCluster
 
 from replayd.errors import DecodeError, HandlerTimeout, StopReplay
-from replayd.events import Event, PartitionBy
+from replayd.events import Event, PartitionBy, preview
 from replayd.handlers.upcast import Upcast, Upcasters
-from replayd.ops.logs import preview
 
 if TYPE_CHECKING:
     from replayd.handlers.timeouts import HandlerWatch, Watched

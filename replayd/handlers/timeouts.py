@@ -16,16 +16,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 
 from replayd.events import Event
 
-if TYPE_CHECKING:
-    from replayd.handlers import Outcome
-
 logger = logging.getLogger(__name__)
+
+
+class Counts(Protocol):
+    """What a lane batch has settled so far (`replayd.handlers.Outcome`)."""
+
+    handled: int
+    failed: int
+    parked: int
+    retried: int
 
 
 class Watched:
@@ -33,7 +39,7 @@ class Watched:
 
     __slots__ = ("at", "cancellable", "events", "outcome", "paused", "reported", "seen", "since", "task", "timed_out")
 
-    def __init__(self, events: Sequence[Event], outcome: Outcome | None, cancellable: bool, at: int = 0) -> None:
+    def __init__(self, events: Sequence[Event], outcome: Counts | None, cancellable: bool, at: int = 0) -> None:
         self.events = events
         self.outcome = outcome
         self.cancellable = cancellable
@@ -82,7 +88,7 @@ class HandlerWatch:
         """Calls past their time that could not be cancelled and still run: the job is `stalled`."""
         self._watched: set[Watched] = set()
 
-    def watch(self, events: Sequence[Event], outcome: Outcome | None, *, cancellable: bool, at: int = 0) -> Watched:
+    def watch(self, events: Sequence[Event], outcome: Counts | None, *, cancellable: bool, at: int = 0) -> Watched:
         """Register the calls on `events` (from `at`) from now until `unwatch`, with no await in between but theirs."""
         watched = Watched(events, outcome, cancellable, at)
         self._watched.add(watched)

@@ -30,7 +30,7 @@ from replayd.errors import (
     ReplaydError,
     most_telling,
 )
-from replayd.events import TOP, ZERO, Bound, Event, Id, Poison, age_to_id, format_id, parse_id
+from replayd.events import TOP, ZERO, Bound, Event, Id, Poison, age_to_id, format_id, parse_id, preview
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import import_from_string, load_handler, load_predicate
 from replayd.handlers.timeouts import HandlerWatch
@@ -41,7 +41,7 @@ from replayd.jobs.lease import Lease
 from replayd.jobs.progress import ProgressWriter, Stats
 from replayd.jobs.shape import check_shapes, job_codecs
 from replayd.jobs.versions import ProjectionFlipped, Versions
-from replayd.ops.logs import current_job, preview
+from replayd.ops.logs import current_job
 from replayd.ops.metrics import JobView, Metrics
 from replayd.pipeline.commit import (
     CheckpointStore,

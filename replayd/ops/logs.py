@@ -11,7 +11,6 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
 from contextvars import ContextVar
 from itertools import groupby
 from operator import itemgetter
@@ -32,8 +31,6 @@ _secrets: set[str] = set()
 
 MAX_LINE = 8192
 """The longest log message, in characters: past it, the message is cut and its length stated."""
-MAX_VALUE = 200
-"""The longest field value `preview` shows (an entry's payload can be megabytes)."""
 
 
 def redact_text(text: str) -> str:
@@ -73,17 +70,6 @@ def register_secrets(*secrets: str | None) -> None:
     for secret in secrets:
         if secret and len(secret) >= 3:  # shorter ones would hide ordinary text; the URL patterns still apply
             _secrets.update({secret, quote(secret, safe=""), quote(secret)})
-
-
-def preview(fields: Mapping[str, object], limit: int = MAX_VALUE) -> str:
-    """`fields` for a log line, each value cut to `limit` characters with its full length stated."""
-    shown = []
-    for name, value in fields.items():
-        text = str(value)
-        if len(text) > limit:
-            text = f"{text[:limit]}... ({len(text)} chars)"
-        shown.append(f"{bounded(str(name), limit)}={text!r}")
-    return "{" + ", ".join(shown) + "}"
 
 
 def bounded(text: str, limit: int = MAX_LINE) -> str:
