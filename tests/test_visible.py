@@ -21,7 +21,7 @@ from replayd.config import JobSpec, RedisConfig
 from replayd.embedded import free_port
 from replayd.errors import DataError, JobBlocked
 from replayd.events import Event
-from replayd.handlers import FunctionHandler
+from replayd.handlers import FunctionHandler, ObjectHandler
 from replayd.jobs.deadletter import Letters
 from replayd.jobs.engine import Engine
 from replayd.ops.metrics import Metrics
@@ -298,3 +298,34 @@ def test_the_daemon_blocks_on_one_poison_event_and_still_stops_on_sigterm(
         assert time.monotonic() - started < 10
         assert any("blocked" in json.loads(line)["msg"] for line in stderr.splitlines() if line.startswith("{"))
         assert progress(sync_redis, "d")["status"] == "stopped"
+
+
+class HangingBatch:
+    """A `handle_batch` handler whose call on the batch holding seq `bad` never returns."""
+
+    name = "batcher"
+
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+        self.seen: list[int] = []
+
+    async def handle_batch(self, events: list[Event], ctx: Any) -> None:
+        if any(event.data["seq"] == self.bad for event in events):
+            await anyio.Event().wait()
+        self.seen += [event.data["seq"] for event in events]
+
+
+@pytest.mark.anyio
+async def test_a_hanging_handle_batch_call_fails_its_batch_and_the_job_goes_on(
+    raw_redis: Redis, redis_cfg: RedisConfig, sync_redis: redis.Redis
+) -> None:
+    add(sync_redis, orders(30, customers=3))
+    handler = HangingBatch(4)
+    metrics = Metrics()
+    spec = following(end="now", partition_by="customer_id", partitions=3, handler_timeout_s=0.3)
+    engine = Engine(spec, raw_redis, redis_cfg=redis_cfg, handler=ObjectHandler(handler, "batcher"), metrics=metrics)
+    with anyio.fail_after(10):
+        stats = await engine.run()
+    assert stats.status == "completed"
+    assert 4 not in handler.seen and stats.failed >= 1 and len(handler.seen) + stats.failed == 30
+    assert sample(metrics, "replayd_handler_timeouts_total", replay="vis", action="cancelled") == 1

@@ -641,10 +641,16 @@ class ObjectHandler:
     async def _batch(self, batch: Callable[..., Any], events: Sequence[Event], ctx: Context) -> Outcome:
         mark = len(ctx.tx)
         try:
-            with anyio.fail_after(ctx.watch.timeout_s) if ctx.watch else nullcontext():
+            # one timer per batch (a `handle_batch` call is the unit that fails); none for code that never awaits
+            deadline = anyio.move_on_after(ctx.watch.timeout_s) if ctx.watch else None
+            with deadline or nullcontext():
                 result = batch(events, ctx)
                 if inspect.isawaitable(result):
                     await result
+            if deadline is not None and deadline.cancelled_caught and ctx.watch is not None:
+                ctx.tx._rollback(mark)
+                ctx.watch.batch_timed_out(events)
+                return Outcome(failed=len(events))
         except StopReplay:
             return Outcome(handled=len(events), stopped_at=len(events) - 1)
         except DecodeError:

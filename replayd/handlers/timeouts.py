@@ -101,6 +101,13 @@ class HandlerWatch:
             logger.warning("handler %s returned after %.1fs (handler_timeout_s = %g)", self.handler,
                            time.monotonic() - watched.since, self.timeout_s)  # fmt: skip
 
+    def batch_timed_out(self, events: Sequence[Event]) -> None:
+        """A `handle_batch` call outlived its time and was cancelled: the batch's events failed."""
+        self.on_timeout("cancelled")
+        logger.error("handler %s: handle_batch on %d events from %s %s outlived handler_timeout_s = %g: cancelled, "
+                     "the batch failed", self.handler, len(events), events[0].stream, events[0].stream_id,
+                     self.timeout_s)  # fmt: skip
+
     async def run(self) -> None:
         """Check the registered calls every `tick_s`, for as long as the job runs."""
         while True:
