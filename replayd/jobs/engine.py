@@ -314,15 +314,18 @@ class Engine:
         try:
             return await self._run_leased()
         finally:
-            with anyio.move_on_after(FINAL_WRITE_S, shield=True) as release:
+            # a stop must fit in the stop grace (and a failure is not to wait twice); a run that completed can wait
+            # out a Redis restart
+            budget_s = self.budget_s if self.stats.status == "completed" else FINAL_WRITE_S
+            with anyio.move_on_after(budget_s, shield=True) as release:
                 try:  # through a Redis restart: a lease left behind holds the next run back for its TTL
-                    await retrying(self.lease.release, what="lease", budget_s=FINAL_WRITE_S, metrics=self.metrics)
+                    await retrying(self.lease.release, what="lease", budget_s=budget_s, metrics=self.metrics)
                 except Exception as exc:  # noqa: BLE001 - a lease not released expires by itself
                     logger.warning("lease %s not released (%s): it expires in %.0fs", self.lease.key, exc,
                                    self.spec.lease_ttl_s)  # fmt: skip
             if release.cancelled_caught:
                 logger.warning("lease %s release timed out after %.0fs (Redis did not answer): it expires in %.0fs",
-                               self.lease.key, FINAL_WRITE_S, self.spec.lease_ttl_s)  # fmt: skip
+                               self.lease.key, budget_s, self.spec.lease_ttl_s)  # fmt: skip
 
     async def _run_leased(self) -> Stats:
         if self.on_leased is not None:
