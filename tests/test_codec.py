@@ -97,15 +97,15 @@ def test_custom_field_names_ignore_the_default_names() -> None:
 
 @pytest.mark.parametrize(
     ("fields", "error"),
-    [
-        ({"data": "{not json"}, "data: JSON is malformed"),
-        ({"data": "[1, 2]"}, "TypeError"),
-        ({"data": "null"}, "TypeError"),
-        ({"metadata": '"text"'}, "TypeError"),
-        ({"timestamp": "yesterday"}, "ValueError"),
-        ({"event_type": b"\xff\xfe"}, "UnicodeDecodeError"),
-        ({"event_id": b"\xc3("}, "UnicodeDecodeError"),
-        ({"data": b'{"x": "\xff"}'}, "UnicodeDecodeError"),
+    [  # the error as replayd (or Python) words it: what msgspec says after it differs between its releases
+        ({"data": "{not json"}, ": data: "),
+        ({"data": "[1, 2]"}, "TypeError: data: must be a JSON object, not list"),
+        ({"data": "null"}, "TypeError: data: must be a JSON object, not NoneType"),
+        ({"metadata": '"text"'}, "TypeError: metadata: must be a JSON object, not str"),
+        ({"timestamp": "yesterday"}, "ValueError: timestamp: "),
+        ({"event_type": b"\xff\xfe"}, "UnicodeDecodeError: "),
+        ({"event_id": b"\xc3("}, "UnicodeDecodeError: "),
+        ({"data": b'{"x": "\xff"}'}, ": data: "),
     ],
 )
 def test_undecodable_entries_are_poison(fields: dict[str, bytes | str], error: str) -> None:
