@@ -59,13 +59,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[TlsRedisServer]:
-    server = TlsRedisServer(tmp_path_factory.mktemp("redis-tls"), certs)
-    try:
-        server.start()
-    except ConfigError as exc:
-        if "tls" in str(exc).lower() and "directive" in str(exc).lower():
-            pytest.skip(f"this redis-server is built without TLS: {exc}")
-        raise
+    server = TlsRedisServer(tmp_path_factory.mktemp("redis-tls"), certs).start_or_skip()
     try:
         yield server
     finally:
