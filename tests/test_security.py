@@ -242,6 +242,22 @@ async def test_a_rebuild_on_a_tls_cluster(tmp_path: Path, certs: Certs, tls_serv
 
 
 @pytest.mark.anyio
+async def test_a_rejected_client_certificate_is_access_denied_on_every_connection(tls_cfg: RedisConfig) -> None:
+    """The server checks the client's certificate after the client's TLS 1.3 handshake is done, so its alert races
+    the first command: before, most connections (on loopback) met a reset or a closed transport instead, retried
+    as Redis being down (the CLI exited 69, not 78, in 1 run of 3). Now each of 30 fresh connections is refused
+    as AccessDenied at its first attempt."""
+    cfg = tls_cfg.model_copy(update={"tls_cert_file": None, "tls_key_file": None})
+    for _ in range(30):
+        client = create_redis(cfg)
+        try:
+            with pytest.raises(AccessDenied, match=r"rejected replayd's client certificate"):
+                await client.ping()
+        finally:
+            await client.aclose()
+
+
+@pytest.mark.anyio
 async def test_untrusted_server_certificate_fails_at_once(tls_cfg: RedisConfig) -> None:
     cfg = tls_cfg.model_copy(update={"tls_ca_file": None})  # the system CAs do not know the test CA
     client = create_redis(cfg)
