@@ -139,7 +139,7 @@ def test_json_and_timestamp_are_decoded_only_when_read() -> None:
     assert poison == []
     (event,) = events
     assert (event.stream_id, event.event_type, event.metadata) == ("1-0", "A", {"m": 1})
-    with pytest.raises(DecodeError, match="data: JSON is malformed") as error:
+    with pytest.raises(DecodeError, match=": data: ") as error:  # the field named; the rest is msgspec's words
         _ = event.data
     assert (error.value.stream, error.value.stream_id, error.value.fields["data"]) == ("orders", "1-0", "{broken")
     with pytest.raises(DecodeError, match="ValueError: timestamp"):
