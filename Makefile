@@ -1,14 +1,31 @@
 # Two commands on a fresh machine with Python 3.11+ and make: `make run` (the demo) and `make test`.
+# Every dependency comes from uv.lock (`make lock` refreshes it), installed by uv at the version pinned here: the
+# one place that names it (CI and the container image install the same one).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
 
-.PHONY: run test lint mypy format bench docs all clean container-test
+# uv ignores pip's configuration and reaches PyPI itself: trust the system's certificate store (as pip, curl and
+# git do: a proxy's CA installed there), use this machine's Python (never download one), install into $(VENV)
+export UV_SYSTEM_CERTS := 1
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-$(BIN)/replayd: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[embedded,test]'
+.PHONY: run test lint mypy format bench docs lock all clean container-test
+
+# uv from PyPI into a venv of its own (`uv sync` keeps $(VENV) exactly as locked, so uv cannot live there)
+$(TOOLS)/uv-$(UV_VERSION):
+	rm -rf $(TOOLS)
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	touch $@
+
+# the runtime dependencies, the embedded server and the test/lint tools, exactly as locked
+$(BIN)/replayd: pyproject.toml uv.lock $(TOOLS)/uv-$(UV_VERSION)
+	$(UV) sync --locked --extra embedded --python $(PYTHON)
 	touch $@
 
 run: $(BIN)/replayd  ## embedded Redis, sample history, rebuild with a progress bar, then follow live (Ctrl-C stops)
@@ -37,7 +54,10 @@ docs: $(BIN)/replayd  ## the docs site, from docs/ into site/ (open site/index.h
 container-test: $(BIN)/replayd  ## build the image with podman, run it against a loopback Redis (root; ~3 min)
 	UV_VERSION=$(UV_VERSION) $(BIN)/python -m tests.container.check_image
 
+lock: $(TOOLS)/uv-$(UV_VERSION)  ## every dependency at its newest version within pyproject.toml's ranges
+	$(UV) lock --upgrade
+
 all: lint mypy test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info site
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache *.egg-info site

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -176,11 +178,16 @@ class _FailFast(AbstractConnection):
         try:
             await super().connect_check_health(*args, **kwargs)
         except RedisConnectionError as exc:
-            denied = access_denied(exc, f"Redis at {self._host_error()}")
+            where = f"Redis at {self._host_error()}"
+            denied = access_denied(exc, where) or await self._refusal_hidden_by(exc, where)
             if denied is None:
                 raise
             raise denied from exc
         _FailFast.connects += 1
+
+    async def _refusal_hidden_by(self, exc: RedisConnectionError, where: str) -> AccessDenied | None:
+        """The refusal a connection error may hide: none over plain TCP."""
+        return None
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -195,8 +202,34 @@ class _TcpConnection(_FailFast, Connection):
     pass
 
 
+_NEVER_CAME_UP = (ConnectionRefusedError, TimeoutError, RedisTimeoutError, socket.gaierror)
+
+PROBE_S = 1.0
+"""How long a TLS connection that met a reset waits for a rejecting server's alert (it comes within a round trip)."""
+
+
 class _TlsConnection(_FailFast, SSLConnection):
-    pass
+    async def _refusal_hidden_by(self, exc: RedisConnectionError, where: str) -> AccessDenied | None:
+        """With TLS 1.3 the client's handshake ends before the server checks its certificate; a server that rejects
+        it then sends an alert and closes. The first command, written meanwhile, can lose that alert: the peer's
+        close arrives as a reset (asyncio), or the transport is found closed before the write (uvloop), and the
+        refusal looks like Redis going away (in most such connections on loopback). So a connection that came up
+        and was then closed is checked on a handshake of its own that writes nothing and reads: a rejecting
+        server's alert arrives intact; one that accepts sends nothing (the close was something else)."""
+        if any(isinstance(error, _NEVER_CAME_UP) for error in _chain(exc)):
+            return None
+        try:
+            with anyio.fail_after(min(self.socket_connect_timeout or PROBE_S, PROBE_S)):
+                reader, writer = await asyncio.open_connection(**self._connection_arguments())
+                try:
+                    await reader.read(1)
+                finally:
+                    writer.close()
+        except ssl.SSLError as error:
+            return access_denied(error, where)
+        except (OSError, TimeoutError):
+            pass
+        return None
 
 
 class _UnixConnection(_FailFast, UnixDomainSocketConnection):

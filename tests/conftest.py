@@ -15,6 +15,8 @@ from redis.asyncio import Redis
 
 from replayd.config import RedisConfig
 from replayd.connection import create_redis
+from replayd.embedded import find_redis_server
+from replayd.errors import ConfigError
 from tests.servers import RedisServer
 
 
@@ -36,6 +38,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             f"{summary}\n\n{text}\n(pytest could not format this failure: {error!r})", call.when,
             duration=call.duration, start=call.start, stop=call.stop,
         )  # fmt: skip
+
+
+def pytest_report_header() -> str:
+    """Which redis-server the suite runs (REPLAYD_REDIS_SERVER, PATH, or the `embedded` extra's valkey-server)."""
+    try:
+        return f"redis-server: {find_redis_server()}"
+    except ConfigError as exc:
+        return f"redis-server: {exc}"
 
 
 @pytest.fixture(

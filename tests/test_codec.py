@@ -97,15 +97,15 @@ def test_custom_field_names_ignore_the_default_names() -> None:
 
 @pytest.mark.parametrize(
     ("fields", "error"),
-    [
-        ({"data": "{not json"}, "data: JSON is malformed"),
-        ({"data": "[1, 2]"}, "TypeError"),
-        ({"data": "null"}, "TypeError"),
-        ({"metadata": '"text"'}, "TypeError"),
-        ({"timestamp": "yesterday"}, "ValueError"),
-        ({"event_type": b"\xff\xfe"}, "UnicodeDecodeError"),
-        ({"event_id": b"\xc3("}, "UnicodeDecodeError"),
-        ({"data": b'{"x": "\xff"}'}, "UnicodeDecodeError"),
+    [  # the error as replayd (or Python) words it: what msgspec says after it differs between its releases
+        ({"data": "{not json"}, ": data: "),
+        ({"data": "[1, 2]"}, "TypeError: data: must be a JSON object, not list"),
+        ({"data": "null"}, "TypeError: data: must be a JSON object, not NoneType"),
+        ({"metadata": '"text"'}, "TypeError: metadata: must be a JSON object, not str"),
+        ({"timestamp": "yesterday"}, "ValueError: timestamp: "),
+        ({"event_type": b"\xff\xfe"}, "UnicodeDecodeError: "),
+        ({"event_id": b"\xc3("}, "UnicodeDecodeError: "),
+        ({"data": b'{"x": "\xff"}'}, ": data: "),
     ],
 )
 def test_undecodable_entries_are_poison(fields: dict[str, bytes | str], error: str) -> None:
@@ -139,7 +139,7 @@ def test_json_and_timestamp_are_decoded_only_when_read() -> None:
     assert poison == []
     (event,) = events
     assert (event.stream_id, event.event_type, event.metadata) == ("1-0", "A", {"m": 1})
-    with pytest.raises(DecodeError, match="data: JSON is malformed") as error:
+    with pytest.raises(DecodeError, match=": data: ") as error:  # the field named; the rest is msgspec's words
         _ = event.data
     assert (error.value.stream, error.value.stream_id, error.value.fields["data"]) == ("orders", "1-0", "{broken")
     with pytest.raises(DecodeError, match="ValueError: timestamp"):

@@ -25,7 +25,7 @@ from replayd.jobs.engine import Engine, rebuild_in_place
 from replayd.ops.metrics import Metrics
 from replayd.sample import load_history_sync
 from tests.faultproxy import FaultProxy
-from tests.helpers import order_summaries
+from tests.helpers import order_summaries, wait_for
 from tests.servers import RedisServer
 
 STREAM = "events:orders"
@@ -302,10 +302,14 @@ class Pair:
                 assert time.monotonic() < deadline, "the replica never synced"
                 time.sleep(0.02)
 
-    def caught_up(self) -> None:
-        """Wait until the replica has everything the primary acknowledged."""
-        with self.primary.client() as client:
-            assert client.wait(1, 5000) == 1, "the replica did not catch up"
+    def caught_up(self, within: float = 10.0) -> None:
+        """Wait until the replica has applied everything the primary has written: its replication offset reaches
+        the primary's. (`WAIT 1` would not do: on a connection that wrote nothing, Redis 7.4 and Valkey answer at
+        once, and the replica promoted next was found empty.)"""
+        with self.primary.client() as primary:
+            written = primary.info("replication")["master_repl_offset"]
+        with self.replica.client() as replica:
+            wait_for(lambda: replica.info("replication")["master_repl_offset"] >= written, timeout=within)
 
     def promote(self) -> None:
         """`REPLICAOF NO ONE` on the replica, then move replayd's proxy to it (open connections reset)."""
@@ -336,6 +340,23 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         yield running
     finally:
         running.close()
+
+
+def test_caught_up_waits_for_a_replica_that_lags(pair: Pair) -> None:
+    """The check T10 and T11 rely on before they promote the replica: with replication held, a write leaves the
+    replica behind and `caught_up` waits (fails here, after 1 s); released, it returns with the write there.
+    `WAIT 1` from a new connection returned at once on Redis 7.4 and Valkey 8/9."""
+    with pair.primary.client() as primary:
+        primary.set("k", "v")
+        pair.caught_up()
+        pair.replication.stall()
+        primary.set("k", "w")
+    with pytest.raises(AssertionError, match="condition not met"):
+        pair.caught_up(within=1)
+    pair.replication.clear()
+    pair.caught_up()
+    with pair.replica.client() as replica:
+        assert replica.get("k") == b"w"
 
 
 @pytest.mark.anyio
