@@ -111,7 +111,8 @@ def test_keys_the_codec_decodes_alone_route_as_the_whole_data_does() -> None:
     router = by_customer()
     events, poison, _ = Codec("orders", FieldNames(), router).decode(entries)
     (bad,) = poison
-    assert (bad.stream_id, bad.error) == ("9-0", "ValidationError: data: Expected `object`, got `array`")
+    assert bad.stream_id == "9-0"
+    assert bad.error.startswith("ValidationError: data: ")  # replayd's part; the rest is the decoder's wording
     expected = {e.stream_id: router.partition(ev(0, e.data)) for e in events}  # a plain Event decodes `data` whole
     assert {e.stream_id: router.partition(e) for e in events} == expected
     assert {e.stream_id: p for p, part in router.split(events).items() for e in part} == expected
