@@ -593,11 +593,13 @@ class FunctionHandler:
                 verdict = _parked(event, tx, policy, outcome)
             else:
                 verdict = await _settle(event, ctx, self._in_thread, outcome, error, mark)
-            if verdict == "stopped":
-                outcome.stopped_at = index
-                break
             if verdict == "stop":
                 outcome.failed_at = index
+                break
+            if verdict is not None:
+                tx.owners.append((len(tx.commands), event))
+            if verdict == "stopped":
+                outcome.stopped_at = index
                 break
             start = index if verdict is None else index + 1  # None: not parked after all, so it is called
         ctx.watched = None
@@ -621,6 +623,7 @@ class FunctionHandler:
                 call(event, ctx)
             except Exception as exc:  # noqa: BLE001 - StopReplay, poison or a retry: `_settle` says, on the loop
                 return index, mark, exc
+            tx.owners.append((len(tx.commands), event))
         return len(events), len(tx.commands), None
 
     def _in_thread(self, event: Event, ctx: Context) -> Awaitable[Any]:
