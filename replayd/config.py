@@ -92,7 +92,11 @@ class RedisConfig(_Section):
     block_ms: int = Field(2000, ge=0)
     max_connections: int = Field(64, ge=2)
     unavailable_timeout_s: float = Field(60.0, gt=0)
-    """How long Redis may stay unreachable (retries with backoff and jitter) before replayd exits 69."""
+    """How long Redis may stay unreachable, or refuse writes for memory (retries with backoff and jitter), before
+    replayd exits 69."""
+    allow_allkeys_eviction: bool = False
+    """Run although Redis's `maxmemory-policy` is `allkeys-*`, which may evict replayd's checkpoints (refused at
+    start otherwise, exit 78): an evicted checkpoint then stops the job (exit 65) instead of a silent replay."""
 
     _file_password: SecretStr | None = PrivateAttr(None)
 
@@ -328,6 +332,11 @@ class JobSpec(_Section):
     """A bigger entry is poison (`on_poison`): refused, or dead-lettered without its payload."""
     codec: Annotated[str, AfterValidator(_codec_name)] = "article"
     """The entries' shape: `article` (the default), `payload`, `flat`, `cloudevents`, or `module:function`."""
+    max_commit_commands: int = Field(10_000, ge=1)
+    """Handler writes one commit carries at most: a lane batch with more is committed in pieces, cut between
+    events, and one event that queues more is poison (`on_poison`). Keeps each commit script short for Redis."""
+    max_commit_bytes: int = Field(64 << 20, ge=1)
+    """Bytes of handler writes (their arguments) one commit carries at most; as `max_commit_commands`."""
     fields: FieldNames = FieldNames()
     check_shape: bool = True
     """Check each stream's first and last entries against `codec` and `fields` at start (exit 65 on a mismatch)."""

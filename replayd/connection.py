@@ -30,6 +30,8 @@ from redis.asyncio.connection import (
 from redis.exceptions import (
     AuthenticationError,
     ClusterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
     ResponseError,
@@ -69,7 +71,7 @@ def is_retriable(exc: BaseException) -> bool:
         return isinstance(exc, SlotNotCoveredError) or (exc.__cause__ is not None and is_retriable(exc.__cause__))
     if isinstance(exc, ClusterDownError):  # a cluster reconfiguring (a failover): it comes back
         return True
-    if role_changed(exc):
+    if role_changed(exc) or out_of_memory(exc):
         return True
     return isinstance(exc, RETRIABLE) or (isinstance(exc, RuntimeError) and "handler is closed" in str(exc))
 
@@ -80,6 +82,76 @@ def role_changed(exc: BaseException) -> bool:
     if isinstance(exc, ReadOnlyError):
         return True
     return isinstance(exc, ResponseError) and (str(exc).startswith("UNBLOCKED") or "-READONLY " in str(exc))
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Redis refused a write for memory (`maxmemory` reached and nothing it may evict): an outage to wait out, as
+    an unreachable Redis is. Redis 6.2 wraps the refusal of a script's write in the script's error."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "OOM command not allowed" in str(exc)
+    )
+
+
+def explain(exc: BaseException) -> str:
+    """`exc` for a log line, with what to do when Redis is out of memory."""
+    if out_of_memory(exc):
+        return (
+            f"{exc} -- Redis is at its maxmemory and refuses writes: free memory, raise maxmemory, or let it evict "
+            "keys with a TTL (maxmemory-policy volatile-*); replayd retries, nothing of the refused write applied"
+        )
+    return str(exc)
+
+
+class Memory:
+    """What the data path last met: a write refused for memory, until a write goes through again. Readiness
+    reports it (Redis answers PING all along)."""
+
+    refused: ClassVar[BaseException | None] = None
+
+    @classmethod
+    def note(cls, exc: BaseException | None) -> None:
+        if exc is None or out_of_memory(exc):
+            if (exc is None) != (cls.refused is None):
+                logger.log(logging.INFO if exc is None else logging.WARNING, "redis %s",
+                           "accepts writes again" if exc is None else f"refuses writes: {explain(exc)}")  # fmt: skip
+            cls.refused = exc
+
+
+async def ping(client: Client) -> None:
+    """PING, failing while the data path's writes are refused for memory (readiness: not ready)."""
+    await client.ping()
+    if Memory.refused is not None:
+        raise Memory.refused
+
+
+EVICTING = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
+
+
+async def check_eviction_policy(client: Client, *, allow: bool) -> str:
+    """Redis's `maxmemory-policy` (from INFO memory, which needs no CONFIG permission); ConfigError for a policy
+    that may evict keys without a TTL (replayd's checkpoints), unless `allow` (redis.allow_allkeys_eviction)."""
+    try:
+        info: dict[str, Any] = await client.info("memory")
+    except NoPermissionError:
+        logger.warning("INFO memory refused (ACL): replayd cannot check that maxmemory-policy keeps its checkpoints")
+        return ""
+    if "maxmemory_policy" not in info:  # a cluster client: per node
+        policies = {str(node.get("maxmemory_policy", "")) for node in info.values() if isinstance(node, dict)}
+    else:
+        policies = {str(info["maxmemory_policy"])}
+    evicting = sorted(policies & set(EVICTING))
+    if not evicting:
+        return ",".join(sorted(policies))
+    if allow:
+        logger.warning("Redis runs maxmemory-policy %s: it may evict replayd's checkpoints (allowed by "
+                       "redis.allow_allkeys_eviction); a checkpoint evicted stops the job", evicting[0])  # fmt: skip
+        return evicting[0]
+    raise ConfigError(
+        f"Redis runs maxmemory-policy {evicting[0]}, which evicts keys without a TTL: replayd's checkpoints and "
+        "progress would be dropped, and a restart would replay the whole stream onto the projection. Set "
+        "maxmemory-policy to noeviction or volatile-lru (CONFIG SET maxmemory-policy noeviction, or in "
+        "redis.conf), or keep replayd's keys on another Redis; redis.allow_allkeys_eviction = true runs anyway"
+    )
 
 
 class AccessDenied(ConfigError):
@@ -431,7 +503,7 @@ async def retrying(
     """Run an idempotent Redis call, retrying connection errors with exponential backoff and full jitter."""
     deadline = time.monotonic() + budget_s
     delay = 0.05
-    failed = False
+    failed = refused = False
     while True:
         started = time.monotonic()
         try:
@@ -441,10 +513,12 @@ async def retrying(
                 raise
             if metrics:
                 metrics.redis_error(what.lower(), exc)
+            refused = out_of_memory(exc)
+            Memory.note(exc)
             if time.monotonic() + delay > deadline:
-                raise SourceError(f"Redis unavailable for {budget_s:.0f}s during {what}: {exc}") from exc
-            logger.warning("redis %s failed (%s), retrying", what, exc)
-            failed = True
+                raise SourceError(f"Redis unavailable for {budget_s:.0f}s during {what}: {explain(exc)}") from exc
+            logger.warning("redis %s failed (%s), retrying", what, explain(exc))
+            failed = failed or not refused
             await anyio.sleep(random.uniform(0, delay))
             delay = min(delay * 2, 5.0)
             continue
@@ -452,6 +526,8 @@ async def retrying(
             metrics.command_duration.labels(what.lower()).observe(time.monotonic() - started)
             if failed:
                 metrics.reconnects.inc()
+        if refused:
+            Memory.note(None)
         return result
 
 

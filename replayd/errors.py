@@ -5,7 +5,9 @@
     ├── ConfigError              invalid settings, missing config file, bad plugin path (exit 78)
     ├── DataError                the stream cannot be replayed as asked: gap, divergence (exit 65)
     │   ├── DecodeError          a field of an entry cannot be decoded: the entry is poison
-    │   └── JobBlocked           a dead letter holds the whole stream back, or the circuit breaker tripped
+    │   ├── JobBlocked           a dead letter holds the whole stream back, or the circuit breaker tripped
+    │   ├── RefusedWrite         Redis would refuse a write an event queued: the event is poison
+    │   └── CheckpointLost       the job's checkpoint hash vanished while it ran (evicted or deleted)
     ├── HandlerTimeout           a handler call outlived `handler_timeout_s` (a failure of its event)
     ├── SourceError              Redis unreachable or failing while reading (exit 69, retriable)
     ├── CommitError              a checkpoint transaction failed (exit 69, retriable)
@@ -62,6 +64,17 @@ class DecodeError(DataError):
         """The raw fields, decoded leniently for display and dead letters."""
         self.reason = reason
         """Why, e.g. `JSONDecodeError: unexpected character: line 1 column 2 (char 1)`."""
+
+
+class RefusedWrite(DataError):
+    """Raised (and handed to the poison policy) when Redis would refuse a write an event's handler queued: a key of
+    another type, a stored value that is not a number, a value no command takes, or more writes than a commit
+    carries. Nothing of the commit was applied."""
+
+
+class CheckpointLost(DataError):
+    """Raised when the job's checkpoint hash is gone while the job runs (evicted, deleted, or a Redis restored
+    without it): committing on would let a restart replay everything onto the projection."""
 
 
 class SourceError(ReplaydError):

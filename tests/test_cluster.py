@@ -174,27 +174,28 @@ async def test_a_commit_writing_outside_the_job_slot_is_refused_and_writes_nothi
         assert not any(b"#" in field for field in node.hkeys(job_key("stray", "checkpoint")))
 
 
-async def test_a_command_no_redis_command_takes_is_left_out_on_a_cluster(
-    cluster: RedisClusterServers, cluster_redis: Client, cluster_cfg: RedisConfig, caplog: pytest.LogCaptureFixture
+async def test_a_command_no_redis_command_takes_makes_its_event_poison_on_a_cluster(
+    cluster: RedisClusterServers, cluster_redis: Client, cluster_cfg: RedisConfig
 ) -> None:
-    """The cluster client's encoder refuses such a value itself (DataError): the command is left out all the same,
-    logged, and the rest of the commit applies."""
+    """The cluster client's encoder refuses such a value itself (DataError): the event that queued it is
+    dead-lettered all the same, and the rest of the commit applies."""
 
     async def count(event: Event, ctx: Context) -> None:
         amount: Any = {"not": "a Redis value"} if event.event_type == "OrderShipped" else 1
         ctx.tx.hincrby(ctx.key("by_type"), event.event_type, amount)
 
     load(cluster, STREAM, 60)
-    engine = Engine(job(name="counter", handler="tests.test_cluster:count"), cluster_redis, redis_cfg=cluster_cfg,
-                    handler=FunctionHandler(count, "counter"))  # fmt: skip
+    spec = job(name="counter", handler="tests.test_cluster:count", on_poison="dead-letter", retries=0, ordering="none")
+    engine = Engine(spec, cluster_redis, redis_cfg=cluster_cfg, handler=FunctionHandler(count, "counter"))
     stats = await engine.run()
     with cluster.node_of(STREAM).client() as node:
         types = Counter(as_text(fields[b"event_type"]) for _, fields in node.xrange(STREAM))
     with cluster.node_of(job_key("counter", "checkpoint")).client() as node:
         totals = {as_text(k): int(v) for k, v in node.hgetall("projection:{counter}:by_type").items()}
+        letters = node.xlen(job_key("counter", "dlq"))
     assert stats.status == "completed" and types["OrderShipped"] > 0
     assert totals == {kind: n for kind, n in types.items() if kind != "OrderShipped"}
-    assert "cannot be sent, left out of the commit" in caplog.text
+    assert letters == types["OrderShipped"] == stats.dead_lettered
 
 
 async def test_dead_letters_are_retried_on_a_cluster(

@@ -513,24 +513,30 @@ async def test_async_function_with_context_commits_its_writes(
     assert totals[b"c0"] == b"5"
 
 
-async def test_a_command_no_redis_command_takes_is_left_out_and_the_rest_commits(
-    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, caplog: pytest.LogCaptureFixture
+async def test_a_command_no_redis_command_takes_makes_its_event_poison_and_the_rest_commits(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
 ) -> None:
-    """A handler bug (a dict where Redis takes text or a number) costs that command, logged: not the commit of the
-    batch, nor the job."""
+    """A handler bug (a dict where Redis takes text or a number) is the fault of the event that queued it: that
+    event is dead-lettered, naming the value, and the later events of its key park behind it (ordering `key`); the
+    other events of its batch commit, once."""
     ids = add(sync_redis, orders(30))
 
     async def count(event: Event, ctx: Context) -> None:
         amount: Any = {"not": "a Redis value"} if event.data["seq"] == 7 else 1
         ctx.tx.hincrby(ctx.key("by_customer"), event.data["customer_id"], amount)
 
-    stats, _ = await run(spec(partition_by="customer_id"), raw_redis, redis_cfg, FunctionHandler(count, "counter"))
-    assert (stats.status, stats.processed, stats.failed) == ("completed", 30, 0)
-    totals = sync_redis.hgetall("projection:counter:by_customer")
-    assert sum(int(v) for v in totals.values()) == len(ids) - 1
+    job = spec(partition_by="customer_id", on_poison="dead-letter", retries=0)
+    stats, _ = await run(job, raw_redis, redis_cfg, FunctionHandler(count, "counter"))
+    assert (stats.status, stats.processed, stats.failed, stats.dead_lettered, stats.parked) == (
+        "completed", 26, 1, 1, 3,
+    )  # fmt: skip
+    totals = sync_redis.hgetall("projection:counter:by_customer")  # c0 is seq 0, 7, 14, 21, 28: 7 on are parked
+    assert sum(int(v) for v in totals.values()) == len(ids) - 4 and totals[b"c0"] == b"1"
     assert checkpoint(sync_redis)["orders#*"] == ids[-1]
-    assert "cannot be sent, left out of the commit" in caplog.text
-    assert "{'not': 'a Redis value'}" in caplog.text
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = sync_redis.xrange("replayd:{job}:dlq")  # type: ignore[assignment]
+    letters = [fields for _, fields in entries]
+    assert [letter[b"id"] for letter in letters] == [ids[n].encode() for n in (7, 14, 21, 28)]
+    assert b"{'not': 'a Redis value'}" in letters[0][b"error"] and b"parked behind" in letters[1][b"error"]
 
 
 async def test_function_loaded_by_name(sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig) -> None:

@@ -55,22 +55,46 @@ MAX_ARGS = 7_000
 at most about 8,000 values. `Tx` splits a longer HSET, HDEL, DEL, SADD, SREM, RPUSH or ZADD into commands of the
 same effect, and refuses a longer `execute_command` or XADD, or one of no arguments (ValueError)."""
 
+CHECKED_COMMANDS = frozenset({
+    "HSET", "HMSET", "HSETNX", "HINCRBY", "HINCRBYFLOAT", "HDEL", "SET", "INCR", "INCRBY", "DECR", "DECRBY", "DEL",
+    "UNLINK", "SADD", "SREM", "RPUSH", "LPUSH", "ZADD", "ZREM", "ZINCRBY", "EXPIRE", "PEXPIRE", "XADD",
+})  # fmt: skip
+"""The commands a commit can queue: before it writes anything, the commit script checks each of them against the
+keys as the commands before it leave them (type, stored counter, arguments), so that Redis refuses none of them
+once the first write ran. Others are refused when queued (`Tx.execute_command` raises ValueError): a command
+whose refusal cannot be foreseen could leave a commit half applied."""
+
 
 class Tx:
     """replayd's own command buffer: commands are queued here and packed once per batch into the
     atomic commit (one Lua script) that also moves the checkpoint: effects and checkpoint commit together."""
 
-    __slots__ = ("commands",)
+    __slots__ = ("commands", "owners")
 
     def __init__(self) -> None:
         self.commands: list[tuple[Arg, ...]] = []
+        self.owners: list[tuple[int, Event]] = []
+        """`(end, event)` as each event is done: the commands up to `end` (after the previous end) are that
+        event's, so a write Redis would refuse is blamed on the event that queued it."""
 
     def __len__(self) -> int:
         return len(self.commands)
 
     def execute_command(self, *args: Arg) -> None:
-        """Queue any Redis command (its reply is not returned: it runs at commit)."""
-        self.commands.append(_within_limit(args))
+        """Queue a Redis command of CHECKED_COMMANDS (its reply is not returned: it runs at commit); ValueError for
+        another, TypeError for a value no Redis command takes."""
+        _within_limit(args)
+        name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+        if name.upper() not in CHECKED_COMMANDS:
+            raise ValueError(
+                f"ctx.tx cannot queue {name!r}: a commit runs only commands it can check before its first write "
+                f"({', '.join(sorted(CHECKED_COMMANDS))}), so that Redis never refuses one half way through"
+            )
+        for arg in args:
+            if not isinstance(arg, str | bytes | int | float):
+                raise TypeError(f"ctx.tx cannot queue {name} with a {type(arg).__name__} argument: Redis takes "
+                                 "strings, bytes and numbers")  # fmt: skip
+        self.commands.append((name.upper(), *args[1:]))
 
     def hset(
         self, key: str, field: str | None = None, value: Arg | None = None, *, mapping: dict[str, Arg] | None = None
@@ -367,11 +391,12 @@ async def _each(
             watch.unwatch(watched)
         index = watched.index()
         verdict = await _settle(events[index], ctx, call, outcome, _timeout(events[index], watch), len(ctx.tx))
-        if verdict == "stopped":
-            outcome.stopped_at = index
-            break
         if verdict == "stop":
             outcome.failed_at = index
+            break
+        ctx.tx.owners.append((len(ctx.tx), events[index]))
+        if verdict == "stopped":
+            outcome.stopped_at = index
             break
         start = index + 1
     ctx.watched = None
@@ -401,15 +426,17 @@ async def _loop(
                 raise
             else:
                 outcome.handled += 1
+                tx.owners.append((len(tx.commands), event))
                 continue
             # settled outside the `except`: a retry's error would otherwise chain this one, and its log show both
             verdict = await _settle(event, ctx, call, outcome, failure, mark)
         parking = policy is not None and policy.parks  # a dead letter may have parked its key just now
-        if verdict == "stopped":
-            outcome.stopped_at = index
-            break
         if verdict == "stop":
             outcome.failed_at = index
+            break
+        tx.owners.append((len(tx.commands), event))
+        if verdict == "stopped":
+            outcome.stopped_at = index
             break
 
 
@@ -566,11 +593,13 @@ class FunctionHandler:
                 verdict = _parked(event, tx, policy, outcome)
             else:
                 verdict = await _settle(event, ctx, self._in_thread, outcome, error, mark)
-            if verdict == "stopped":
-                outcome.stopped_at = index
-                break
             if verdict == "stop":
                 outcome.failed_at = index
+                break
+            if verdict is not None:
+                tx.owners.append((len(tx.commands), event))
+            if verdict == "stopped":
+                outcome.stopped_at = index
                 break
             start = index if verdict is None else index + 1  # None: not parked after all, so it is called
         ctx.watched = None
@@ -594,6 +623,7 @@ class FunctionHandler:
                 call(event, ctx)
             except Exception as exc:  # noqa: BLE001 - StopReplay, poison or a retry: `_settle` says, on the loop
                 return index, mark, exc
+            tx.owners.append((len(tx.commands), event))
         return len(events), len(tx.commands), None
 
     def _in_thread(self, event: Event, ctx: Context) -> Awaitable[Any]:

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 import anyio.abc
@@ -23,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from replayd.config import RedisConfig, Settings
-from replayd.connection import Client, connection_options, create_redis
+from replayd.connection import Client, connection_options, create_redis, ping
 from replayd.errors import RestartJob
 from replayd.jobs.engine import CLOSING_S, Engine
 from replayd.jobs.workers import announce, listener_address
@@ -179,7 +180,7 @@ async def ping_redis(
         **connection_options(cfg),  # credentials and TLS files that the URL does not carry
     )
     try:
-        await watch_redis(readiness, client.ping, interval_s=interval_s, timeout_s=timeout_s)
+        await watch_redis(readiness, partial(ping, client), interval_s=interval_s, timeout_s=timeout_s)
     finally:
         with anyio.move_on_after(1, shield=True):
             await client.aclose()

@@ -20,7 +20,16 @@ from prometheus_client import Counter
 from redis.asyncio import RedisCluster
 
 from replayd.config import JobSpec, RedisConfig
-from replayd.connection import Client, close_reads_client, is_retriable, reads_client, retrying, text_hash
+from replayd.connection import (
+    Client,
+    check_eviction_policy,
+    close_reads_client,
+    connects,
+    is_retriable,
+    reads_client,
+    retrying,
+    text_hash,
+)
 from replayd.errors import (
     ConfigError,
     DataError,
@@ -355,6 +364,7 @@ class Engine:
     async def _prepare(self) -> None:
         spec = self.spec
         self._plans = []
+        await check_eviction_policy(self.redis, allow=self.redis_cfg.allow_allkeys_eviction)
         if not spec.resume:  # an explicit start begins the job anew: old positions (and layout) would mislead
             await self.store.reset()
         had_checkpoint = bool(await self.redis.exists(self.store.key))
@@ -479,12 +489,12 @@ class Engine:
         self.stats.dead_lettered += outcome.dead_lettered
         self.stats.poison += outcome.poison
         self.stats.parked += outcome.parked
-        if outcome.handled:
+        if outcome.handled > 0:
             self.dead_letters.failing = 0  # the breaker counts failures in a row
         if outcome.parked or outcome.dead_lettered:
             self._note_waiting()
         events = self.metrics.handler_events
-        if outcome.handled:
+        if outcome.handled > 0:  # negative: events counted handled whose writes Redis would refuse
             handled = self._handled.get(stream)
             if handled is None:
                 handled = self._handled[stream] = events.labels(stream, self.spec.name, "ok")
@@ -511,6 +521,8 @@ class Engine:
             shard=self.shard,
             seq=self.seq,
             discard=self.discard,
+            max_commands=self.spec.max_commit_commands,
+            max_bytes=self.spec.max_commit_bytes,
         )
         inflight = self.inflight
         lanes = Lanes(
@@ -525,13 +537,17 @@ class Engine:
             on_outcome=self._on_outcome,
             on_batch=self.metrics.handler_batch.labels(self.spec.name).observe,
             stop=self.stop_requested,
+            max_commands=self.spec.max_commit_commands,
+            max_bytes=self.spec.max_commit_bytes,
         )
+        committer.on_refused, committer.screen = lanes.refused, lanes.screen
         self._check_caught_up()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.lease.keep)
             tg.start_soon(self.progress.run)
             tg.start_soon(self._watch_heads)
             tg.start_soon(self.watch.run)
+            tg.start_soon(self._watch_eviction_policy)
             if self.alias:
                 tg.start_soon(self._sweep_retired, self.alias)
             async with anyio.create_task_group() as pipeline:
@@ -559,6 +575,22 @@ class Engine:
                         if not is_retriable(exc):
                             raise
                         logger.debug("head of %s not refreshed: %s", stream, exc)
+
+    async def _watch_eviction_policy(self, every_s: float = 1.0) -> None:
+        """Check Redis's maxmemory-policy again after each reconnect (a restarted or promoted Redis may run another:
+        exit 78 if it may evict the checkpoints)."""
+        seen = connects()
+        while True:
+            await anyio.sleep(every_s)
+            if connects() == seen:
+                continue
+            try:
+                await check_eviction_policy(self.redis, allow=self.redis_cfg.allow_allkeys_eviction)
+            except Exception as exc:
+                if not is_retriable(exc):
+                    raise
+                continue
+            seen = connects()
 
     async def _sweep_retired(self, versions: Versions, interval_s: float = 30.0) -> None:
         """Delete the projection's replaced versions once their retention passes (if the rebuild did not wait)."""

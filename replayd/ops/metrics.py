@@ -133,7 +133,7 @@ def error_class(exc: BaseException) -> str:
         return "readonly"
     if isinstance(exc, redis.ConnectionError | ConnectionError | OSError):
         return "connection"
-    if text.startswith("OOM"):
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in text:  # 6.2: in a script's
         return "oom"
     if isinstance(exc, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
         return "noperm"

@@ -20,7 +20,7 @@ import random
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import unquote
@@ -30,11 +30,12 @@ import hiredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import DataError, ResponseError
+from redis.exceptions import DataError as RedisDataError
+from redis.exceptions import ResponseError
 
-from replayd.connection import Client, OwnConnection, is_retriable, text, text_hash
-from replayd.errors import CommitError, ConfigError, FencingError, ReplaydError, RestartJob
-from replayd.events import WHOLE, ZERO, Id, Shard, format_id, parse_id, parse_shard
+from replayd.connection import Client, Memory, OwnConnection, explain, is_retriable, text, text_hash
+from replayd.errors import CheckpointLost, CommitError, ConfigError, DataError, FencingError, ReplaydError, RestartJob
+from replayd.events import WHOLE, ZERO, Event, Id, Shard, format_id, parse_id, parse_shard
 from replayd.handlers import MAX_ARGS, beyond_limit
 from replayd.ops.metrics import Metrics
 
@@ -225,13 +226,27 @@ class Watermark:
     def advance(self, commands: list[tuple[Any, ...]]) -> dict[str, Id]:
         """Pop the done prefix of each stream; return the streams whose floor moved, with the new floor, and
         append the popped batches' own writes to `commands` (they commit with the floor that passes them)."""
+        moved = self.peek(commands)
+        self.pop(moved)
+        return moved
+
+    def peek(self, commands: list[tuple[Any, ...]]) -> dict[str, Id]:
+        """What `advance` would return (and append), leaving the marks in place: a commit it goes with may fail."""
         moved: dict[str, Id] = {}
         for stream, marks in self._marks.items():
-            while marks and marks[0].remaining <= 0:
-                mark = marks.popleft()
+            for mark in marks:
+                if mark.remaining > 0:
+                    break
                 moved[stream] = mark.last_id
                 commands.extend(mark.commands)
         return moved
+
+    def pop(self, moved: dict[str, Id]) -> None:
+        """Drop the marks `peek` returned as `moved` once committed (not those done since: they were not)."""
+        for stream, floor in moved.items():
+            marks = self._marks[stream]
+            while marks and marks[0].last_id <= floor:
+                marks.popleft()
 
     def pending(self) -> int:
         return sum(len(marks) for marks in self._marks.values())
@@ -264,6 +279,20 @@ class Tally:
         ]
 
 
+class Unit(NamedTuple):
+    """The commands of a commit request that one event queued: what a refused write is blamed on."""
+
+    start: int
+    end: int
+    """`commands[start:end]` of the request."""
+    events: tuple[Event, ...]
+    """The event; every event of the batch for a handler taking whole batches (its writes are not told apart)."""
+    where: str
+    """The checkpoint field of its partition, `<stream>#<p>`."""
+    settled: bool = False
+    """Its commands are what the poison policy queued for it (a dead letter) instead of the handler's."""
+
+
 class CommitRequest(NamedTuple):
     """A lane batch's writes and checkpoint fields, waiting for its transaction."""
 
@@ -272,6 +301,43 @@ class CommitRequest(NamedTuple):
     marks: list[Mark]
     then: Callable[[], None] | None = None
     """Called once the request is committed (a lane that did not wait for it releases its events here)."""
+    units: tuple[Unit, ...] = ()
+    """Which event queued which commands (none: replayd's own writes)."""
+    size: int = 0
+    """The bytes of the commands' arguments (`size_of`): the committer groups requests up to `max_bytes`."""
+    parks: int = 0
+    """How many keys the lanes had parked at commit time when they made it (`Committer.screen` catches up)."""
+
+
+Resolution = tuple[CommitRequest, ReplaydError | None]
+"""What replaces a request with a refused command (the event that queued it settled by the poison policy), and
+the error to stop the job with once it is committed (policy `stop`), or None."""
+
+
+class Refused(Exception):
+    """Raised when the commit script refused command `index` of its commands before writing anything."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index
+        self.reason = reason
+
+
+async def _unresolved(request: CommitRequest, index: int, reason: str) -> Resolution:
+    raise DataError(f"Redis would refuse a write of this commit: {reason}")
+
+
+def size_of(commands: Sequence[tuple[Any, ...]]) -> int:
+    """The bytes of the commands' arguments, about as sent (a number counts 8)."""
+    return sum(len(arg) if isinstance(arg, str | bytes) else 8 for command in commands for arg in command)
+
+
+MAX_COMMANDS = 10_000
+"""Commands one commit carries at most, by default (`max_commit_commands`): checking and running 10,000 writes takes
+Redis about 10 ms, far below the 5 s after which it answers other clients BUSY."""
+MAX_BYTES = 64 << 20
+"""Bytes of command arguments one commit carries at most, by default (`max_commit_bytes`): as big an entry as a job
+reads (`max_entry_bytes`), so a handler can copy one."""
 
 
 class Committer:
@@ -296,6 +362,8 @@ class Committer:
         shard: Shard = WHOLE,
         seq: str = "",
         discard: Tally | None = None,
+        max_commands: int = MAX_COMMANDS,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         self.redis = redis
         self.key = job_key(job, "checkpoint")
@@ -320,6 +388,15 @@ class Committer:
         self._own = OwnConnection(redis)
         self._slot = slot_of(self.key)
         """Under Redis Cluster, the slot of the job's keys: every key a commit writes must be in it."""
+        self.max_commands = max_commands
+        self.max_bytes = max_bytes
+        """Requests ready together share a commit up to these bounds (lanes cut their batches to fit them)."""
+        self.on_refused: Callable[[CommitRequest, int, str], Awaitable[Resolution]] = _unresolved
+        """Given a request, the index of its command the commit script refused and why: what replaces the request
+        (the lanes settle the event that queued it). Called in commit order: later requests wait."""
+        self.screen: Callable[[CommitRequest], CommitRequest] = lambda request: request
+        """Each request before it is committed: the lanes park the events of keys that wait behind a dead letter
+        made since they handled them (at commit time, by `on_refused`)."""
 
     async def commit(self, request: CommitRequest) -> None:
         """Queue a request (its `then` is replaced) and wait until it is committed."""
@@ -342,16 +419,65 @@ class Committer:
     async def run(self, receive: MemoryObjectReceiveStream[CommitRequest]) -> None:
         async with receive, self._own:
             await self._own.warm()  # while the first batch is read: its commit does not wait for a connection
-            async for first in receive:
-                group = [first]
-                while True:
+            held: CommitRequest | None = None
+            while True:
+                if held is None:
                     try:
-                        group.append(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
+                        held = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                group, held = self._group(held, receive)
                 await self._flush(group)
 
+    def _group(
+        self, first: CommitRequest, receive: MemoryObjectReceiveStream[CommitRequest]
+    ) -> tuple[list[CommitRequest], CommitRequest | None]:
+        """The requests ready now that fit one commit with `first`, and the first one that did not fit."""
+        group, commands, size = [first], len(first.commands), first.size
+        while True:
+            try:
+                request = receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                return group, None
+            commands += len(request.commands)
+            size += request.size
+            if commands > self.max_commands or size > self.max_bytes:
+                return group, request
+            group.append(request)
+
     async def _flush(self, group: Sequence[CommitRequest]) -> None:
+        """Commit the group; a request with a command Redis would refuse is replaced by what `on_refused` makes of
+        it (and, under `stop`, the requests after it are left out and the job stops once the rest is committed)."""
+        group = list(group)
+        stop: ReplaydError | None = None
+        while True:
+            group = [self.screen(request) for request in group]
+            try:
+                floors = await self._apply(group)
+                break
+            except Refused as refusal:
+                at, index = _owner(group, refusal.index)
+                if at < 0:
+                    raise DataError(
+                        f"Redis would refuse a write replayd queued itself in the commit of {self.key} "
+                        f"(a dead letter of an undecodable entry?): {refusal.reason}"
+                    ) from None
+                replacement, error = await self.on_refused(group[at], index, refusal.reason)
+                if error is not None:
+                    group, stop = [*group[:at], replacement], error
+                else:
+                    group[at] = replacement
+        self.floors.update(floors)
+        for request in group:
+            if request.then is not None:
+                request.then()
+        self._on_commit(floors)
+        if stop is not None:
+            raise stop
+
+    async def _apply(self, group: list[CommitRequest]) -> dict[str, Id]:
+        """One commit of the group's writes, checkpoints and the floors they complete: all of it, or (Refused, or
+        any error) none of it. Returns the floors that moved."""
         commands: list[tuple[Any, ...]] = []
         fields: dict[str, str] = {}
         for request in group:
@@ -359,29 +485,38 @@ class Committer:
             fields.update(request.checkpoints)
             for mark in request.marks:
                 mark.remaining -= 1
-        floors = self.watermark.advance(commands)
-        commands = await self._screen(commands)
-        for stream, floor in floors.items():
-            fields[floor_field(stream, self.shard)] = format_id(floor)
-        if fields and self._layout:
-            fields.update(self._layout)
+        try:
+            floors = self.watermark.peek(commands)
+            commands = await self._screen(commands)
+            for stream, floor in floors.items():
+                fields[floor_field(stream, self.shard)] = format_id(floor)
+            if fields and self._layout:
+                fields.update(self._layout)
+            if fields or commands:
+                await self._timed(commands, fields)
+        except BaseException:
+            for request in group:
+                for mark in request.marks:
+                    mark.remaining += 1
+            raise
+        if fields:
             self._layout = {}
-        if fields or commands:
-            started = time.monotonic()
-            try:
-                await self._transaction(commands, fields)
-            except FencingError:
-                self._count("fenced")
-                raise
-            except BaseException:
-                self._count("error")
-                raise
-            self._count("ok", time.monotonic() - started)
-        self.floors.update(floors)
-        for request in group:
-            if request.then is not None:
-                request.then()
-        self._on_commit(floors)
+        self.watermark.pop(floors)
+        return floors
+
+    async def _timed(self, commands: list[tuple[Any, ...]], fields: dict[str, str]) -> None:
+        started = time.monotonic()
+        try:
+            await self._transaction(commands, fields)
+        except FencingError:
+            self._count("fenced")
+            raise
+        except Refused:
+            raise
+        except BaseException:
+            self._count("error")
+            raise
+        self._count("ok", time.monotonic() - started)
 
     def _count(self, result: str, seconds: float | None = None) -> None:
         if self._metrics:
@@ -406,35 +541,57 @@ class Committer:
             try:
                 reply = await self._roundtrip(self._argv(commands, fields, expected, new))
                 break
-            except (TypeError, DataError):  # raised making or packing the script's arguments: nothing was sent
-                kept = sendable(commands, f"the commit of {self.key}")
-                if len(kept) == len(commands):
-                    raise
-                commands = kept
+            except (TypeError, RedisDataError):  # raised making or packing the script's arguments: nothing was sent
+                for index, command in enumerate(commands):
+                    if error := _unpackable(command):
+                        raise Refused(index, error) from None
+                raise
             except Exception as exc:
                 if not is_retriable(exc):
                     raise
                 if self._metrics:
                     self._metrics.redis_error("checkpoint", exc)
+                Memory.note(exc)
                 if time.monotonic() + delay > deadline:
-                    raise CommitError(f"commit to {self.key} failed for {self.budget_s:.0f}s: {exc}") from exc
-                logger.warning("commit to %s failed (%s); sending it again (it applies at most once)", self.key, exc)
+                    raise CommitError(f"commit to {self.key} failed for {self.budget_s:.0f}s: {explain(exc)}") from exc
+                logger.warning("commit to %s failed (%s); sending it again (it applies at most once)", self.key,
+                               explain(exc))  # fmt: skip
                 await anyio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
-        status, current, *errors = reply
-        if status == b"stale" and text(current) != new:
-            self._check_rolled_back(text(current))
+        self._settle(reply, fields, expected, new)
+
+    def _settle(self, reply: list[Any], fields: dict[str, str], expected: str, new: str) -> None:
+        """Act on the script's reply: applied (`ok`, or `stale` on our own new sequence: a retry after a lost
+        reply), or raise."""
+        status = text(reply[0])
+        if status == "refused":
+            raise Refused(int(reply[1]), text(reply[2]))
+        if status == "lost":
+            self._lost(fields, expected)
+        if status == "stale" and text(reply[1]) != new:
+            self._check_rolled_back(text(reply[1]))
             raise FencingError(
                 f"{self.key} was committed by another instance of job {self._job} shard {self.shard} "
-                f"(commit sequence {text(current)}, this instance expected {expected}): stopping"
+                f"(commit sequence {text(reply[1])}, this instance expected {expected}): stopping"
             )
         self.seq = new
-        for error in errors:
-            logger.error("a handler's command failed in the commit of %s: %s", self.key, text(error))
+        Memory.note(None)
+
+    def _lost(self, fields: dict[str, str], expected: str) -> None:
+        streams = {name.rpartition("#")[0] for name in fields if "#" in name} | set(self.floors)
+        if self._metrics:
+            for stream in streams:
+                self._metrics.gaps.labels(stream, "checkpoint_missing").inc()
+        raise CheckpointLost(
+            f"{self.key} is gone (checkpoint missing) while job {self._job} runs, its commit sequence {expected} "
+            "with it: evicted (maxmemory-policy), deleted, or Redis restarted without it. Nothing of this commit "
+            "was written. A restart would replay the stream onto the projection: check Redis's maxmemory-policy "
+            "and persistence, then rebuild, or set the checkpoint back (replayd checkpoint set)"
+        )
 
     def _argv(self, commands: list[tuple[Any, ...]], fields: dict[str, str], expected: str, new: str) -> list[Any]:
         if commands and not 0 < min(map(len, commands)) <= max(map(len, commands)) <= MAX_ARGS:
-            raise DataError("a command the commit script cannot run")  # `sendable` says which, and leaves it out
+            raise RedisDataError("a command the commit script cannot run")  # `_unpackable` says which
         argv: list[Any] = ["EVAL", _COMMIT_SCRIPT, 1, self.key, self._seq_field, expected, new, 2 * len(fields)]
         for item in fields.items():
             argv.extend(item)
@@ -500,16 +657,26 @@ _FIRST_KEY_ONLY = frozenset(
 """Commands `ctx.tx` queues whose one key is their first argument (the others ask the command table)."""
 
 
+def _owner(group: Sequence[CommitRequest], index: int) -> tuple[int, int]:
+    """Which request of `group` holds command `index` of their commands, and its index there; (-1, -1) for one
+    after them all (the dead letters the watermark adds)."""
+    for at, request in enumerate(group):
+        if index < len(request.commands):
+            return at, index
+        index -= len(request.commands)
+    return -1, -1
+
+
 def sendable(commands: list[tuple[Any, ...]], where: str) -> list[tuple[Any, ...]]:
     """The commands without those holding a value no Redis command takes (None, a dict: a handler's bug), which
-    are logged and left out, as a command Redis refuses is: the rest applies, the job goes on."""
+    are logged and left out (`dlq retry`'s transaction; a commit refuses them instead, blaming the event)."""
     kept = []
     for command in commands:
         error = _unpackable(command)
         if error is None:
             kept.append(command)
         else:
-            logger.error("a handler's command cannot be sent, left out of %s: %s (%s)", where, _shown(command), error)
+            logger.error("a handler's command cannot be sent, left out of %s: %s (%s)", where, shown(command), error)
     return kept
 
 
@@ -525,7 +692,8 @@ def _unpackable(command: tuple[Any, ...]) -> str | None:
     return None
 
 
-def _shown(command: tuple[Any, ...], most: int = 6) -> str:
+def shown(command: tuple[Any, ...], most: int = 6) -> str:
+    """A command for a log line or a dead letter: its first arguments, each cut short."""
     return " ".join(repr(arg)[:60] for arg in command[:most]) + (" ..." if len(command) > most else "")
 
 
@@ -567,22 +735,395 @@ return {seq, KEYS[2] and redis.call('GET', KEYS[2]) or '0'}
 """
 
 # KEYS[1] checkpoint hash; ARGV: seq field, expected seq, new seq, 2k, k checkpoint field/value pairs, then per
-# command its argument count and arguments. pcall, as EXEC does, keeps going past a failing handler command. A call
-# from Lua takes at most ~8,000 values ("too many results to unpack", an error that ends the script with the commands
-# before it applied): commands have at most MAX_ARGS arguments, and the checkpoint fields are set in parts.
+# command its argument count and arguments.
+#
+# All or nothing. A check pass, before any write, follows the commands through the keys' types and stored counters as
+# the commands before them leave them, and returns the first one Redis would refuse ({'refused', index, why}), with
+# nothing written. Then the first write (the seq field set to its own value) is one Redis refuses for memory: Redis
+# refuses a script's writes for memory only up to its first one (6.2 and 7, scripts without flags), so either the
+# script is refused whole (OOM: retried as an outage) or every command runs. redis.call, not pcall: a refusal that
+# slipped through the check ends the script, the checkpoint unmoved, rather than being left out. A call from Lua
+# takes at most ~8,000 values: commands have at most MAX_ARGS arguments, and the checkpoint fields are set in parts.
+# `{'lost'}`: the hash (its seq field) is gone; `{'stale', seq}`: another commit moved the sequence.
 _COMMIT_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then
+  if ARGV[2] ~= '' then return {'lost'} end
+  current = ''
+end
 if current ~= ARGV[2] then return {'stale', current} end
-local reply = {'ok', ARGV[3]}
-local i = 5 + tonumber(ARGV[4])
-while i <= #ARGV do
+local argc, first = #ARGV, 5 + tonumber(ARGV[4])
+
+local WRONGTYPE = 'WRONGTYPE Operation against a key holding the wrong kind of value'
+local NOT_INT = 'ERR value is not an integer or out of range'
+local OVERFLOW = 'ERR increment or decrement would overflow'
+local types, fresh, gone, fields, strings, heads = {}, {}, {}, {}, {}, {}
+
+local function typeof(key)
+  local t = types[key]
+  if t == nil then
+    t = redis.call('TYPE', key)['ok']
+    types[key] = t
+  end
+  return t
+end
+
+local function kind(key, want)
+  local t = typeof(key)
+  if t == want or t == 'none' then return nil end
+  if gone[key] then return 'an earlier command of this commit may have emptied ' .. key .. ': its type is unknown' end
+  return WRONGTYPE
+end
+
+local function int(s)
+  if type(s) == 'number' then
+    if s == math.floor(s) then return s end
+    return nil
+  end
+  local digits = string.match(s, '^%-?([1-9]%d*)$')
+  if digits == nil then
+    if s == '0' then return 0 end
+    return nil
+  end
+  local most = string.sub(s, 1, 1) == '-' and '9223372036854775808' or '9223372036854775807'
+  if #digits > 19 or (#digits == 19 and digits > most) then return nil end
+  return tonumber(s)
+end
+
+local function float(s)
+  if type(s) == 'number' then return s end
+  if string.find(s, '^%s') or string.find(s, '%s$') then return nil end
+  local v = tonumber(s)
+  if v == nil or v ~= v then return nil end
+  return v
+end
+
+local function sum(a, b)
+  local v = a + b
+  if v >= 9.223372036854e18 or v <= -9.223372036854e18 then return nil end
+  return v
+end
+
+local function emptied(key)
+  types[key], fresh[key], gone[key], fields[key], strings[key], heads[key] = 'none', true, nil, {}, false, nil
+end
+
+local function made(key, t)
+  if types[key] ~= t then types[key] = t end
+  gone[key] = nil
+end
+
+local function field(key, f)
+  local kv = fields[key]
+  if kv == nil then
+    kv = {}
+    fields[key] = kv
+  end
+  local v = kv[f]
+  if v == nil then
+    if fresh[key] or typeof(key) ~= 'hash' then v = false else v = redis.call('HGET', key, f) end
+    kv[f] = v
+  end
+  return v, kv
+end
+
+local function stored(key)
+  local v = strings[key]
+  if v == nil then
+    if fresh[key] or typeof(key) ~= 'string' then v = false else v = redis.call('GET', key) end
+    strings[key] = v
+  end
+  return v
+end
+
+local function hset(i, n, key)
+  if n < 4 or n % 2 ~= 0 then return 'ERR wrong number of arguments for HSET' end
+  local e = kind(key, 'hash')
+  if e then return e end
+  local kv = fields[key]
+  if kv == nil then
+    kv = {}
+    fields[key] = kv
+  end
+  for j = i + 3, i + n, 2 do kv[ARGV[j]] = ARGV[j + 1] end
+  made(key, 'hash')
+end
+
+local function incr(key, by)
+  if by == nil then return NOT_INT end
+  local e = kind(key, 'string')
+  if e then return e end
+  local v = stored(key)
+  if v == false then v = 0 else v = int(v) end
+  if v == nil then return NOT_INT end
+  v = sum(v, by)
+  if v == nil then return OVERFLOW end
+  strings[key] = v
+  made(key, 'string')
+end
+
+local function members(t, min)
+  return function(i, n, key)
+    if n < min then return 'ERR wrong number of arguments' end
+    local e = kind(key, t)
+    if e then return e end
+    made(key, t)
+  end
+end
+
+local function removes(t)
+  return function(i, n, key)
+    if n < 3 then return 'ERR wrong number of arguments' end
+    local e = kind(key, t)
+    if e then return e end
+    if types[key] ~= 'none' then gone[key] = true end
+  end
+end
+
+local function expire(scale)
+  return function(i, n, key)
+    if n ~= 3 then return 'replayd checks EXPIRE and PEXPIRE without options only' end
+    local t = int(ARGV[i + 3])
+    if t == nil then return NOT_INT end
+    if t * scale >= 9.2e18 or t * scale <= -9.2e18 then return 'ERR invalid expire time' end
+    if t <= 0 then emptied(key) end
+  end
+end
+
+local function id(s)
+  local ms, seq = string.match(s, '^(%d+)%-(%d+)$')
+  if ms == nil then
+    ms, seq = string.match(s, '^(%d+)$'), '0'
+    if ms == nil then return nil end
+  end
+  ms, seq = string.gsub(ms, '^0+(%d)', '%1'), string.gsub(seq, '^0+(%d)', '%1')
+  local most = '18446744073709551615'
+  if #ms > 20 or #seq > 20 or (#ms == 20 and ms > most) or (#seq == 20 and seq > most) then return nil end
+  return {ms, seq}
+end
+
+local function below(a, b)  -- decimal digit strings without leading zeros
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+
+local function after(a, b)  -- ID a after ID b
+  if a[1] ~= b[1] then return below(b[1], a[1]) end
+  return below(b[2], a[2])
+end
+
+local function xadd(i, n, key)
+  local j, last, create = i + 3, i + n, true
+  local word = string.upper(ARGV[j] or '')
+  if word == 'NOMKSTREAM' then
+    create, j = false, j + 1
+    word = string.upper(ARGV[j] or '')
+  end
+  if word == 'MAXLEN' or word == 'MINID' then
+    j = j + 1
+    if ARGV[j] == '=' or ARGV[j] == '~' then j = j + 1 end
+    local threshold = ARGV[j] or ''
+    if word == 'MAXLEN' then
+      local m = int(threshold)
+      if m == nil or m < 0 then return 'ERR The MAXLEN argument must be >= 0.' end
+    elseif id(threshold) == nil then
+      return 'ERR Invalid stream ID specified as stream command argument'
+    end
+    j = j + 1
+    if string.upper(ARGV[j] or '') == 'LIMIT' then
+      local m = int(ARGV[j + 1] or '')
+      if m == nil or m < 0 then return 'ERR The LIMIT argument must be >= 0.' end
+      j = j + 2
+    end
+  end
+  if j > last or (last - j) % 2 ~= 0 or last - j < 2 then return 'ERR wrong number of arguments for XADD' end
+  local e = kind(key, 'stream')
+  if e then return e end
+  local given = ARGV[j]
+  if given ~= '*' then
+    local wanted = id(given)
+    if wanted == nil then return 'ERR Invalid stream ID specified as stream command argument' end
+    if wanted[1] == '0' and wanted[2] == '0' then return 'ERR The ID specified in XADD must be greater than 0-0' end
+    local top = heads[key]
+    if top == nil then
+      top = {'0', '0'}
+      if typeof(key) == 'stream' then
+        local info = redis.call('XINFO', 'STREAM', key)
+        for k = 1, #info, 2 do
+          if info[k] == 'last-generated-id' then top = id(info[k + 1]) end
+        end
+      end
+    end
+    if top == '*' then return 'an XADD with ID * came first in this commit: an explicit ID cannot be checked' end
+    if not after(wanted, top) then
+      return 'ERR The ID specified in XADD is equal or smaller than the target stream top item'
+    end
+    heads[key] = wanted
+  else
+    heads[key] = '*'
+  end
+  if create or typeof(key) ~= 'none' then made(key, 'stream') end
+end
+
+local rules = {
+  HSET = hset,
+  HMSET = hset,
+  HSETNX = function(i, n, key)
+    if n ~= 4 then return 'ERR wrong number of arguments for HSETNX' end
+    local e = kind(key, 'hash')
+    if e then return e end
+    local v, kv = field(key, ARGV[i + 3])
+    if v == false then kv[ARGV[i + 3]] = ARGV[i + 4] end
+    made(key, 'hash')
+  end,
+  HINCRBY = function(i, n, key)
+    if n ~= 4 then return 'ERR wrong number of arguments for HINCRBY' end
+    local by = int(ARGV[i + 4])
+    if by == nil then return NOT_INT end
+    local e = kind(key, 'hash')
+    if e then return e end
+    local v, kv = field(key, ARGV[i + 3])
+    if v == false then v = 0 else v = int(v) end
+    if v == nil then return 'ERR hash value is not an integer' end
+    v = sum(v, by)
+    if v == nil then return OVERFLOW end
+    kv[ARGV[i + 3]] = v
+    made(key, 'hash')
+  end,
+  HINCRBYFLOAT = function(i, n, key)
+    if n ~= 4 then return 'ERR wrong number of arguments for HINCRBYFLOAT' end
+    local by = float(ARGV[i + 4])
+    if by == nil then return 'ERR value is not a valid float' end
+    local e = kind(key, 'hash')
+    if e then return e end
+    local v, kv = field(key, ARGV[i + 3])
+    if v == false then v = 0 else v = float(v) end
+    if v == nil then return 'ERR hash value is not a float' end
+    v = v + by
+    if v ~= v or v == math.huge or v == -math.huge then return 'ERR increment would produce NaN or Infinity' end
+    kv[ARGV[i + 3]] = v
+    made(key, 'hash')
+  end,
+  HDEL = function(i, n, key)
+    if n < 3 then return 'ERR wrong number of arguments for HDEL' end
+    local e = kind(key, 'hash')
+    if e then return e end
+    if types[key] ~= 'none' then
+      for j = i + 3, i + n do
+        local _, kv = field(key, ARGV[j])
+        kv[ARGV[j]] = false
+      end
+      gone[key] = true
+    end
+  end,
+  SET = function(i, n, key)
+    if n < 3 then return 'ERR wrong number of arguments for SET' end
+    local nx, xx, j = false, false, i + 4
+    while j <= i + n do
+      local word = string.upper(ARGV[j])
+      if word == 'EX' or word == 'PX' then
+        local t = int(ARGV[j + 1] or '')
+        if t == nil or t <= 0 or t >= 9.2e15 then return "ERR invalid expire time in 'set' command" end
+        j = j + 2
+      elseif word == 'NX' then nx, j = true, j + 1
+      elseif word == 'XX' then xx, j = true, j + 1
+      elseif word == 'KEEPTTL' then j = j + 1
+      else return 'replayd checks SET with EX, PX, NX, XX and KEEPTTL only' end
+    end
+    if nx and xx then return 'ERR syntax error' end
+    local t = typeof(key)
+    if (nx and t ~= 'none') or (xx and t == 'none') then return nil end
+    emptied(key)
+    strings[key] = ARGV[i + 3]
+    made(key, 'string')
+  end,
+  INCR = function(i, n, key)
+    if n ~= 2 then return 'ERR wrong number of arguments for INCR' end
+    return incr(key, 1)
+  end,
+  DECR = function(i, n, key)
+    if n ~= 2 then return 'ERR wrong number of arguments for DECR' end
+    return incr(key, -1)
+  end,
+  INCRBY = function(i, n, key)
+    if n ~= 3 then return 'ERR wrong number of arguments for INCRBY' end
+    return incr(key, int(ARGV[i + 3]))
+  end,
+  DECRBY = function(i, n, key)
+    if n ~= 3 then return 'ERR wrong number of arguments for DECRBY' end
+    local by = int(ARGV[i + 3])
+    return incr(key, by and -by)
+  end,
+  DEL = function(i, n, key)
+    if n < 2 then return 'ERR wrong number of arguments for DEL' end
+    for j = i + 2, i + n do emptied(ARGV[j]) end
+  end,
+  SADD = members('set', 3),
+  RPUSH = members('list', 3),
+  LPUSH = members('list', 3),
+  SREM = removes('set'),
+  ZREM = removes('zset'),
+  ZADD = function(i, n, key)
+    local j, flags = i + 3, {}
+    while j <= i + n do
+      local word = string.upper(ARGV[j])
+      if word == 'NX' or word == 'XX' or word == 'GT' or word == 'LT' or word == 'CH' then
+        flags[word], j = true, j + 1
+      elseif word == 'INCR' then return 'replayd checks ZADD without INCR only (ZINCRBY is checked)'
+      else break end
+    end
+    if (flags.NX and (flags.XX or flags.GT or flags.LT)) or (flags.GT and flags.LT) then
+      return 'ERR GT, LT, and/or NX options at the same time are not compatible'
+    end
+    if j > i + n or (i + n - j + 1) % 2 ~= 0 then return 'ERR syntax error' end
+    for k = j, i + n, 2 do
+      if float(ARGV[k]) == nil then return 'ERR value is not a valid float' end
+    end
+    local e = kind(key, 'zset')
+    if e then return e end
+    if not flags.XX or typeof(key) ~= 'none' then made(key, 'zset') end
+  end,
+  ZINCRBY = function(i, n, key)
+    if n ~= 4 then return 'ERR wrong number of arguments for ZINCRBY' end
+    if float(ARGV[i + 3]) == nil then return 'ERR value is not a valid float' end
+    local e = kind(key, 'zset')
+    if e then return e end
+    made(key, 'zset')
+  end,
+  EXPIRE = expire(1000),
+  PEXPIRE = expire(1),
+  XADD = xadd,
+}
+rules.UNLINK = rules.DEL
+
+local index, i = 0, first
+while i <= argc do
   local n = tonumber(ARGV[i])
-  local result = redis.pcall(unpack(ARGV, i + 1, i + n))
-  if type(result) == 'table' and result.err then reply[#reply + 1] = ARGV[i + 1] .. ': ' .. result.err end
+  local name = ARGV[i + 1]
+  local rule = rules[name] or rules[string.upper(name)]
+  local refusal
+  if rule == nil then
+    refusal = 'replayd does not check ' .. name .. ' before a commit: queue it with ctx.tx methods'
+  elseif n < 2 then
+    refusal = 'ERR wrong number of arguments for ' .. name
+  else
+    refusal = rule(i, n, ARGV[i + 2])
+  end
+  if refusal then return {'refused', index, refusal} end
+  index = index + 1
   i = i + n + 1
 end
-local last = 4 + tonumber(ARGV[4])
-for j = 5, last, 4000 do redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 3999, last))) end
+
+-- the first write, before any command of the handlers: Redis refuses a script's writes for memory only up to its
+-- first write (the seq field keeps its value)
+redis.call('HSET', KEYS[1], ARGV[1], current)
+i = first
+while i <= argc do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+for j = 5, first - 1, 4000 do redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 3999, first - 1))) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return reply
+return {'ok'}
 """

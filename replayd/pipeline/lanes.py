@@ -6,14 +6,20 @@ event code never awaits (sync `@on` methods: they only queue writes, they cannot
 calls it on each partition's slice in turn, and does not wait for the commit: it routes and handles the next read
 batch while Redis commits the previous one, whose events are released when it is committed.
 The reader side waits while `max_in_flight` events are routed but not committed, so memory stays bounded.
+
+A lane batch's writes are cut, on event boundaries, into commits of at most `max_commands` commands and
+`max_bytes` bytes (each with the checkpoints of its whole events; only the last one completes the read batch's
+mark), and a write Redis would refuse is blamed on the event that queued it: that event takes the poison path
+(retries, then `on_poison`) and the other events commit. An event whose own writes exceed one commit is poison.
 """
 
 from __future__ import annotations
 
+import bisect
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from functools import partial
 from typing import Any, NamedTuple
@@ -21,10 +27,20 @@ from typing import Any, NamedTuple
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from replayd.errors import DataError
-from replayd.events import Event
-from replayd.handlers import Context, Handler, Outcome
-from replayd.pipeline.commit import CommitRequest, Mark, partition_field
+from replayd.errors import DataError, RefusedWrite
+from replayd.events import Event, parse_id
+from replayd.handlers import Context, FailurePolicy, Handler, Outcome, Tx
+from replayd.pipeline.commit import (
+    MAX_BYTES,
+    MAX_COMMANDS,
+    CommitRequest,
+    Mark,
+    Resolution,
+    Unit,
+    partition_field,
+    shown,
+    size_of,
+)
 from replayd.pipeline.source import BatchSizer
 
 logger = logging.getLogger(__name__)
@@ -86,6 +102,8 @@ class Lanes:
         on_outcome: Callable[[str, Outcome], None],
         on_batch: Callable[[float], None],
         stop: anyio.Event,
+        max_commands: int = MAX_COMMANDS,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         self.handler = handler
         self.new_context = new_context
@@ -113,6 +131,14 @@ class Lanes:
         self._outboxes: list[MemoryObjectReceiveStream[Slice]] = [receive for _, receive in pairs]
         self._halted: set[int] = set()
         """Partitions whose handler asked to stop or failed for good: the job is ending."""
+        self.max_commands = max_commands
+        self.max_bytes = max_bytes
+        """What one commit carries at most: lane batches are cut into commits of these bounds."""
+        self._refusals: dict[tuple[str, str], int] = {}
+        """Attempts of events whose writes Redis would refuse, while they are retried."""
+        self._late_letters: list[str] = []
+        """Dead letters made at commit time that park their key (their entry IDs): the requests made before each
+        are screened again, so that the later events of its key park behind it."""
 
     def feed(self) -> Feed:
         """A router's way in: its own handles on the lanes' inboxes (the lanes end when every feed is closed), or,
@@ -150,6 +176,7 @@ class Lanes:
         ctx = self.new_context()
         checkpoints: dict[str, str] = {}
         done: list[Mark] = []
+        units: list[Unit] = []
         stopped = False
         failure: Event | None = None
         async with self.limiter:
@@ -158,9 +185,11 @@ class Lanes:
                 if partition in self._halted:
                     continue
                 ctx.replaying = piece.replaying
+                owners, commands = len(ctx.tx.owners), len(ctx.tx.commands)
                 outcome = await self.handler.handle_batch(piece.events, ctx)
                 self.on_outcome(piece.events[0].stream, outcome)
                 where = partition_field(piece.events[0].stream, partition)
+                _add_units(units, ctx.tx, owners, commands, piece.events, where)
                 if outcome.failed_at is not None:  # policy `stop`: commit what came before, then fail the job
                     if failure is None:
                         failure = piece.events[outcome.failed_at]
@@ -179,14 +208,27 @@ class Lanes:
         self.sizer.observe(took)
         self.on_batch(took)
         events = sum(len(piece.events) for _, piece in work)
-        await self._commit(CommitRequest(ctx.tx.commands, checkpoints, done), events, failure, stopped)
+        parks = len(self._late_letters)
+        request = CommitRequest(ctx.tx.commands, checkpoints, done, units=tuple(units), parks=parks)
+        await self._commit(request, events, failure, stopped)
 
     async def _commit(self, request: CommitRequest, events: int, failure: Event | None, stopped: bool) -> None:
-        if self.inline and failure is None and not stopped:  # released once it is committed
-            await self.submit(request._replace(then=partial(self.inflight.release, events)))
+        size, poison = size_of(request.commands), None
+        if len(request.commands) <= self.max_commands and size <= self.max_bytes:  # one commit: the usual case
+            pieces = [request._replace(size=size)]
+        else:
+            request, poison = self._fit(request)
+            pieces = self._pieces(request)
+        *before, last = pieces
+        for piece in before:
+            await self.submit(piece)
+        if self.inline and failure is None and not stopped and poison is None:  # released once it is committed
+            await self.submit(last._replace(then=partial(self.inflight.release, events)))
             return
-        await self.commit(request)
+        await self.commit(last)
         self.inflight.release(events)
+        if poison is not None:
+            raise poison
         if failure is not None:
             raise DataError(
                 f"handler failed for good on {failure.stream} {failure.stream_id} (event {failure.event_id}, "
@@ -196,6 +238,172 @@ class Lanes:
         if stopped:
             logger.info("handler asked to stop at %s", request.checkpoints)
             self.stop.set()
+
+    def _fit(self, request: CommitRequest) -> Resolution:
+        """The request with every event whose own writes exceed one commit settled as poison (no retries: they
+        would exceed it again), and the error to stop with under `stop`."""
+        at = 0
+        while at < len(request.units):
+            unit = request.units[at]
+            commands = request.commands[unit.start : unit.end]
+            size = size_of(commands)
+            if not unit.settled and (len(commands) > self.max_commands or size > self.max_bytes):
+                error = RefusedWrite(
+                    f"its writes ({len(commands):,} commands, {size:,} bytes) exceed what one commit carries "
+                    f"(max_commit_commands = {self.max_commands:,}, max_commit_bytes = {self.max_bytes:,}): "
+                    "queue fewer writes per event, or raise the limits"
+                )
+                request, stop = self._settle(request, at, error, 1)
+                if stop is not None:
+                    return request, stop
+            at += 1
+        return request, None
+
+    def _pieces(self, request: CommitRequest) -> list[CommitRequest]:
+        """The request cut on event boundaries into commits within the bounds. Each piece carries the checkpoints
+        of its events; only the last one carries the request's own checkpoints, marks and `then`, so a crash
+        between pieces leaves the read batch open (replayed from the last piece committed)."""
+        size = size_of(request.commands)
+        if len(request.commands) <= self.max_commands and size <= self.max_bytes:
+            return [request._replace(size=size)]
+        pieces: list[CommitRequest] = []
+        first, commands, size = 0, 0, 0
+        for at, unit in enumerate(request.units):
+            n, b = unit.end - unit.start, size_of(request.commands[unit.start : unit.end])
+            if at > first and (commands + n > self.max_commands or size + b > self.max_bytes):
+                pieces.append(_piece(request, request.units[first:at], size))
+                first, commands, size = at, 0, 0
+            commands += n
+            size += b
+        start = request.units[first].start if first < len(request.units) else len(request.commands)
+        units = tuple(_rebased(unit, start) for unit in request.units[first:])
+        pieces.append(request._replace(commands=request.commands[start:], units=units, size=size))
+        return pieces
+
+    async def refused(self, request: CommitRequest, index: int, reason: str) -> Resolution:
+        """The committer's `on_refused`: Redis would refuse command `index` of `request`. The event that queued it
+        is retried (the same writes, after a backoff: the keys may be fixed meanwhile), then given up on under
+        the job's `on_poison`; a request without it (and, for `stop`, without what follows it) replaces this one."""
+        at = bisect.bisect_right([unit.end for unit in request.units], index)
+        if at >= len(request.units) or request.units[at].start > index:
+            raise DataError(f"Redis would refuse a write no event queued: {reason}")
+        unit = request.units[at]
+        first = unit.events[0]
+        why = f"Redis would refuse {shown(request.commands[index])}: {reason}"
+        if unit.settled:
+            raise DataError(f"the dead letter of {first.stream} {first.stream_id} cannot be written: {why}")
+        key = (first.stream, first.stream_id)
+        attempts = self._refusals.get(key, 0) + 1
+        policy = self._policy()
+        if policy is not None and attempts <= policy.retries:
+            self._refusals[key] = attempts
+            logger.warning("%s (queued for %s %s, attempt %d): retrying", why, first.stream, first.stream_id,
+                           attempts)  # fmt: skip
+            await anyio.sleep(policy.backoff_s(attempts + 1))
+            return request, None
+        self._refusals.pop(key, None)
+        return self._settle(request, at, RefusedWrite(why), attempts)
+
+    def screen(self, request: CommitRequest) -> CommitRequest:
+        """The committer's `screen`: a request made before keys were parked at commit time, with the events of
+        those keys parked too (they must not apply ahead of the dead letter they wait behind)."""
+        if request.parks == len(self._late_letters):
+            return request
+        policy = self._policy()
+        for letter in self._late_letters[request.parks :]:
+            for at in range(len(request.units)):
+                request = self._park(request, at, policy, letter)
+        return request._replace(parks=len(self._late_letters))
+
+    def _policy(self) -> FailurePolicy | None:
+        return self.new_context().failures
+
+    def _settle(self, request: CommitRequest, at: int, error: RefusedWrite, attempts: int) -> Resolution:
+        """The request with unit `at` given up on: its writes replaced by what the poison policy queues (a dead
+        letter), later events of a key parked behind it parked too; under `stop`, cut before it (the error
+        says so)."""
+        unit, policy = request.units[at], self._policy()
+        first = unit.events[0]
+        logger.error("%s %s (event %s, %s) is poison: %s", first.stream, first.stream_id, first.event_id,
+                     first.event_type, error)  # fmt: skip
+        tx, outcome = Tx(), Outcome(handled=-len(unit.events), failed=len(unit.events))
+        for event in unit.events:
+            verdict = policy.give_up(event, error, attempts, tx) if policy is not None else "skipped"
+            if verdict == "stop":
+                self.on_outcome(first.stream, outcome)
+                return self._cut(request, at), DataError(
+                    f"{error} ({first.stream} {first.stream_id}, event {first.event_id}, {first.event_type}); "
+                    "on_poison = stop: the work before it is committed (on_poison = 'dead-letter' or 'skip' goes on)"
+                )
+            outcome.dead_lettered += int(verdict == "dead_lettered")
+        self.on_outcome(first.stream, outcome)
+        request = _replaced(request, at, tx.commands)
+        if policy is not None and policy.parked_behind(first) == first.stream_id:  # its key waits behind it now
+            self._late_letters.append(first.stream_id)
+            request = self.screen(request)
+        return request, None
+
+    def _park(self, request: CommitRequest, at: int, policy: FailurePolicy | None, letter: str) -> CommitRequest:
+        """Unit `at` of the request given up on when it is a later event of a key that waits behind `letter`."""
+        unit = request.units[at]
+        if policy is None or len(unit.events) != 1 or unit.settled:
+            return request
+        behind = policy.parked_behind(unit.events[0])
+        if behind != letter or parse_id(unit.events[0].stream_id) <= parse_id(letter):
+            return request
+        tx = Tx()
+        verdict = policy.give_up(unit.events[0], f"parked behind dead letter {behind} of its key", 0, tx)
+        self.on_outcome(unit.events[0].stream, Outcome(handled=-1, parked=int(verdict in ("dead_lettered", "skipped"))))
+        return _replaced(request, at, tx.commands)
+
+    def _cut(self, request: CommitRequest, at: int) -> CommitRequest:
+        """The request before unit `at` (policy `stop`): the checkpoints of the events kept, no mark; the unit's
+        partition is halted."""
+        kept = request.units[:at]
+        self._halted.add(int(request.units[at].where.rpartition("#")[2]))
+        end = kept[-1].end if kept else 0
+        return CommitRequest(request.commands[:end], _checkpoints(kept), [], request.then, kept)
+
+
+def _add_units(units: list[Unit], tx: Tx, owners: int, start: int, events: Sequence[Event], where: str) -> None:
+    """Append the units of a slice the handler just handled: one per event when it said which commands are whose
+    (`Tx.owners`), else (a handler of whole batches) one for the slice."""
+    end = len(tx.commands)
+    done = tx.owners[owners:]
+    if done and done[-1][0] == end:
+        for stop, event in done:
+            units.append(Unit(start, stop, (event,), where))
+            start = stop
+    elif end > start:
+        units.append(Unit(start, end, tuple(events), where))
+
+
+def _rebased(unit: Unit, start: int) -> Unit:
+    return unit._replace(start=unit.start - start, end=unit.end - start)
+
+
+def _checkpoints(units: Sequence[Unit]) -> dict[str, str]:
+    return {unit.where: unit.events[-1].stream_id for unit in units}
+
+
+def _piece(request: CommitRequest, units: Sequence[Unit], size: int) -> CommitRequest:
+    """A piece of `request` that is not its last: its units' commands and checkpoints, no mark, no `then`."""
+    start, end = units[0].start, units[-1].end
+    rebased = tuple(_rebased(unit, start) for unit in units)
+    return CommitRequest(request.commands[start:end], _checkpoints(units), [], None, rebased, size)
+
+
+def _replaced(request: CommitRequest, at: int, commands: list[tuple[Any, ...]]) -> CommitRequest:
+    """The request with unit `at`'s commands replaced by `commands` (settled), the later units moved along."""
+    unit = request.units[at]
+    shift = len(commands) - (unit.end - unit.start)
+    units = (
+        *request.units[:at],
+        unit._replace(end=unit.start + len(commands), settled=True),
+        *(later._replace(start=later.start + shift, end=later.end + shift) for later in request.units[at + 1 :]),
+    )
+    return request._replace(commands=[*request.commands[: unit.start], *commands, *request.commands[unit.end :]],
+                            units=units)  # fmt: skip
 
 
 class Feed:
