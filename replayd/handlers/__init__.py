@@ -395,8 +395,11 @@ async def _loop(
             try:
                 result = call(event, ctx)
                 # an `async def`'s coroutine is awaited (which runs it right here until it first suspends: no
-                # event-loop round trip when it never does); the type test first spares isawaitable's checks
-                if result is not None and (type(result) is CoroutineType or inspect.isawaitable(result)):
+                # event-loop round trip when it never does); the type tests spare most results isawaitable's ABC
+                # check (1 µs for a returned dict, more than the rest of the loop)
+                if result is not None and (
+                    type(result) is CoroutineType or (type(result) not in _PLAIN and inspect.isawaitable(result))
+                ):
                     await result
             except Exception as exc:  # noqa: BLE001 - StopReplay, poison, or an error to retry: `_settle` says
                 failure = exc
@@ -421,6 +424,10 @@ def _timeout(event: Event, watch: HandlerWatch) -> HandlerTimeout:
     return HandlerTimeout(
         f"handler call on {event.stream} {event.stream_id} outlived handler_timeout_s = {watch.timeout_s:g}"
     )
+
+
+_PLAIN = frozenset({dict, list, tuple, str, bytes, int, float, bool})
+"""Types of values a sync handler may return that are never awaitable."""
 
 
 def _parked(event: Event, tx: Tx, policy: FailurePolicy | None, outcome: Outcome) -> str | None:
