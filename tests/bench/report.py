@@ -228,6 +228,12 @@ def render(summary: dict[str, Any], notes: list[str]) -> str:
     if summary["script_us_per_event"]:
         lines += ["", "commit script anatomy (Redis CPU µs per committed event, same writes):"]
         lines += [f"  {name:<62} {us:5.2f}" for name, us in summary["script_us_per_event"].items()]
+    if summary.get("wire"):
+        lines += [
+            "",
+            "bytes per event: "
+            + ", ".join(f"{k.removesuffix('_per_event')} {v:g}" for k, v in summary["wire"].items()),
+        ]
     rss = summary["rss"]
     lines.append("")
     for key, label in (("rss_1m_mb", "peak RSS, CLI replay of the history"), ("rss_10m_mb", "peak RSS, 10M events")):

@@ -29,7 +29,7 @@ import redis
 from replayd.config import RedisConfig
 from replayd.embedded import EmbeddedRedis
 from replayd.sample import load_history_sync
-from tests.bench import peers, replayd_runs, script
+from tests.bench import peers, replayd_runs, script, wire
 from tests.bench.core import Sample, clear_projection, run_async, snapshot_projection
 from tests.bench.handlers import burn
 from tests.bench.report import machine_info, markdown, render, summarise
@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(verify_rebuild(url, cfg))
                     print(notes[-1], flush=True)
         anatomy = script_anatomy(url, args)
+        bytes_per_event = wire.measure(url, "127.0.0.1", server.port, MAIN, commands, write_n)
         if args.rss_10m:
             results["rss_10m"] = [measure_rss_10m(url, cfg)]
         summary = summarise(results, anatomy)
+        summary["wire"] = bytes_per_event
         info["load_average_at_end"] = os.getloadavg()
         if info["load_average_at_start"][0] > 0.5:
             notes.append(

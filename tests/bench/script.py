@@ -42,7 +42,7 @@ _EMPTY = "return 1"
 Pack = Callable[[Sequence[Command], dict[str, str], int], list[bytes]]
 
 
-def _script(body: str, checkpoint: bool = True) -> Pack:
+def script_pack(body: str, checkpoint: bool = True) -> Pack:
     """EVAL of `body` with replayd's argument layout: seq field, expected, new, 2k, k field/value pairs, then per
     command its argument count and arguments (`checkpoint=False`: no checkpoint fields, k = 0)."""
 
@@ -58,7 +58,7 @@ def _script(body: str, checkpoint: bool = True) -> Pack:
     return pack
 
 
-def _pipeline(commands: Sequence[Command], fields: dict[str, str], seq: int) -> list[bytes]:
+def pipeline_pack(commands: Sequence[Command], fields: dict[str, str], seq: int) -> list[bytes]:
     """MULTI, the same writes, the checkpoint fields and sequence in one HSET, EXEC (what redis-py's transactional
     pipeline sends, less the WATCH a conditional commit would need)."""
     pairs = [x for item in fields.items() for x in item]
@@ -67,12 +67,12 @@ def _pipeline(commands: Sequence[Command], fields: dict[str, str], seq: int) -> 
 
 
 VARIANTS: dict[str, Pack] = {
-    "replayd's commit script": _script(_COMMIT_SCRIPT),
-    "  redis.call, no per-command error check": _script(_CALL),
-    "  no checkpoint fields (sequence only)": _script(_COMMIT_SCRIPT, checkpoint=False),
-    "  arguments unpacked, no command run": _script(_UNPACK_ONLY),
-    "  empty script, same arguments": _script(_EMPTY),
-    "plain pipeline, MULTI/EXEC, same writes and checkpoint": _pipeline,
+    "replayd's commit script": script_pack(_COMMIT_SCRIPT),
+    "  redis.call, no per-command error check": script_pack(_CALL),
+    "  no checkpoint fields (sequence only)": script_pack(_COMMIT_SCRIPT, checkpoint=False),
+    "  arguments unpacked, no command run": script_pack(_UNPACK_ONLY),
+    "  empty script, same arguments": script_pack(_EMPTY),
+    "plain pipeline, MULTI/EXEC, same writes and checkpoint": pipeline_pack,
 }
 """The variants, the first (replayd's) and last (the plain pipeline) being what the target compares."""
 
