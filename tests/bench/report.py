@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from operator import attrgetter
+from pathlib import Path
 from typing import Any
 
 from tests.bench.core import Sample
@@ -268,6 +272,7 @@ def machine_info(redis_version: str) -> dict[str, Any]:
         nproc = str(len(os.sched_getaffinity(0)))
     packages = {name: _version(name) for name in ("replayd", "redis", "hiredis", "msgspec", "anyio", "uvloop")}
     return {
+        "commit": _commit(),
         "nproc": int(nproc),
         "cpu_model": model,
         "python": platform.python_version(),
@@ -278,8 +283,59 @@ def machine_info(redis_version: str) -> dict[str, Any]:
     }
 
 
+def _commit() -> str:
+    """The checked-out commit (with `+dirty` when the work tree has changes), or '' outside a git clone."""
+    try:
+        run = partial(subprocess.run, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
+        head = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The table of docs/performance.md: the commit, the machine, the load, the measurements and the targets."""
+    info, summary = document["machine"], document["summary"]
+    load = " → ".join(f"{pair[0]:.1f}" for pair in (info["load_average_at_start"], info["load_average_at_end"]))
+    lines = [
+        f"`make bench` at commit `{info.get('commit') or 'unknown'}` on {info['cpu_model']} ({info['nproc']} CPUs), "
+        f"Python {info['python']}, redis-server {info['redis_server']} (embedded, no persistence); "
+        f"{document['config']['events']:,} events, {document['config']['repeat']} interleaved rounds; load average "
+        f"{load} (the machine was shared: ratios of paired, same-round runs are what counts, not events/s).",
+        "",
+        "| measurement | events/s | x peer | x raw | client µs/event | Redis µs/event |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in summary["rows"]:
+        rate = row["events_per_s"]
+        lines.append(
+            f"| {row['label']} | {'not run' if rate is None else f'{rate:,.0f}'} | {_x(row['vs_peer'])} | "
+            f"{_x(row['vs_raw'])} | {_us(row['client_cpu_us_per_event'])} | {_us(row['redis_cpu_us_per_event'])} |"
+        )
+    if summary.get("script_us_per_event"):
+        lines += ["", "| commit of the same writes | Redis µs/event |", "| --- | ---: |"]
+        lines += [f"| {name.strip()} | {us:.2f} |" for name, us in summary["script_us_per_event"].items()]
+    rss = summary["rss"]
+    lines += ["", "| target | measured | holds |", "| --- | ---: | :---: |"]
+    for target in summary["targets"]:
+        ratio = target["ratio"]
+        shown = "not measured" if ratio is None else (f"{ratio:.1f} MB" if "RSS" in target["target"] else _x(ratio))
+        lines.append(f"| {target['target']} | {shown} | {_mark(target['holds'])} |")
+    if rss.get("rss_1m_mb") is not None:
+        lines += ["", f"Peak RSS of the CLI replay: {rss['rss_1m_mb']:.1f} MB."]
+    if summary.get("wire"):
+        wire = ", ".join(f"{k.removesuffix('_per_event').replace('_', ' ')} {v:g}" for k, v in summary["wire"].items())
+        lines += ["", f"Per event: {wire}."]
+    return "\n".join(lines) + "\n"
+
+
 def _version(name: str) -> str | None:
     try:
         return version(name)
     except Exception:  # noqa: BLE001 - a missing distribution is reported as None
         return None
+
+
+if __name__ == "__main__":  # `python -m tests.bench.report bench-results.json`: the docs' table from a run's JSON
+    sys.stdout.write(markdown(json.loads(Path(sys.argv[1]).read_text())))

@@ -123,15 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         table = render(summary, notes)
         print()
         print(table)
-        if args.docs:
-            write_docs(Path(args.docs), markdown(summary, info, vars(args)))
         if args.profile:
             profile(cfg, Path(args.profile))
     duration = time.perf_counter() - began
     print(f"\nbenchmark took {duration:.0f}s (loading {loaded['seconds']:.0f}s)")
     document = {
         "machine": info,
-        "config": {key: value for key, value in vars(args).items() if key not in ("json", "profile")},
+        "config": {key: value for key, value in vars(args).items() if key not in ("json", "profile", "docs")},
         "batch_size": 1000,
         "load": loaded,
         "summary": summary,
@@ -141,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.json).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     print(f"figures written to {args.json}")
+    if args.docs:
+        write_docs(Path(args.docs), markdown(document))
     return 0
 
 
