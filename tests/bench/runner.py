@@ -51,6 +51,9 @@ class Step:
     run: Callable[[], Sample]
     before: Callable[[], None] | None = None
     """Untimed preparation (e.g. clearing the projection)."""
+    after: Callable[[], None] | None = None
+    """Untimed clean-up: what a step leaves behind (a projection's ~400k hashes) would weigh on the Redis CPU of
+    the next round's steps, whose jobs' resets SCAN the keyspace."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -190,16 +193,21 @@ def plan(
     steps += [
         Step("article_rebuild", prefix, partial(peers.article_rebuild, url, REBUILD_PREFIX)),
         Step(
-            "write_pipeline", write_n, lambda: run_async(partial(peers.write_pipeline, cfg, commands, write_n)), clear
+            "write_pipeline",
+            write_n,
+            lambda: run_async(partial(peers.write_pipeline, cfg, commands, write_n)),
+            clear,
+            clear,
         ),
         Step(
             "write_packed",
             write_n,
             lambda: run_async(partial(peers.write_packed, "127.0.0.1", port, commands, write_n)),
             clear,
+            clear,
         ),
-        Step("handwritten_rebuild", n, lambda: run_async(partial(peers.handwritten, url, MAIN, True)), clear),
-        Step("replayd_rebuild", n, lambda: run_async(partial(replayd_runs.rebuild, cfg, MAIN)), clear),
+        Step("handwritten_rebuild", n, lambda: run_async(partial(peers.handwritten, url, MAIN, True)), clear, clear),
+        Step("replayd_rebuild", n, lambda: run_async(partial(replayd_runs.rebuild, cfg, MAIN)), clear, clear),
         Step("sequential_io", args.io_events, lambda: run_async(partial(peers.sequential_io, cfg, IO))),
         Step("io_floor", args.io_events, lambda: run_async(partial(peers.lanes_floor, cfg, IO))),
         Step("replayd_io_p64", args.io_events, lambda: run_async(partial(replayd_runs.io_bound, cfg, IO))),
@@ -228,6 +236,8 @@ def measure(step: Step, url: str, round_: int, rounds: int) -> Sample:
     sample = step.run()
     sample.extra["client_cpu_s"] = round(_cpu() - client_before, 2)
     sample.extra["redis_cpu_s"] = round(_redis_cpu(url) - redis_before, 2)
+    if step.after is not None:
+        step.after()
     if sample.events != step.events:
         raise AssertionError(f"{step.key} covered {sample.events} events, expected {step.events}")
     rss = sample.extra.get("peak_rss_kib")
