@@ -45,7 +45,7 @@ format: $(BIN)/replayd
 	$(BIN)/ruff format replayd tests
 	$(BIN)/ruff check --fix replayd tests
 
-bench: $(BIN)/replayd  ## throughput and memory figures (not part of `make test`) into docs/performance.md; BENCH_ARGS=--rss-10m adds 10M
+bench: $(BIN)/replayd  ## every target with its ratio and verdict, in one run, into docs/performance.md (not part of `make test`); BENCH_ARGS=--rss-10m adds 10M
 	$(BIN)/python -m tests.bench --docs docs/performance.md $(BENCH_ARGS)
 
 docs: $(BIN)/replayd  ## the docs site, from docs/ into site/ (open site/index.html); fails on a broken link

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -104,3 +106,20 @@ async def test_run_without_jobs_or_with_an_unknown_one_is_a_config_error() -> No
         await replayd.run(Settings())
     with pytest.raises(ConfigError, match="no job named nope in the settings"):
         await replayd.run(Settings(jobs=[JobSpec(name="one", streams=[STREAM], handler="x:y")]), jobs=["nope"])
+
+
+def test_import_replayd_loads_names_on_first_use() -> None:
+    """`import replayd` (and a plugin's `from replayd import Projection, on`) leaves the engine, its settings and
+    its clients unloaded; every exported name still resolves."""
+    probe = (
+        "import sys, replayd\n"
+        "from replayd import Projection, on\n"
+        "heavy = [m for m in ('replayd.jobs.engine', 'replayd.api', 'replayd.config', 'pydantic') if m in sys.modules]"
+        "\n"
+        "assert not heavy, heavy\n"
+        "assert all(getattr(replayd, name) is not None for name in replayd.__all__)\n"
+        "assert replayd.replay.__module__ == 'replayd.api' and 'replayd.jobs.engine' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        replayd.nothing  # noqa: B018

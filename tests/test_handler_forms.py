@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis
 from redis.asyncio import Redis
@@ -175,3 +176,38 @@ async def test_a_sync_function_stopped_mid_run_resumes_without_losing_or_doublin
     seen: Any = sync_redis.lrange("projection:slow:seen", 0, -1)
     assert sorted(int(s) for s in seen) == list(range(60))
     assert set(calls) == set(range(60))
+
+
+class _Later:
+    """An awaitable that is not a coroutine."""
+
+    def __init__(self, ctx: Context, event: Event) -> None:
+        self.ctx, self.event = ctx, event
+
+    def __await__(self) -> Any:
+        yield from anyio.lowlevel.checkpoint().__await__()
+        self.ctx.tx.hincrby(self.ctx.key("count"), "awaited", 1)
+
+
+class Returning(Projection):
+    """Sync methods returning a value (ignored) or an awaitable (awaited)."""
+
+    name = "returning"
+
+    @on("OrderCreated")
+    def created(self, event: Event, ctx: Context) -> dict[str, Any]:
+        ctx.tx.hincrby(ctx.key("count"), "returned", 1)
+        return event.data
+
+    @on("*")
+    def other(self, event: Event, ctx: Context) -> _Later:
+        return _Later(ctx, event)
+
+
+async def test_what_a_sync_method_returns_is_awaited_only_when_awaitable(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    add(sync_redis, [entry(t) for t in ["OrderCreated", "OrderShipped", "OrderCreated"]])
+    stats, _ = await run(spec(), raw_redis, redis_cfg, Returning())
+    assert (stats.processed, stats.failed) == (3, 0)
+    assert sync_redis.hgetall("projection:returning:count") == {b"returned": b"2", b"awaited": b"1"}

@@ -1,17 +1,20 @@
 """Handlers the benchmark runs through replayd (also loadable as `tests.bench.handlers:<Name>` by the CLI).
 
-- `Noop`: takes whole batches and does nothing, so what is measured is replayd's own cost.
 - `SleepPerEvent`: an I/O-bound handler (`await anyio.sleep(0.001)` per event) that records the order in which
   it saw the events' IDs, so the benchmark can check afterwards that per-key order was kept.
 - `Cpu`: a CPU-bound handler, about 50 µs of pure-Python work per event (for `--workers`).
 - `count_orders` and `CountOrders`: the same small projection (an order count per customer, queued on `ctx.tx`)
   as a plain sync function and as a `Projection`, to compare what each form costs.
+- `read_data_async`, `read_data_sync`, `ReadData` and `ReadDataBatch`: the no-op as users write it, reading every
+  event's `data` (so it is decoded), as a plain async function, a plain sync function, a `Projection` method and a
+  batch handler.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import pairwise
+from typing import Any
 
 import anyio
 
@@ -32,16 +35,6 @@ def burn(iterations: int = BURN_ITERATIONS) -> int:
     for i in range(iterations):
         x = (x * 31 + i) & 0xFFFFFFFF
     return x
-
-
-class Noop:
-    """Handles a lane batch by doing nothing."""
-
-    name = "bench_noop"
-    partition_by = PARTITION_BY
-
-    def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
-        return Outcome(handled=len(events))
 
 
 class SleepPerEvent:
@@ -97,3 +90,37 @@ class CountOrders(Projection):
     @on("*")
     def count(self, event: Event, ctx: Context) -> None:
         count_orders(event, ctx)
+
+
+async def read_data_async(event: Event) -> Any:
+    """A per-event no-op as a plain `async def`: it reads `data` (decoding it), nothing else."""
+    return event.data
+
+
+def read_data_sync(event: Event) -> Any:
+    """`read_data_async` as a plain sync function."""
+    return event.data
+
+
+class ReadData(Projection):
+    """`read_data_async` as a sync `Projection` method."""
+
+    name = "bench_read"
+    partition_by = PARTITION_BY
+    writes_projection = False
+
+    @on("*")
+    def read(self, event: Event, ctx: Context) -> Any:
+        return event.data
+
+
+class ReadDataBatch:
+    """A batch handler that reads every event's `data`."""
+
+    name = "bench_read_batch"
+    partition_by = PARTITION_BY
+
+    def handle_batch(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        for event in events:
+            event.data  # noqa: B018 - reading it is the work: it decodes the field
+        return Outcome(handled=len(events))

@@ -17,31 +17,52 @@ from replayd.connection import Client, create_redis
 from replayd.handlers import FunctionHandler, Handler, ObjectHandler
 from replayd.jobs.engine import Engine, clear_namespace, rebuild_in_place
 from tests.bench.core import PROJECTION, Sample, reset_job
-from tests.bench.handlers import PARTITION_BY, CountOrders, SleepPerEvent, count_orders
+from tests.bench.handlers import (
+    PARTITION_BY,
+    CountOrders,
+    ReadData,
+    ReadDataBatch,
+    SleepPerEvent,
+    count_orders,
+    read_data_async,
+    read_data_sync,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def noop(cfg: RedisConfig, stream: str, partitions: int) -> Sample:
-    """The no-op handler through `Engine.run`, `partitions` lanes (partitioned by customer)."""
-    spec = JobSpec(
-        name=f"bench-noop-p{partitions}",
-        streams=[stream],
-        handler="tests.bench.handlers:Noop",
-        end="now",
-        resume=False,
-        partitions=partitions,
-    )
+FORMS = ("async", "sync", "projection", "batch")
+"""The handler forms of the no-op that reads every `data`: a plain async function, a plain sync function, a sync
+`Projection` method, a sync batch handler."""
+
+
+def form_handler(form: str) -> Handler:
+    if form == "async":
+        return FunctionHandler(read_data_async, "bench_read_async")
+    if form == "sync":
+        return FunctionHandler(read_data_sync, "bench_read_sync")
+    if form == "projection":
+        return ReadData()
+    return ObjectHandler(ReadDataBatch(), ReadDataBatch.name)
+
+
+async def read_data(cfg: RedisConfig, stream: str, form: str, partitions: int) -> Sample:
+    """The no-op that reads every event's `data`, written as `form`, through `Engine.run` with `partitions`
+    partitions by customer."""
+    spec = JobSpec(name=f"bench-read-{form}-p{partitions}", streams=[stream], handler="tests.bench.handlers:ReadData",
+                   end="now", resume=False, partitions=partitions, partition_by=PARTITION_BY)  # fmt: skip
     client = create_redis(cfg)
     try:
         await reset_job(client, spec.name)
-        engine = Engine(spec, client, redis_cfg=cfg)
+        engine = Engine(spec, client, redis_cfg=cfg, handler=form_handler(form))
         start = time.perf_counter()
         stats = await engine.run()
         seconds = time.perf_counter() - start
-        return Sample(stats.total, seconds, {"processed": stats.processed, "failed": stats.failed})
     finally:
         await client.aclose()
+    if stats.processed != stats.total:
+        raise AssertionError(f"{form}: {stats.processed} of {stats.total} events handled")
+    return Sample(stats.total, seconds, {"processed": stats.processed})
 
 
 async def rebuild(cfg: RedisConfig, stream: str) -> Sample:
@@ -213,8 +234,8 @@ def cli_workers(cfg: RedisConfig, stream: str, events: int, workers: int) -> Sam
 
 
 def cli_rss(cfg: RedisConfig, stream: str, events: int) -> Sample:
-    """`replayd replay` with the no-op handler; `extra["peak_rss_kib"]` is the process's peak RSS."""
+    """`replayd replay` with the per-event async no-op; `extra["peak_rss_kib"]` is the process's peak RSS."""
     job = "bench-rss"
     anyio.run(_reset, cfg, job)
-    seconds, rss = run_cli(_cli(cfg.url.get_secret_value(), stream, "tests.bench.handlers:Noop", job))
+    seconds, rss = run_cli(_cli(cfg.url.get_secret_value(), stream, "tests.bench.handlers:read_data_async", job))
     return Sample(events, seconds, {"peak_rss_kib": rss})

@@ -1,4 +1,5 @@
-"""`python -m tests.bench` (`make bench`): replayd against the article's code and the raw Redis limits.
+"""`python -m tests.bench` (`make bench`): replayd against its peers (the article's code, the hand-written
+redis.asyncio loop) and the raw Redis limits.
 
 One redis-server (embedded, no persistence) and one deterministic history, loaded once. Every round runs each
 measurement once, in the same order; the figures are the medians over the rounds. Only the replay or the
@@ -28,7 +29,7 @@ import redis
 from replayd.config import RedisConfig
 from replayd.embedded import EmbeddedRedis
 from replayd.sample import load_history_sync
-from tests.bench import peers, replayd_runs
+from tests.bench import peers, replayd_runs, script, wire
 from tests.bench.core import Sample, clear_projection, run_async, snapshot_projection
 from tests.bench.handlers import burn
 from tests.bench.report import machine_info, markdown, render, summarise
@@ -38,7 +39,6 @@ REBUILD_PREFIX = "bench:orders:rebuild-prefix"
 IO = "bench:orders:io"
 CPU = "bench:orders:cpu"
 COUNT = "bench:orders:count"
-RSS_100K = "bench:orders:rss-100k"
 RSS_10M = "bench:orders:rss-10m"
 
 
@@ -51,6 +51,9 @@ class Step:
     run: Callable[[], Sample]
     before: Callable[[], None] | None = None
     """Untimed preparation (e.g. clearing the projection)."""
+    after: Callable[[], None] | None = None
+    """Untimed clean-up: what a step leaves behind (a projection's ~400k hashes) would weigh on the Redis CPU of
+    the next round's steps, whose jobs' resets SCAN the keyspace."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers-events", type=int, default=200_000, help="events of the --workers comparison")
     p.add_argument(
         "--count-events", type=int, default=200_000, help="events of the plain function vs Projection comparison"
+    )
+    p.add_argument(
+        "--script-events", type=int, default=200_000, help="events whose writes the commit-script anatomy commits"
     )
     p.add_argument("--rss-10m", action="store_true", help="also measure peak RSS on 10M events (slow to load)")
     p.add_argument("--json", default="bench-results.json", metavar="PATH", help="where to write all figures")
@@ -102,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
                 if round_ == 0 and step.key == "article_rebuild":
                     notes.append(verify_rebuild(url, cfg))
                     print(notes[-1], flush=True)
+        anatomy = script_anatomy(url, args)
+        bytes_per_event = wire.measure(url, "127.0.0.1", server.port, MAIN, commands, write_n)
         if args.rss_10m:
             results["rss_10m"] = [measure_rss_10m(url, cfg)]
-        summary = summarise(results)
+        summary = summarise(results, anatomy)
+        summary["wire"] = bytes_per_event
         info["load_average_at_end"] = os.getloadavg()
         if info["load_average_at_start"][0] > 0.5:
             notes.append(
@@ -117,15 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         table = render(summary, notes)
         print()
         print(table)
-        if args.docs:
-            write_docs(Path(args.docs), markdown(summary, info, vars(args)))
         if args.profile:
             profile(cfg, Path(args.profile))
     duration = time.perf_counter() - began
     print(f"\nbenchmark took {duration:.0f}s (loading {loaded['seconds']:.0f}s)")
     document = {
         "machine": info,
-        "config": {key: value for key, value in vars(args).items() if key not in ("json", "profile")},
+        "config": {key: value for key, value in vars(args).items() if key not in ("json", "profile", "docs")},
         "batch_size": 1000,
         "load": loaded,
         "summary": summary,
@@ -135,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.json).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     print(f"figures written to {args.json}")
+    if args.docs:
+        write_docs(Path(args.docs), markdown(document))
     return 0
 
 
@@ -145,7 +154,6 @@ def load(client: redis.Redis, args: argparse.Namespace, *, workers: bool) -> dic
         REBUILD_PREFIX: min(args.article_rebuild_events, args.events),
         IO: args.io_events,
         COUNT: args.count_events,
-        RSS_100K: 100_000,
     }
     if workers:
         sizes[CPU] = args.workers_events
@@ -176,19 +184,30 @@ def plan(
     steps = [
         Step("article_replay", n, partial(peers.article_replay, url, MAIN)),
         Step("raw_read", n, lambda: run_async(partial(peers.raw_read, cfg, MAIN))),
-        Step("replayd_noop_p1", n, lambda: run_async(partial(replayd_runs.noop, cfg, MAIN, 1))),
-        Step("replayd_noop_p16", n, lambda: run_async(partial(replayd_runs.noop, cfg, MAIN, 16))),
+        Step("handwritten_noop", n, lambda: run_async(partial(peers.handwritten, url, MAIN, False))),
+    ]
+    for form in replayd_runs.FORMS:
+        for partitions in (1, 16):
+            run = partial(replayd_runs.read_data, cfg, MAIN, form, partitions)
+            steps.append(Step(f"read_{form}_p{partitions}", n, partial(run_async, run)))
+    steps += [
         Step("article_rebuild", prefix, partial(peers.article_rebuild, url, REBUILD_PREFIX)),
         Step(
-            "write_pipeline", write_n, lambda: run_async(partial(peers.write_pipeline, cfg, commands, write_n)), clear
+            "write_pipeline",
+            write_n,
+            lambda: run_async(partial(peers.write_pipeline, cfg, commands, write_n)),
+            clear,
+            clear,
         ),
         Step(
             "write_packed",
             write_n,
             lambda: run_async(partial(peers.write_packed, "127.0.0.1", port, commands, write_n)),
             clear,
+            clear,
         ),
-        Step("replayd_rebuild", n, lambda: run_async(partial(replayd_runs.rebuild, cfg, MAIN)), clear),
+        Step("handwritten_rebuild", n, lambda: run_async(partial(peers.handwritten, url, MAIN, True)), clear, clear),
+        Step("replayd_rebuild", n, lambda: run_async(partial(replayd_runs.rebuild, cfg, MAIN)), clear, clear),
         Step("sequential_io", args.io_events, lambda: run_async(partial(peers.sequential_io, cfg, IO))),
         Step("io_floor", args.io_events, lambda: run_async(partial(peers.lanes_floor, cfg, IO))),
         Step("replayd_io_p64", args.io_events, lambda: run_async(partial(replayd_runs.io_bound, cfg, IO))),
@@ -204,7 +223,7 @@ def plan(
             )
             for k in (1, 2)
         ]
-    steps.append(Step("rss_100k", 100_000, partial(replayd_runs.cli_rss, cfg, RSS_100K, 100_000)))
+    steps.append(Step("rss_1m", n, partial(replayd_runs.cli_rss, cfg, MAIN, n)))
     return steps
 
 
@@ -217,6 +236,8 @@ def measure(step: Step, url: str, round_: int, rounds: int) -> Sample:
     sample = step.run()
     sample.extra["client_cpu_s"] = round(_cpu() - client_before, 2)
     sample.extra["redis_cpu_s"] = round(_redis_cpu(url) - redis_before, 2)
+    if step.after is not None:
+        step.after()
     if sample.events != step.events:
         raise AssertionError(f"{step.key} covered {sample.events} events, expected {step.events}")
     rss = sample.extra.get("peak_rss_kib")
@@ -255,6 +276,20 @@ def verify_rebuild(url: str, cfg: RedisConfig) -> str:
     return f"rebuild check: replayd's order_summary equals the article's on the prefix ({len(ours):,} hashes)"
 
 
+def script_anatomy(url: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Redis CPU µs per event of each commit-script variant (tests/bench/script.py), `--repeat` interleaved
+    rounds over the order_summary writes of the first `--script-events` events."""
+    n = min(args.script_events, args.events)
+    batches = script.commits(peers.order_summary_commands(n), n)
+    results: dict[str, list[float]] = {name: [] for name in script.VARIANTS}
+    print(f"commit script anatomy: the order_summary writes of {n:,} events, commits of ~1000 events", flush=True)
+    for round_ in range(args.repeat):
+        for name, pack in script.VARIANTS.items():
+            results[name].append(script.run_variant(url, pack, batches) / n * 1e6)
+            print(f"  [{round_ + 1}/{args.repeat}] {name.strip():<56} {results[name][-1]:5.2f} µs/event", flush=True)
+    return results
+
+
 def measure_rss_10m(url: str, cfg: RedisConfig) -> Sample:
     n = 10_000_000
     print(f"loading {n:,} events for the 10M RSS run ...", flush=True)
@@ -281,6 +316,13 @@ def describe(args: argparse.Namespace, write_n: int, commands: int) -> list[str]
         f"{write_n:,} events ({commands:,} commands), 1000 per round trip; events/s counts every event "
         "(also those no handler writes for), as the rebuild's events/s does",
         "I/O and workers runs: partitioned by customer_id; workers figures are CLI wall time, start-up included",
+        "read_* rows: a per-event no-op that reads every event's `data`, as a plain async function, a plain sync "
+        "function, a sync Projection method, and a sync batch handler; P = partitions by customer_id",
+        "hand-written loop: redis.asyncio, XRANGE of 1000, json.loads of every data, the writes and a checkpoint "
+        "in one MULTI/EXEC pipeline per batch",
+        "Redis CPU: used_cpu_user + used_cpu_sys from INFO around each run, per event",
+        f"peak RSS: `replayd replay` (the CLI, start-up and imports included) of the {args.events:,}-event history "
+        "with the per-event async no-op",
     ]
 
 
@@ -307,7 +349,7 @@ def cpu_cost_us(calls: int = 5000) -> float:
 
 
 def profile(cfg: RedisConfig, directory: Path) -> None:
-    """Untimed runs of replayd's no-op and rebuild over the 100k-event stream under pyinstrument
+    """Untimed runs of replayd's per-event async no-op and rebuild over the count stream under pyinstrument
     (`pip install pyinstrument`)."""
     try:
         pyinstrument: Any = importlib.import_module("pyinstrument")
@@ -316,9 +358,9 @@ def profile(cfg: RedisConfig, directory: Path) -> None:
         return
     directory.mkdir(parents=True, exist_ok=True)
     runs: dict[str, Callable[[], Sample]] = {
-        "noop_p1": lambda: run_async(partial(replayd_runs.noop, cfg, RSS_100K, 1)),
-        "noop_p16": lambda: run_async(partial(replayd_runs.noop, cfg, RSS_100K, 16)),
-        "rebuild": lambda: run_async(partial(replayd_runs.rebuild, cfg, RSS_100K)),
+        "async_p1": lambda: run_async(partial(replayd_runs.read_data, cfg, COUNT, "async", 1)),
+        "async_p16": lambda: run_async(partial(replayd_runs.read_data, cfg, COUNT, "async", 16)),
+        "rebuild": lambda: run_async(partial(replayd_runs.rebuild, cfg, COUNT)),
     }
     for name, run in runs.items():
         profiler = pyinstrument.Profiler(interval=0.001, async_mode="disabled")
