@@ -141,6 +141,17 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def run_two_workers(redis_url: str, tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
+    """`replayd run --workers 2` of the order_summary job, its one HTTP listener on `port`."""
+    path = tmp_path / "replayd.toml"
+    path.write_text(
+        f'[redis]\nurl = "{redis_url}"\nblock_ms = 100\n[http]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[[jobs]]\nname = "orders"\nstreams = ["{STREAM}"]\nhandler = "order_summary"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
+    return subprocess.Popen(replayd_cmd("run", "--config", str(path), "--workers", "2"), env=env)
+
+
 @pytest.mark.timeout(120)
 def test_workers_share_one_listener_whose_health_reflects_every_worker(
     redis_url: str, sync_redis: redis.Redis, tmp_path: Path
@@ -149,13 +160,7 @@ def test_workers_share_one_listener_whose_health_reflects_every_worker(
     workers' metrics (labelled worker="0" and "1") and fails /healthz naming a worker whose loop does not answer."""
     load_history_sync(sync_redis, STREAM, 500)
     port = free_port()
-    path = tmp_path / "replayd.toml"
-    path.write_text(
-        f'[redis]\nurl = "{redis_url}"\nblock_ms = 100\n[http]\nhost = "127.0.0.1"\nport = {port}\n'
-        f'[[jobs]]\nname = "orders"\nstreams = ["{STREAM}"]\nhandler = "order_summary"\n'
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
-    supervisor = subprocess.Popen(replayd_cmd("run", "--config", str(path), "--workers", "2"), env=env)
+    supervisor = run_two_workers(redis_url, tmp_path, port)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -195,13 +200,7 @@ def test_workers_and_their_listener_stop_when_the_supervisor_is_killed(
     listener frees the port, rather than running on as orphans that hold the port against the next start."""
     load_history_sync(sync_redis, STREAM, 200)
     port = free_port()
-    path = tmp_path / "replayd.toml"
-    path.write_text(
-        f'[redis]\nurl = "{redis_url}"\nblock_ms = 100\n[http]\nhost = "127.0.0.1"\nport = {port}\n'
-        f'[[jobs]]\nname = "orders"\nstreams = ["{STREAM}"]\nhandler = "order_summary"\n'
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REPLAYD_")}
-    supervisor = subprocess.Popen(replayd_cmd("run", "--config", str(path), "--workers", "2"), env=env)
+    supervisor = run_two_workers(redis_url, tmp_path, port)
     statuses = [f"replayd:{{orders}}:progress:{i}/2" for i in range(2)]
     try:
         deadline = time.monotonic() + 30
