@@ -24,7 +24,7 @@ LAYERS = [
     ("pipeline", ["replayd.pipeline.*", "replayd.handlers.builtin*"]),
     ("jobs", ["replayd.jobs.*"]),
     ("faces", ["replayd.api", "replayd.testing", "replayd.ops.console", "replayd.demo", "replayd.cli",
-               "replayd.__main__", "replayd"]),
+               "replayd.cli.*", "replayd.__main__", "replayd"]),
 ]  # fmt: skip
 """Lowest first. A module is in the first layer with a pattern it matches."""
 
