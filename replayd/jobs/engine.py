@@ -750,10 +750,13 @@ class Engine:
         """Events without the partition key all go with the key "default": counted, and said once per run."""
         missing = self.router.partitioner.take_unkeyed()
         if not self.stats.unkeyed:
+            by = self.router.partition_by
+            hint = f"; a bare name is a field of data: for the entry's own field, use fields.{by}" if (
+                isinstance(by, str) and by.isidentifier()) else ""  # fmt: skip
             logger.warning(
-                "job %s: %d events of %s have no partition key (partition_by %s): they go to one partition, the "
-                "key 'default''s; counted in unkeyed_events (progress hash) and replayd_unkeyed_events",
-                self.spec.name, missing, stream, self.router.partition_by,
+                "job %s: %d events of %s have no partition key (partition_by %s): they all share the key 'default', "
+                "one partition; counted in unkeyed_events (progress hash) and replayd_unkeyed_events%s",
+                self.spec.name, missing, stream, by, hint,
             )  # fmt: skip
         self.stats.unkeyed += missing
         self.metrics.unkeyed.labels(stream, self.spec.name).inc(missing)
