@@ -361,3 +361,9 @@ async def test_the_progress_bar_shows_the_time_left_and_log_lines_start_their_ow
     before, _, _ = drawn.partition("a log line")
     assert before.rsplit("\r\033[K", 1)[1].split()[:1] != ["["]  # the bar was erased before the line was written
     assert "ETA" not in before.rsplit("\r\033[K", 1)[1]
+
+
+def test_log_levels_are_taken_in_any_case(redis_url: str, sync_redis: redis.Redis) -> None:
+    """`--log-level debug` is what people type; it was refused (exit 2) for not being `DEBUG`."""
+    status = replayd("status", "--log-level", "debug", "--redis-url", redis_url)
+    assert status.returncode == 0, status.stderr

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML config file (also REPLAYD_CONFIG)")
     common.add_argument("--redis-url", metavar="URL", help="Redis URL (also REPLAYD_REDIS__URL)")
-    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    common.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
     common.add_argument("--log-format", choices=["auto", "json", "text"], default=None)
 
     scale = argparse.ArgumentParser(add_help=False)
