@@ -172,6 +172,13 @@ def format_id(id_: Id) -> str:
     return f"{id_[0]}-{id_[1]}"
 
 
+def display_id(text: str) -> str:
+    """An entry ID as a person reads it: an end bound of a whole millisecond (`<ms>-18446744073709551615`, what
+    `--to 2026-11-25T11:00:00Z` means) as just `<ms>`, which Redis's XRANGE reads the same way."""
+    ms, _, seq = text.partition("-")
+    return ms if seq == str(MAX_SEQ) else text
+
+
 def before(id_: Id) -> Id:
     """The ID just below `id_`: turns an inclusive start into the exclusive one that reads resume from."""
     ms, seq = id_

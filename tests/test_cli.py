@@ -367,3 +367,12 @@ def test_log_levels_are_taken_in_any_case(redis_url: str, sync_redis: redis.Redi
     """`--log-level debug` is what people type; it was refused (exit 2) for not being `DEBUG`."""
     status = replayd("status", "--log-level", "debug", "--redis-url", redis_url)
     assert status.returncode == 0, status.stderr
+
+
+def test_a_replay_to_a_time_logs_its_end_as_the_millisecond(redis_url: str, history: int) -> None:
+    """The engine's start line says `to <ms>` for `--to <time>`, as plan and status do, not `<ms>-2^64-1`."""
+    done = replayd("replay", "--redis-url", redis_url, "--stream", STREAM, "--handler", "order_summary",
+                   "--to", "2100-01-01T00:00:00Z", "--log-format", "text")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "to 4102444800000" in done.stderr
+    assert "18446744073709551615" not in done.stderr

@@ -18,7 +18,7 @@ from replayd.cli.shared import _client, _confirm
 from replayd.config import JobSpec, Settings, describe
 from replayd.connection import Client, retrying, text, text_hash
 from replayd.errors import DataError, UsageError
-from replayd.events import parse_end, parse_start
+from replayd.events import display_id, parse_end, parse_start
 from replayd.handlers.loader import load_handler
 from replayd.jobs.daemon import drain_on_signals, start_http
 from replayd.jobs.engine import Engine, rebuild_in_place
@@ -28,7 +28,7 @@ from replayd.jobs.rebuild import Rebuild
 from replayd.jobs.shape import sample
 from replayd.jobs.verify import verify
 from replayd.jobs.versions import Versions, namespace
-from replayd.ops.console import display_id, summary, with_progress
+from replayd.ops.console import summary, with_progress
 from replayd.ops.http import Readiness
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.commit import Tally, job_key

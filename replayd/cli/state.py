@@ -13,11 +13,10 @@ from replayd.cli.shared import _client, _confirm
 from replayd.config import Settings
 from replayd.connection import Client, text, text_hash
 from replayd.errors import FencingError, UsageError
-from replayd.events import MAX_SEQ, WHOLE, format_id, parse_id
+from replayd.events import MAX_SEQ, WHOLE, display_id, format_id, parse_id
 from replayd.handlers.loader import load_handler
 from replayd.jobs.deadletter import Letters
 from replayd.jobs.lease import fenced, lease_key, owners_key
-from replayd.ops.console import display_id
 from replayd.pipeline.commit import floor_field, job_key, stream_field, stream_positions
 
 

@@ -39,7 +39,7 @@ from replayd.errors import (
     ReplaydError,
     most_telling,
 )
-from replayd.events import TOP, ZERO, Bound, Event, Id, Poison, age_to_id, format_id, parse_id, preview
+from replayd.events import TOP, ZERO, Bound, Event, Id, Poison, age_to_id, display_id, format_id, parse_id, preview
 from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
 from replayd.handlers.loader import import_from_string, load_handler, load_predicate
 from replayd.handlers.timeouts import HandlerWatch
@@ -451,7 +451,7 @@ class Engine:
             spec.name,
             stream,
             format_id(resume.after),
-            "follow" if end is None else format_id(end),
+            "follow" if end is None else display_id(format_id(end)),
             f", {len(resume.skip)} partitions further along" if resume.skip else "",
         )
         return _Plan(stream, resume.after, end, replay_until, resume.skip)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable
 
 import anyio
 
-from replayd.events import MAX_SEQ, format_id
+from replayd.events import display_id, format_id
 from replayd.jobs.progress import Stats
 
 
@@ -88,10 +88,3 @@ def summary(verb: str, stats: Stats) -> str:
         f"{verb} {stats.total:,} events in {elapsed:.1f}s ({stats.total / elapsed:,.0f}/s): "
         f"{stats.processed:,} processed, {stats.skipped:,} skipped, {stats.failed:,} failed; {positions}"
     )
-
-
-def display_id(text: str) -> str:
-    """An entry ID as a person reads it: an end bound of a whole millisecond (`<ms>-18446744073709551615`, what
-    `--to 2026-11-25T11:00:00Z` means) as just `<ms>`, which Redis's XRANGE reads the same way."""
-    ms, _, seq = text.partition("-")
-    return ms if seq == str(MAX_SEQ) else text
