@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import traceback
@@ -18,6 +19,17 @@ from replayd.connection import create_redis
 from replayd.embedded import find_redis_server
 from replayd.errors import ConfigError
 from tests.servers import RedisServer
+
+
+@pytest.fixture(autouse=True)
+def root_logger() -> Iterator[None]:
+    """An in-process `run_cli` points the root logger at the test's captured stderr, which pytest closes after
+    the test: put the logger back, or every later test's log lines end in "I/O operation on closed file"."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -30,8 +30,12 @@ class Pacer:
                 self._origin = (now, first_timestamp)
             wall, timestamp = self._origin
             wait = max(wait, wall + (first_timestamp - timestamp) / self.speed - now)
-        if wait > 0:
+        # uvloop times a sleep from the loop's cached clock, so under load it can wake early: sleep again until
+        # the real clock agrees, or the rate limit lets more through than it says
+        deadline = now + wait
+        while wait > 0:
             await anyio.sleep(wait)
+            wait = deadline - time.monotonic()
 
 
 def parse_speed(text: str) -> float:
