@@ -240,7 +240,11 @@ def render(summary: dict[str, Any], notes: list[str]) -> str:
         ]
     rss = summary["rss"]
     lines.append("")
-    for key, label in (("rss_1m_mb", "peak RSS, CLI replay of the history"), ("rss_10m_mb", "peak RSS, 10M events")):
+    for key, label in (
+        ("imports_mb", "peak RSS, the CLI's imports alone"),
+        ("rss_1m_mb", "peak RSS, CLI replay of the history"),
+        ("rss_10m_mb", "peak RSS, 10M events"),
+    ):
         value = rss.get(key)
         lines.append(f"{label:<56} {'not run' if value is None else f'{value:,.1f} MB':>10}")
     if rss.get("growth_mb") is not None:
@@ -323,7 +327,8 @@ def markdown(document: dict[str, Any]) -> str:
         shown = "not measured" if ratio is None else (f"{ratio:.1f} MB" if "RSS" in target["target"] else _x(ratio))
         lines.append(f"| {target['target']} | {shown} | {_mark(target['holds'])} |")
     if rss.get("rss_1m_mb") is not None:
-        lines += ["", f"Peak RSS of the CLI replay: {rss['rss_1m_mb']:.1f} MB."]
+        imports = f" (its imports alone: {rss['imports_mb']:.1f} MB)" if rss.get("imports_mb") else ""
+        lines += ["", f"Peak RSS of the CLI replay: {rss['rss_1m_mb']:.1f} MB{imports}."]
     if summary.get("wire"):
         wire = ", ".join(f"{k.removesuffix('_per_event').replace('_', ' ')} {v:g}" for k, v in summary["wire"].items())
         lines += ["", f"Per event: {wire}."]

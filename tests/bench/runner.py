@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         url = server.url
         cfg = RedisConfig(url=url)
         notes: list[str] = []
+        replayd_runs.compile_cli()
         has_workers = replayd_runs.cli_has_workers()
         if not has_workers:
             notes.append("workers: not implemented yet (`replayd replay --help` lists no --workers)")
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rss_10m:
             results["rss_10m"] = [measure_rss_10m(url, cfg)]
         summary = summarise(results, anatomy)
+        summary["rss"]["imports_mb"] = replayd_runs.cli_imports_rss() / 1024
         summary["wire"] = bytes_per_event
         info["load_average_at_end"] = os.getloadavg()
         if info["load_average_at_start"][0] > 0.5:
