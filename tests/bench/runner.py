@@ -335,10 +335,14 @@ def workers_ceiling(results: dict[str, list[Sample]], cores: int) -> str:
         min(2.0, one.seconds * cores / (two.extra["client_cpu_s"] + two.extra["redis_cpu_s"]))
         for one, two in zip(results["workers_1"], results["workers_2"], strict=False)
     ]
+    # what the run got: below `cores`, other processes held the rest, and the ratio measures the machine's load
+    used = [(two.extra["client_cpu_s"] + two.extra["redis_cpu_s"]) / two.seconds for two in results["workers_2"]]
     return (
         f"--workers 2 ceiling on {cores} cores: {statistics.median(ceilings):.2f}x workers 1 (median; per round "
         f"{', '.join(f'{c:.2f}x' for c in ceilings)}): workers 1's wall time over workers 2's CPU seconds (its "
-        "processes and redis-server's) spread over every core; each worker reads and decodes every entry"
+        "processes and redis-server's) spread over every core; each worker reads and decodes every entry. "
+        f"The workers 2 runs used {', '.join(f'{u:.2f}' for u in used)} of the {cores} cores (CPU seconds over wall "
+        "time): with other processes runnable, each of its processes gets a share of a core, not one"
     )
 
 
