@@ -13,6 +13,9 @@ UV := $(TOOLS)/bin/uv
 export UV_SYSTEM_CERTS := 1
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+# bytecode compiled at install, as pip does: where PYTHONDONTWRITEBYTECODE is set (CI) every `replayd` process
+# would otherwise compile ~500 library modules afresh (0.5 s of CPU and ~10 MB of peak RSS per start)
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: run test lint mypy format bench docs lock all clean container-test
 
