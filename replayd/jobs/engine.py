@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from prometheus_client import Counter
 from redis.asyncio import RedisCluster
 
@@ -28,25 +28,24 @@ from replayd.connection import (
     is_retriable,
     reads_client,
     retrying,
-    text_hash,
 )
 from replayd.errors import (
     ConfigError,
     DataError,
-    DecodeError,
     FencingError,
     JobBlocked,
     ReplaydError,
     most_telling,
 )
-from replayd.events import TOP, ZERO, Bound, Event, Id, Poison, age_to_id, display_id, format_id, parse_id, preview
-from replayd.handlers import Context, Handler, Outcome, Tx, projection_prefix
+from replayd.events import TOP, ZERO, Bound, Id, age_to_id, display_id, format_id
+from replayd.handlers import Context, Handler, Outcome, projection_prefix
 from replayd.handlers.loader import import_from_string, load_handler, load_predicate
 from replayd.handlers.timeouts import HandlerWatch
 from replayd.handlers.upcast import Upcasters, as_upcasters
-from replayd.jobs.deadletter import DeadLetters, poison_letter
+from replayd.jobs.deadletter import DeadLetters
 from replayd.jobs.gaps import find_gap
 from replayd.jobs.lease import Lease
+from replayd.jobs.poison import PoisonStage
 from replayd.jobs.progress import ProgressWriter, Stats
 from replayd.jobs.shape import check_shapes, job_codecs
 from replayd.jobs.versions import ProjectionFlipped, Versions
@@ -62,11 +61,13 @@ from replayd.pipeline.commit import (
     job_key,
     slot_of,
 )
+from replayd.pipeline.decode import Decoder
+from replayd.pipeline.dispatch import Dispatch
 from replayd.pipeline.filters import Predicate, build_filter
 from replayd.pipeline.lanes import Feed, InFlight, Lanes, fewer_collections
 from replayd.pipeline.pacing import Pacer
-from replayd.pipeline.router import STREAM_KEY, Routed, Router
-from replayd.pipeline.source import IN_FLIGHT_READS, Batch, BatchSizer, StreamReader, head, redis_time_ms
+from replayd.pipeline.router import STREAM_KEY, Router
+from replayd.pipeline.source import Batch, BatchSizer, StreamReader, head, redis_time_ms
 
 logger = logging.getLogger(__name__)
 
@@ -135,34 +136,13 @@ class Engine:
         """Cancels the wait of a blocked job for `replayd resume` (on stop)."""
         self.caught_up = anyio.Event()
         self.store = CheckpointStore(redis, spec.name, spec.partitions, self.shard)
-        self.filter = self._build_filter(spec.entity)
-        self.upcasters = self._load_upcasters()
-        self.codec_for = job_codecs(spec)
-        self.router = Router(
-            spec.partitions,
-            partition_by=spec.partition_by or self.handler.partition_by,
-            ordering=spec.ordering,
-            shard=self.shard,
-        )
-        self.watermark = Watermark()
         self.progress = ProgressWriter(redis, self.stats, spec.progress_interval_s, self.shard)
-        self._plans: list[_Plan] = []
-        self.seq = ""
-        self.inflight = InFlight(spec.max_in_flight)
-        by_stream = (spec.partition_by or self.handler.partition_by) in (None, STREAM_KEY)
-        self.dead_letters = DeadLetters(
-            spec.name, spec.poison_policy, retries=spec.retries, backoff_s=spec.retry_backoff_s,
-            key_of=self.router.key_of if spec.ordering == "key" else None, whole_stream=by_stream,
-            breaker=spec.breaker_failures, max_backoff_s=min(5.0, spec.handler_timeout_s / 4),
-        )  # fmt: skip
         self.lease = Lease(redis, spec.name, self.shard, ttl_ms=int(spec.lease_ttl_s * 1000),
                            wait=spec.on_lease_held == "wait")  # fmt: skip
-        # playback at the original pace moves in small steps, so events are not released in bursts
-        most = min(spec.batch_size, 10) if spec.speed else spec.batch_size
-        self.sizer = BatchSizer(most, minimum=min(spec.min_batch_size, most), target_s=spec.batch_target_s,
-                                max_bytes=spec.max_batch_bytes)  # fmt: skip
-        self.pacer = Pacer(spec.rate_limit, spec.speed)
+        self._plans: list[_Plan] = []
+        self.seq = ""
         self.metrics = metrics or Metrics()
+        self._build_stages()
         timeouts = self.metrics.handler_timeouts
         self.watch = HandlerWatch(spec.handler_timeout_s, self.handler.name or spec.handler,
                                   lambda action: timeouts.labels(spec.name, action).inc())  # fmt: skip
@@ -171,6 +151,30 @@ class Engine:
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
                             inflight=lambda: self.inflight.count,
                             parked_keys=lambda: len(self.dead_letters.parked))  # fmt: skip
+
+    def _build_stages(self) -> None:
+        """The stages of the data path and what they share. Those of each stream (its reader, decoder and dispatch)
+        are built by `_read_all`, for each run."""
+        spec = self.spec
+        self.filter = self._build_filter(spec.entity)
+        self.upcasters = self._load_upcasters()
+        self.codec_for = job_codecs(spec)
+        partition_by = spec.partition_by or self.handler.partition_by
+        self.router = Router(spec.partitions, partition_by=partition_by, ordering=spec.ordering, shard=self.shard)
+        self.dead_letters = DeadLetters(
+            spec.name, spec.poison_policy, retries=spec.retries, backoff_s=spec.retry_backoff_s,
+            key_of=self.router.key_of if spec.ordering == "key" else None,
+            whole_stream=partition_by in (None, STREAM_KEY), breaker=spec.breaker_failures,
+            max_backoff_s=min(5.0, spec.handler_timeout_s / 4),
+        )  # fmt: skip
+        self.poison = PoisonStage(spec.name, self.dead_letters, self.stats, self.metrics)
+        # playback at the original pace moves in small steps, so events are not released in bursts
+        most = min(spec.batch_size, 10) if spec.speed else spec.batch_size
+        self.sizer = BatchSizer(most, minimum=min(spec.min_batch_size, most), target_s=spec.batch_target_s,
+                                max_bytes=spec.max_batch_bytes)  # fmt: skip
+        self.pacer = Pacer(spec.rate_limit, spec.speed)
+        self.watermark = Watermark()
+        self.inflight = InFlight(spec.max_in_flight)
 
     def _state(self) -> str:
         state = self.stats.state()
@@ -236,7 +240,7 @@ class Engine:
                 try:
                     return await self._run()
                 except BaseException as exc:
-                    blocked = self._blocked(exc)
+                    blocked = self.poison.blocked(exc)
                     if blocked is None:
                         raise
                     if not self.following or self.stop_requested.is_set():
@@ -259,15 +263,6 @@ class Engine:
             with anyio.move_on_after(2, shield=True):
                 await close_reads_client(self.handler_redis, self.redis)
 
-    def _blocked(self, exc: BaseException) -> JobBlocked | None:
-        """The stop the failure policy asked for (a whole stream parked, the circuit breaker) behind `exc`."""
-        error = most_telling(exc)
-        if isinstance(error, JobBlocked):
-            return error
-        if isinstance(error, DataError) and self.dead_letters.blocked:
-            return JobBlocked(f"job {self.spec.name} blocked: {self.dead_letters.blocked}")
-        return None
-
     async def _wait_for_resume(self, blocked: JobBlocked) -> None:
         """A following job that blocked waits (`blocked` in status and metrics) until `replayd resume` clears the
         `paused` field it sets, then starts again from its checkpoint: the event it stopped at comes first."""
@@ -281,8 +276,7 @@ class Engine:
             await self.progress.write()
             while not self.stop_requested.is_set() and await self._still_paused():  # noqa: ASYNC110 - Redis changes
                 await anyio.sleep(0.5)
-        self.dead_letters.reset()
-        self.stats.blocked = ""
+        self.poison.reset()
         self.watermark, self.inflight = Watermark(), InFlight(self.spec.max_in_flight)
         if self.stop_requested.is_set():
             self.stats.status = "stopped"
@@ -376,10 +370,7 @@ class Engine:
             # a run that blocked left it, waiting for `replayd resume`: starting again is going on (a fixed handler
             # is deployed by a restart); what still holds the job back blocks it again
             await self.redis.hdel(self.progress.key, "paused")
-        parked = text_hash(await self.redis.hgetall(self.dead_letters.parked_key))
-        self.dead_letters.parked.clear()
-        self.dead_letters.parked.update(parked)
-        self._note_waiting()
+        await self.poison.load_parked(self.redis)
         if not had_checkpoint:
             await self._refuse_lost_checkpoint()
         streams = list(spec.streams)
@@ -464,16 +455,6 @@ class Engine:
             self.stats.caught_up_at = time.time()
             self.caught_up.set()
 
-    def _note_waiting(self) -> None:
-        """Parked counts and, when a parked key is a whole stream, why the job is blocked, for status and logs."""
-        dead_letters = self.dead_letters
-        self.stats.parked_keys = len(dead_letters.parked)
-        holding = dead_letters.holding()
-        if holding and not self.stats.blocked:
-            self.stats.blocked = (
-                f"stream {holding[0]} waits behind dead letter {holding[1]} (`replayd dlq list {self.spec.name}`)"
-            )
-
     def _on_commit(self, floors: dict[str, Id]) -> None:
         if floors:
             self.stats.checkpointed = True
@@ -489,10 +470,7 @@ class Engine:
         self.stats.dead_lettered += outcome.dead_lettered
         self.stats.poison += outcome.poison
         self.stats.parked += outcome.parked
-        if outcome.handled > 0:
-            self.dead_letters.failing = 0  # the breaker counts failures in a row
-        if outcome.parked or outcome.dead_lettered:
-            self._note_waiting()
+        self.poison.on_outcome(outcome)
         events = self.metrics.handler_events
         if outcome.handled > 0:  # negative: events counted handled whose writes Redis would refuse
             handled = self._handled.get(stream)
@@ -508,39 +486,8 @@ class Engine:
         commit_send, commit_receive = anyio.create_memory_object_stream[CommitRequest](
             max_buffer_size=self.spec.partitions + len(self._plans)
         )
-        committer = Committer(
-            self.redis,
-            self.spec.name,
-            self.watermark,
-            commit_send,
-            on_commit=self._on_commit,
-            layout={"partitions": str(self.spec.partitions)},
-            metrics=self.metrics,
-            budget_s=self.budget_s,
-            timeout_s=self.redis_cfg.socket_timeout_s,
-            shard=self.shard,
-            seq=self.seq,
-            discard=self.discard,
-            max_commands=self.spec.max_commit_commands,
-            max_bytes=self.spec.max_commit_bytes,
-        )
-        inflight = self.inflight
-        lanes = Lanes(
-            self.spec.partitions,
-            self.handler,
-            self.new_context,
-            committer.commit,
-            submit=committer.submit,
-            concurrency=self.spec.concurrency,
-            sizer=self.sizer,
-            inflight=inflight,
-            on_outcome=self._on_outcome,
-            on_batch=self.metrics.handler_batch.labels(self.spec.name).observe,
-            stop=self.stop_requested,
-            max_commands=self.spec.max_commit_commands,
-            max_bytes=self.spec.max_commit_bytes,
-        )
-        committer.on_refused, committer.screen = lanes.refused, lanes.screen
+        committer = self._committer(commit_send)
+        lanes = self._lanes(committer)
         self._check_caught_up()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.lease.keep)
@@ -557,9 +504,46 @@ class Engine:
                     with fewer_collections():
                         async with anyio.create_task_group() as work:
                             # the reader first: its first read is on its way while the lanes start
-                            work.start_soon(self._read_all, feeds, committer, inflight)
+                            work.start_soon(self._read_all, feeds, committer)
                             work.start_soon(lanes.run)
             tg.cancel_scope.cancel()
+
+    def _committer(self, send: MemoryObjectSendStream[CommitRequest]) -> Committer:
+        return Committer(
+            self.redis,
+            self.spec.name,
+            self.watermark,
+            send,
+            on_commit=self._on_commit,
+            layout={"partitions": str(self.spec.partitions)},
+            metrics=self.metrics,
+            budget_s=self.budget_s,
+            timeout_s=self.redis_cfg.socket_timeout_s,
+            shard=self.shard,
+            seq=self.seq,
+            discard=self.discard,
+            max_commands=self.spec.max_commit_commands,
+            max_bytes=self.spec.max_commit_bytes,
+        )
+
+    def _lanes(self, committer: Committer) -> Lanes:
+        lanes = Lanes(
+            self.spec.partitions,
+            self.handler,
+            self.new_context,
+            committer.commit,
+            submit=committer.submit,
+            concurrency=self.spec.concurrency,
+            sizer=self.sizer,
+            inflight=self.inflight,
+            on_outcome=self._on_outcome,
+            on_batch=self.metrics.handler_batch.labels(self.spec.name).observe,
+            stop=self.stop_requested,
+            max_commands=self.spec.max_commit_commands,
+            max_bytes=self.spec.max_commit_bytes,
+        )
+        committer.on_refused, committer.screen = lanes.refused, lanes.screen
+        return lanes
 
     async def _watch_heads(self, interval_s: float = 5.0) -> None:
         """Keep each stream's head (and, when small, the exact entry lag) fresh for the metrics. The first look
@@ -618,28 +602,46 @@ class Engine:
             else:
                 gauge.pop(stream, None)
 
-    async def _read_all(self, feeds: list[Feed], committer: Committer, inflight: InFlight) -> None:
-        """Readers and routers; cancelled as one on stop, which closes the lanes' inboxes so they drain."""
+    async def _read_all(self, feeds: list[Feed], committer: Committer) -> None:
+        """Readers and their stages; cancelled as one on stop, which closes the lanes' inboxes so they drain."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch, tg.cancel_scope)
             async with anyio.create_task_group() as readers:
                 for plan, feed in zip(self._plans, feeds, strict=True):
                     send, receive = anyio.create_memory_object_stream[Batch](max_buffer_size=0)
-                    reader = StreamReader(
-                        self.redis,
-                        plan.stream,
-                        sizer=self.sizer,
-                        block_ms=self.redis_cfg.block_ms,
-                        budget_s=self.budget_s,
-                        metrics=self.metrics,
-                        on_gap=partial(self._check_gap, plan.stream, what="read position"),
-                        max_entry_bytes=self.spec.max_entry_bytes,
-                    )
                     readers.start_soon(
-                        partial(reader.run, send, after=plan.after, end=plan.end, replay_until=plan.replay_until)
-                    )
-                    readers.start_soon(self._route, plan, receive, feed, committer, inflight)
+                        partial(self._reader(plan).run, send, after=plan.after, end=plan.end,
+                                replay_until=plan.replay_until)
+                    )  # fmt: skip
+                    readers.start_soon(self._route, receive, *self._stages(plan, feed, committer))
             tg.cancel_scope.cancel()  # everything was read: stop the watcher
+
+    def _reader(self, plan: _Plan) -> StreamReader:
+        return StreamReader(
+            self.redis,
+            plan.stream,
+            sizer=self.sizer,
+            block_ms=self.redis_cfg.block_ms,
+            budget_s=self.budget_s,
+            metrics=self.metrics,
+            on_gap=partial(self._check_gap, plan.stream, what="read position"),
+            max_entry_bytes=self.spec.max_entry_bytes,
+        )
+
+    def _stages(self, plan: _Plan, feed: Feed, committer: Committer) -> tuple[Decoder, Dispatch]:
+        """A stream's own stages: its decoder (with its checkpoints, resuming) and its way into the lanes."""
+        decode = Decoder(
+            self.codec_for(plan.stream, self.router),
+            self.router,
+            predicate=self.filter,
+            upcasters=self.upcasters,
+            skip=plan.skip,
+            counts=self.stats,
+            metrics=self.metrics,
+            job=self.spec.name,
+            sizer=None if feed.inline else self.sizer,  # reads for a handler that never awaits: not sized by decoding
+        )
+        return decode, Dispatch(feed, committer, self.inflight, self.sizer, max_in_flight=self.spec.max_in_flight)
 
     async def _watch(self, scope: anyio.CancelScope) -> None:
         async with anyio.create_task_group() as tg:
@@ -679,173 +681,24 @@ class Engine:
             logger.info("job %s caught up", self.spec.name)
             await self.handler.on_caught_up(self.new_context())
 
-    async def _route(
-        self,
-        plan: _Plan,
-        receive: MemoryObjectReceiveStream[Batch],
-        feed: Feed,
-        committer: Committer,
-        inflight: InFlight,
-    ) -> None:
-        router = self.router
-        codec = self.codec_for(plan.stream, router)
-        skip = plan.skip or None
-        skip_until = max(skip.values()) if skip else ZERO
-        stats = self.stats
-        events_read = self.metrics.events_read.labels(plan.stream)
-        read_batch = self.metrics.read_batch.labels(plan.stream)
+    async def _route(self, receive: MemoryObjectReceiveStream[Batch], decode: Decoder, dispatch: Dispatch) -> None:
+        """One stream's read batches down the stages: decode, poison, pause, pace, dispatch."""
         try:
             async with receive:
                 async for batch in receive:
                     # let the reader send its next XRANGE before this batch is decoded: that overlap is
                     # what the one-batch prefetch is for
                     await anyio.lowlevel.checkpoint()
-                    began = time.perf_counter()
-                    events, poison, parts = codec.decode(batch.entries)
-                    if self.upcasters is not None:  # before the filters: they see the newest shape too
-                        events, parts, poison = self._upcast(events, parts, poison)
-                    routed = router.route(events, self.filter, skip, parts)
-                    if router.partitioner.unkeyed:
-                        self._count_unkeyed(plan.stream)
-                    if not feed.inline:
-                        self.sizer.observe_decode(len(batch.entries), time.perf_counter() - began)
-                    read = len(batch.entries) + len(batch.oversized)
-                    stats.total += read
-                    events_read.inc(read)
-                    read_batch.observe(read)
-                    poison = [*router.own(batch.oversized), *poison, *routed.poison]
-                    if len(poison) > 1:  # found at three stages: `stop` must name the first in stream order
-                        poison.sort(key=lambda entry: parse_id(entry.stream_id))
-                    if poison and self.spec.poison_policy == "stop":
-                        await self._stop_at(poison[0], batch, events, skip, feed, committer, inflight)
-                    letters = self._handle_poison(poison) if poison else []
-                    if routed.skipped:
-                        stats.skipped += routed.skipped
-                        self.metrics.handler_events.labels(plan.stream, self.spec.name, "skipped").inc(routed.skipped)
-                    if skip and batch.last_id >= skip_until:
-                        skip = None
+                    read = decode(batch)
+                    letters = await self.poison.settle(read, dispatch)
                     await self._running.wait()  # set unless the job is paused
-                    await self.pacer.admit(len(batch.entries), self._pace_from(routed))
-                    await self._dispatch(batch, routed.parts, routed.routed, feed, committer, inflight, letters)
+                    await self.pacer.pace(len(batch.entries), read)
+                    await dispatch(read, letters)
                     # freed now rather than when the next batch's names replace them, after its decoding: that
                     # decoding then reuses this memory while the caches hold it (16 partitions, no-op: +9 %)
-                    del batch, events, poison, parts, routed
+                    del batch, read, letters
         finally:
-            feed.close()
-
-    def _upcast(
-        self, events: list[Event], parts: dict[int, list[Event]] | None, poison: list[Poison]
-    ) -> tuple[list[Event], dict[int, list[Event]] | None, list[Poison]]:
-        """Upcast a decoded batch: an event whose upcaster raised is poison. When any `data` changed, the codec's
-        split by partition key (read from the stored `data`) is dropped: the router splits the batch again."""
-        assert self.upcasters is not None
-        kept, failed, changed = self.upcasters.apply(events)
-        if failed:
-            poison = [*poison, *map(Poison.of, failed)]
-        if parts is not None and (changed or failed):
-            self.router.partitioner.take_unkeyed()  # the router splits the batch again, counting what has no key
-        return kept, None if changed or failed else parts, poison
-
-    def _count_unkeyed(self, stream: str) -> None:
-        """Events without the partition key all go with the key "default": counted, and said once per run."""
-        missing = self.router.partitioner.take_unkeyed()
-        if not self.stats.unkeyed:
-            by = self.router.partition_by
-            hint = f"; a bare name is a field of data: for the entry's own field, use fields.{by}" if (
-                isinstance(by, str) and by.isidentifier()) else ""  # fmt: skip
-            logger.warning(
-                "job %s: %d events of %s have no partition key (partition_by %s): they all share the key 'default', "
-                "one partition; counted in unkeyed_events (progress hash) and replayd_unkeyed_events%s",
-                self.spec.name, missing, stream, by, hint,
-            )  # fmt: skip
-        self.stats.unkeyed += missing
-        self.metrics.unkeyed.labels(stream, self.spec.name).inc(missing)
-
-    def _pace_from(self, routed: Routed) -> float | None:
-        """The timestamp playback at the original pace starts a batch from (None: not paced)."""
-        first = routed.first if self.pacer.speed else None
-        if first is None:
-            return None
-        try:
-            return first.timestamp
-        except DecodeError:  # the handler will find it undecodable; this batch is not held back
-            return None
-
-    async def _stop_at(
-        self,
-        entry: Poison,
-        batch: Batch,
-        events: list[Event],
-        skip: dict[int, Id] | None,
-        feed: Feed,
-        committer: Committer,
-        inflight: InFlight,
-    ) -> None:
-        """on_poison = stop: the events before the undecodable entry are handled and committed first (a handler
-        may find an earlier one undecodable: that one is named), then the job stops, naming it."""
-        below = parse_id(entry.stream_id)
-        before = [e for e in events if parse_id(e.stream_id) < below]
-        if before:
-            routed = self.router.route(before, self.filter, skip)
-            await self._dispatch(batch._replace(last_id=parse_id(before[-1].stream_id)), routed.parts,
-                                 routed.routed, feed, committer, inflight, [])  # fmt: skip
-        await inflight.drained()
-        self._handle_poison([entry])
-
-    def _handle_poison(self, poison: list[Poison]) -> list[tuple[Any, ...]]:
-        """Undecodable entries under the job's policy: stop (exit 65), dead-letter, or skip (log and count).
-        Dead letters come back as commands that commit with the floor moving past their batch: exactly once."""
-        self._account_poison(poison)
-        policy = self.spec.poison_policy
-        if policy == "stop":
-            first = poison[0]
-            raise DataError(
-                f"entry {first.stream} {first.stream_id} cannot be decoded ({first.error}); on_poison = stop: "
-                "the work before it is committed (on_poison = 'dead-letter' or 'skip' goes on)"
-            )
-        if policy != "dead-letter":
-            return []
-        self.stats.dead_lettered += len(poison)
-        tx = Tx()
-        for entry in poison:
-            tx.xadd(self.dead_letters.key, poison_letter(entry.stream, entry.stream_id, entry.fields, entry.error))
-        return tx.commands
-
-    async def _dispatch(
-        self,
-        batch: Batch,
-        parts: dict[int, list[Event]],
-        routed: int,
-        feed: Feed,
-        committer: Committer,
-        inflight: InFlight,
-        letters: list[tuple[Any, ...]],
-    ) -> None:
-        mark = self.watermark.add(batch.stream, batch.last_id, len(parts))
-        mark.commands = letters
-        if not parts:
-            await committer.nudge()
-            return
-        # big entries, fewer of them in flight: memory stays near IN_FLIGHT_READS x max_batch_bytes. Lanes get no
-        # more than IN_FLIGHT_READS full reads ahead of their commits either: reading further only holds memory,
-        # and decoding it all in the first moments takes the event loop from the lanes just started (64 lanes
-        # sleeping 1 ms per event: 0.87 -> 0.90-0.92 of the benchmark's floor). A handler called inline is not
-        # held back so: its commits overlap its next batches, the more the better.
-        fit = self.sizer.fit if feed.inline else min(self.sizer.fit, self.sizer.maximum)
-        inflight.limit = min(self.spec.max_in_flight, IN_FLIGHT_READS * fit)
-        await inflight.acquire(routed)
-        await feed.deliver(parts, mark, batch.replaying)
-
-    def _account_poison(self, poison: list[Poison]) -> None:
-        self.stats.poison += len(poison)
-        self.stats.failed += len(poison)
-        for entry in poison:
-            outcome = "tombstone" if entry.error.startswith("tombstone") else "failed"
-            self.metrics.handler_events.labels(entry.stream, self.spec.name, outcome).inc()
-            logger.error(
-                "undecodable entry %s %s: %s (fields %s)", entry.stream, entry.stream_id, entry.error,
-                preview(entry.fields),
-            )  # fmt: skip
+            dispatch.close()
 
 
 def resolve_end(bound: Bound, last: Id | None, now_ms: int) -> Id | None:

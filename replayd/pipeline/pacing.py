@@ -4,8 +4,20 @@ original pace, scaled (`--speed 10x`: ten times faster than it happened), from t
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import anyio
+
+from replayd.errors import DecodeError
+from replayd.events import Event
+
+
+class Paced(Protocol):
+    """A read batch, as pacing sees it."""
+
+    @property
+    def first(self) -> Event | None:
+        """The first event handed to handlers (None: none is)."""
 
 
 class Pacer:
@@ -18,6 +30,21 @@ class Pacer:
         self._admitted = 0
         self._origin: tuple[float, float] | None = None
         """(wall time, event timestamp) of the first paced event."""
+
+    async def pace(self, entries: int, batch: Paced) -> None:
+        """Wait before a read batch of `entries` goes on; played back at the original pace, from the timestamp of
+        the first event it hands to handlers."""
+        await self.admit(entries, self._start_of(batch) if self.speed else None)
+
+    @staticmethod
+    def _start_of(batch: Paced) -> float | None:
+        first = batch.first
+        if first is None:
+            return None
+        try:
+            return first.timestamp
+        except DecodeError:  # the handler will find it undecodable; this batch is not held back
+            return None
 
     async def admit(self, entries: int, first_timestamp: float | None) -> None:
         now = time.monotonic()
