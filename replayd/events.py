@@ -198,6 +198,26 @@ class Bound(NamedTuple):
     """For `age`: how far before Redis's current time."""
 
 
+def resolve_end(bound: Bound, last: Id | None, now_ms: int) -> Id | None:
+    """The inclusive end ID, or None to follow."""
+    if bound.kind == "follow":
+        return None
+    if bound.kind == "now":
+        return last or ZERO
+    if bound.kind == "age":
+        return age_to_id(bound.age_ms, now_ms, end=True)
+    return bound.id
+
+
+def resolve_start(bound: Bound, now_ms: int) -> Id:
+    """The exclusive start ID."""
+    if bound.kind == "age":
+        return age_to_id(bound.age_ms, now_ms, end=False)
+    if bound.kind == "id":
+        return bound.id
+    return ZERO  # beginning, or checkpoint of a job that has none yet
+
+
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d|w)$")
 _AGE_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 

@@ -1,4 +1,8 @@
-"""The one engine: source -> codec -> filters -> router -> lanes -> commit -> progress, in one task group.
+"""The one engine: it wires a job's stages in one task group and runs the job's life around them.
+
+Each stream's read batches go down `_route`: the decode stage (codec, upcasters, filters, router), the poison
+stage, pacing, then the dispatch into the lanes, which commit. Here: the lease, the start (plans, checkpoints,
+parked keys), watchers, pause and resume, a blocked job's wait, the stop.
 
 The daemon and every CLI command call `Engine.run`; `rebuild_in_place` wraps it the way the article's
 ProjectionRebuilder wraps its replayer, `replayd.jobs.rebuild` for rebuilds beside the live version.
@@ -11,7 +15,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -24,7 +27,6 @@ from replayd.connection import (
     Client,
     check_eviction_policy,
     close_reads_client,
-    connects,
     is_retriable,
     reads_client,
     retrying,
@@ -37,7 +39,7 @@ from replayd.errors import (
     ReplaydError,
     most_telling,
 )
-from replayd.events import TOP, ZERO, Bound, Id, age_to_id, display_id, format_id
+from replayd.events import TOP, ZERO, Id, display_id, format_id, resolve_end, resolve_start
 from replayd.handlers import Context, Handler, Outcome, projection_prefix
 from replayd.handlers.loader import import_from_string, load_handler, load_predicate
 from replayd.handlers.timeouts import HandlerWatch
@@ -49,6 +51,7 @@ from replayd.jobs.poison import PoisonStage
 from replayd.jobs.progress import ProgressWriter, Stats
 from replayd.jobs.shape import check_shapes, job_codecs
 from replayd.jobs.versions import ProjectionFlipped, Versions
+from replayd.jobs.watchers import sweep_retired, watch_eviction_policy, watch_heads
 from replayd.ops.logs import current_job
 from replayd.ops.metrics import JobView, Metrics
 from replayd.pipeline.commit import (
@@ -127,6 +130,13 @@ class Engine:
         self._refuse_split_commits()
         # handlers read through a client with redis-py's usual reply parsing (on the same pool for one server)
         self.handler_redis = reads_client(redis)
+        self.metrics = metrics or Metrics()
+        self._build_state()
+        self._build_stages()
+
+    def _build_state(self) -> None:
+        """The job's state: its counters, its keys in Redis (checkpoint, progress, lease), its lifecycle events."""
+        spec = self.spec
         self.shard = spec.shard_of
         self.stats = Stats(spec.name, list(spec.streams))
         self.stop_requested = anyio.Event()
@@ -135,19 +145,12 @@ class Engine:
         self._cancel_wait = anyio.CancelScope()
         """Cancels the wait of a blocked job for `replayd resume` (on stop)."""
         self.caught_up = anyio.Event()
-        self.store = CheckpointStore(redis, spec.name, spec.partitions, self.shard)
-        self.progress = ProgressWriter(redis, self.stats, spec.progress_interval_s, self.shard)
-        self.lease = Lease(redis, spec.name, self.shard, ttl_ms=int(spec.lease_ttl_s * 1000),
+        self.store = CheckpointStore(self.redis, spec.name, spec.partitions, self.shard)
+        self.progress = ProgressWriter(self.redis, self.stats, spec.progress_interval_s, self.shard)
+        self.lease = Lease(self.redis, spec.name, self.shard, ttl_ms=int(spec.lease_ttl_s * 1000),
                            wait=spec.on_lease_held == "wait")  # fmt: skip
         self._plans: list[_Plan] = []
         self.seq = ""
-        self.metrics = metrics or Metrics()
-        self._build_stages()
-        timeouts = self.metrics.handler_timeouts
-        self.watch = HandlerWatch(spec.handler_timeout_s, self.handler.name or spec.handler,
-                                  lambda action: timeouts.labels(spec.name, action).inc())  # fmt: skip
-        self._handled: dict[str, Counter] = {}
-        """Stream -> its `replayd_handler_events{outcome="ok"}` counter: looked up once, not per lane batch."""
         self.view = JobView(spec.name, self.stats.streams, self._state, self.stats.position,
                             inflight=lambda: self.inflight.count,
                             parked_keys=lambda: len(self.dead_letters.parked))  # fmt: skip
@@ -175,6 +178,11 @@ class Engine:
         self.pacer = Pacer(spec.rate_limit, spec.speed)
         self.watermark = Watermark()
         self.inflight = InFlight(spec.max_in_flight)
+        timeouts = self.metrics.handler_timeouts
+        self.watch = HandlerWatch(spec.handler_timeout_s, self.handler.name or spec.handler,
+                                  lambda action: timeouts.labels(spec.name, action).inc())  # fmt: skip
+        self._handled: dict[str, Counter] = {}
+        """Stream -> its `replayd_handler_events{outcome="ok"}` counter: looked up once, not per lane batch."""
 
     def _state(self) -> str:
         state = self.stats.state()
@@ -492,11 +500,11 @@ class Engine:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.lease.keep)
             tg.start_soon(self.progress.run)
-            tg.start_soon(self._watch_heads)
+            tg.start_soon(watch_heads, self.redis, self.stats, self.view, self.sizer)
             tg.start_soon(self.watch.run)
-            tg.start_soon(self._watch_eviction_policy)
+            tg.start_soon(partial(watch_eviction_policy, self.redis, allow=self.redis_cfg.allow_allkeys_eviction))
             if self.alias:
-                tg.start_soon(self._sweep_retired, self.alias)
+                tg.start_soon(sweep_retired, self.alias)
             async with anyio.create_task_group() as pipeline:
                 pipeline.start_soon(committer.run, commit_receive)
                 async with commit_send:
@@ -544,63 +552,6 @@ class Engine:
         )
         committer.on_refused, committer.screen = lanes.refused, lanes.screen
         return lanes
-
-    async def _watch_heads(self, interval_s: float = 5.0) -> None:
-        """Keep each stream's head (and, when small, the exact entry lag) fresh for the metrics. The first look
-        waits: the plan has just read the heads, and the first reads of the job are the ones it would delay."""
-        while True:
-            await anyio.sleep(interval_s)
-            for stream in self.stats.streams:
-                with anyio.move_on_after(interval_s):
-                    try:
-                        self.view.head[stream] = await head(self.redis, stream)
-                        await self._count_lag(stream)
-                    except Exception as exc:
-                        if not is_retriable(exc):
-                            raise
-                        logger.debug("head of %s not refreshed: %s", stream, exc)
-
-    async def _watch_eviction_policy(self, every_s: float = 1.0) -> None:
-        """Check Redis's maxmemory-policy again after each reconnect (a restarted or promoted Redis may run another:
-        exit 78 if it may evict the checkpoints)."""
-        seen = connects()
-        while True:
-            await anyio.sleep(every_s)
-            if connects() == seen:
-                continue
-            try:
-                await check_eviction_policy(self.redis, allow=self.redis_cfg.allow_allkeys_eviction)
-            except Exception as exc:
-                if not is_retriable(exc):
-                    raise
-                continue
-            seen = connects()
-
-    async def _sweep_retired(self, versions: Versions, interval_s: float = 30.0) -> None:
-        """Delete the projection's replaced versions once their retention passes (if the rebuild did not wait)."""
-        while True:
-            try:
-                await versions.sweep()
-            except Exception as exc:
-                if not is_retriable(exc):
-                    raise
-            await anyio.sleep(interval_s)
-
-    async def _count_lag(self, stream: str, limit: int = 1000) -> None:
-        """Entries after the checkpoint (lag) and still kept before it (retention margin, the trim risk).
-
-        Each is one XRANGE bounded by `limit`: exact when small, which is when it matters (a job near the
-        head; a checkpoint near the trim point); beyond `limit` the gauge is left out rather than guessed.
-        XRANGE returns whole entries, so the limit also keeps each read within `max_batch_bytes`.
-        """
-        limit = min(limit, self.sizer.fit)
-        position = format_id(self.stats.position.get(stream, ZERO))
-        for gauge, low, high in ((self.view.lag_entries, "(" + position, "+"), (self.view.retention, "-", position)):
-            entries: list[Any] = await self.redis.execute_command("XRANGE", stream, low, high, "COUNT", limit + 1)
-            if len(entries) <= limit:
-                gauge[stream] = len(entries)
-            else:
-                gauge.pop(stream, None)
 
     async def _read_all(self, feeds: list[Feed], committer: Committer) -> None:
         """Readers and their stages; cancelled as one on stop, which closes the lanes' inboxes so they drain."""
@@ -699,26 +650,6 @@ class Engine:
                     del batch, read, letters
         finally:
             dispatch.close()
-
-
-def resolve_end(bound: Bound, last: Id | None, now_ms: int) -> Id | None:
-    """The inclusive end ID, or None to follow."""
-    if bound.kind == "follow":
-        return None
-    if bound.kind == "now":
-        return last or ZERO
-    if bound.kind == "age":
-        return age_to_id(bound.age_ms, now_ms, end=True)
-    return bound.id
-
-
-def resolve_start(bound: Bound, now_ms: int) -> Id:
-    """The exclusive start ID."""
-    if bound.kind == "age":
-        return age_to_id(bound.age_ms, now_ms, end=False)
-    if bound.kind == "id":
-        return bound.id
-    return ZERO  # beginning, or checkpoint of a job that has none yet
 
 
 async def clear_namespace(redis: Client, pattern: str, *, batch: int = 500) -> int:

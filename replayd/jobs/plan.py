@@ -18,9 +18,9 @@ import anyio
 
 from replayd.config import JobSpec
 from replayd.connection import Client, text_hash
-from replayd.events import ZERO, Id, format_id, parse_id
+from replayd.events import ZERO, Id, format_id, parse_id, resolve_end, resolve_start
 from replayd.handlers import Projection
-from replayd.jobs.engine import Engine, resolve_end, resolve_start
+from replayd.jobs.engine import Engine
 from replayd.jobs.progress import Stats
 from replayd.jobs.shape import detect_shapes
 from replayd.pipeline.codec import Codec
