@@ -16,7 +16,8 @@ from replayd.config import JobSpec, RedisConfig, Settings
 from replayd.connection import connection_options, create_redis, text_hash
 from replayd.embedded import EmbeddedRedis
 from replayd.jobs.daemon import Daemon
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import rebuild_in_place
 from replayd.ops.console import summary, with_progress
 from replayd.ops.logs import redact_text
 from replayd.sample import load_history, order_events

@@ -12,7 +12,8 @@ import redis
 from redis.asyncio import Redis
 
 from replayd.config import JobSpec, RedisConfig
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import rebuild_in_place
 from replayd.sample import load_history_sync
 from tests.article import order_summary_rebuilder
 from tests.helpers import snapshot

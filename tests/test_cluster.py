@@ -24,7 +24,8 @@ from replayd.embedded import free_port
 from replayd.errors import ConfigError
 from replayd.events import Event
 from replayd.handlers import Context, FunctionHandler
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import rebuild_in_place
 from replayd.pipeline.commit import job_key, slot_of
 from replayd.sample import load_history_sync
 from tests.helpers import as_text, snapshot

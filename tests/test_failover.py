@@ -21,7 +21,8 @@ from replayd.connection import create_redis
 from replayd.errors import DataError, FencingError
 from replayd.events import format_id
 from replayd.handlers import ObjectHandler
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import rebuild_in_place
 from replayd.ops.metrics import Metrics
 from replayd.sample import load_history_sync
 from tests.faultproxy import FaultProxy

@@ -25,7 +25,8 @@ from replayd.connection import RETRIABLE, connects, count_received, create_redis
 from replayd.errors import CommitError, SourceError
 from replayd.handlers import Context
 from replayd.handlers.builtin.order_summary import OrderSummary
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import rebuild_in_place
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.commit import CommitRequest, Committer, Watermark
 from replayd.sample import load_history_sync

@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 from replayd.config import RedisConfig
 from replayd.errors import FencingError, leaves
 from replayd.events import MAX_SEQ, WHOLE, Shard, parse_id
-from replayd.jobs.engine import rebuild_in_place
 from replayd.jobs.lease import Lease
+from replayd.jobs.rebuild import rebuild_in_place
 from replayd.pipeline.commit import CheckpointStore, job_key
 from tests.helpers import add, checkpoint, engine, orders, replayd, spec
 from tests.plugins import Recorder

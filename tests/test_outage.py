@@ -10,7 +10,8 @@ import pytest
 
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import create_redis
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import rebuild_in_place
 from replayd.ops.metrics import Metrics
 from replayd.sample import load_history_sync
 from tests.helpers import order_summaries

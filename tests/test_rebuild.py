@@ -26,8 +26,8 @@ from replayd.config import JobSpec, RedisConfig, Settings
 from replayd.connection import text_hash
 from replayd.embedded import free_port
 from replayd.jobs.daemon import Daemon
-from replayd.jobs.engine import Engine, rebuild_in_place
-from replayd.jobs.rebuild import Rebuild
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import Rebuild, rebuild_in_place
 from replayd.jobs.versions import ProjectionFlipped, Versions, acurrent_namespace, current_namespace
 from replayd.sample import load_history_sync, order_events
 from tests.article import order_summary_rebuilder

@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 
 from replayd.config import JobSpec, RedisConfig
 from replayd.embedded import free_port
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import rebuild_in_place
 from replayd.sample import load_history_sync
 from tests.helpers import order_summaries
 

@@ -23,7 +23,8 @@ from pydantic import SecretStr
 from replayd.config import JobSpec, RedisConfig, load_settings
 from replayd.connection import AccessDenied, create_redis, is_retriable, retrying
 from replayd.errors import ConfigError
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import rebuild_in_place
 from replayd.ops.logs import redact_text
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.commit import job_key

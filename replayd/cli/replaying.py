@@ -21,10 +21,10 @@ from replayd.errors import DataError, UsageError
 from replayd.events import display_id, parse_end, parse_start
 from replayd.handlers.loader import load_handler
 from replayd.jobs.daemon import drain_on_signals, start_http
-from replayd.jobs.engine import Engine, rebuild_in_place
+from replayd.jobs.engine import Engine
 from replayd.jobs.plan import dry_run, dry_run_spec, plan
 from replayd.jobs.progress import Stats
-from replayd.jobs.rebuild import Rebuild
+from replayd.jobs.rebuild import Rebuild, rebuild_in_place
 from replayd.jobs.shape import sample
 from replayd.jobs.verify import verify
 from replayd.jobs.versions import Versions, namespace

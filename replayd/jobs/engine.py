@@ -4,8 +4,7 @@ Each stream's read batches go down `_route`: the decode stage (codec, upcasters,
 stage, pacing, then the dispatch into the lanes, which commit. Here: the lease, the start (plans, checkpoints,
 parked keys), watchers, pause and resume, a blocked job's wait, the stop.
 
-The daemon and every CLI command call `Engine.run`; `rebuild_in_place` wraps it the way the article's
-ProjectionRebuilder wraps its replayer, `replayd.jobs.rebuild` for rebuilds beside the live version.
+The daemon and every CLI command call `Engine.run`; `replayd.jobs.rebuild` wraps it for rebuilds.
 """
 
 from __future__ import annotations
@@ -650,41 +649,3 @@ class Engine:
                     del batch, read, letters
         finally:
             dispatch.close()
-
-
-async def clear_namespace(redis: Client, pattern: str, *, batch: int = 500) -> int:
-    """Delete the keys matching `pattern` with SCAN + UNLINK (never KEYS, which blocks Redis). On a cluster the
-    SCAN runs on every primary and the UNLINKs are split by slot (redis-py's cluster client does both)."""
-    deleted = 0
-    keys: list[bytes | str] = []
-    async for key in redis.scan_iter(match=pattern, count=batch):
-        keys.append(key)
-        if len(keys) >= batch:
-            deleted += await redis.unlink(*keys)
-            keys = []
-    if keys:
-        deleted += await redis.unlink(*keys)
-    return deleted
-
-
-async def rebuild_in_place(engine: Engine) -> Stats:
-    """The article's rebuild: clear the projection's keys and the job's state, replay everything, write meta."""
-    if not engine.handler.name:
-        raise ReplaydError("rebuild needs a projection with a name (its keys live under projection:<name>:)")
-    redis = engine.redis
-
-    async def clear() -> None:  # under the lease: never while another instance of the job writes them
-        await clear_namespace(redis, f"{engine.namespace}:*")
-        await redis.unlink(job_key(engine.spec.name, "checkpoint"), engine.progress.key)
-
-    engine.on_leased = clear
-    engine.view.rebuild_targets = engine.stats.target  # replayd_rebuild_running, _target_timestamp_seconds
-    stats = await engine.run()
-    if stats.status != "completed":  # stopped part way (a stop, a StopReplay): not rebuilt (the next run starts over)
-        return stats
-    meta = partial(redis.hset, f"{engine.namespace}:meta", mapping={
-        "rebuilt_at": repr(time.time()), "total_events": stats.total, "processed_events": stats.processed,
-    })  # fmt: skip
-    # every event is committed: a Redis restart now is retried like the job's own commands, not a failed rebuild
-    await retrying(meta, what="rebuild", budget_s=engine.budget_s, metrics=engine.metrics)
-    return stats

@@ -10,7 +10,7 @@ import anyio
 import redis
 
 from replayd.connection import Client
-from replayd.jobs.engine import clear_namespace
+from replayd.jobs.rebuild import clear_namespace
 from replayd.pipeline.commit import job_key
 
 BATCH = 1000

@@ -15,7 +15,8 @@ import msgspec
 from replayd.config import JobSpec, RedisConfig
 from replayd.connection import Client, create_redis
 from replayd.handlers import FunctionHandler, Handler, ObjectHandler
-from replayd.jobs.engine import Engine, clear_namespace, rebuild_in_place
+from replayd.jobs.engine import Engine
+from replayd.jobs.rebuild import clear_namespace, rebuild_in_place
 from tests.bench.core import PROJECTION, Sample, reset_job
 from tests.bench.handlers import (
     PARTITION_BY,
