@@ -31,6 +31,11 @@ def blocking(event: Event) -> None:
     time.sleep(0.5)
 
 
+def stuck(event: Event) -> None:
+    """A sync handler that never returns (a call to a dead dependency without a time-out)."""
+    time.sleep(3600)
+
+
 def mark_seen(event: Event, ctx: Context) -> None:
     """Marks each event it handles, in the commit (`dlq retry` tests)."""
     ctx.tx.set(f"seen:{event.stream_id}", 1)

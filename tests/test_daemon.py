@@ -85,6 +85,28 @@ def test_second_signal_exits_at_once(
     assert proc.returncode == 130
 
 
+def test_a_sync_handler_stuck_for_good_does_not_keep_the_process_past_shutdown_timeout(
+    tmp_path: Path, redis_url: str, sync_redis: redis.Redis, processes: list[subprocess.Popen[str]]
+) -> None:
+    """1. a sync handler that never returns (a worker thread cannot be cancelled)  2. SIGTERM  3. the drain
+    deadline cancels the work, which waits for the thread  4. the process leaves without it, within
+    shutdown_timeout_s, exit 143 (not stopped cleanly), saying why; nothing was committed."""
+    load_history_sync(sync_redis, STREAM, 20)
+    config = write_config(tmp_path, redis_url, handler="tests.lifecycle_plugins:stuck")
+    config.write_text("shutdown_timeout_s = 3\n" + config.read_text())
+    proc = start_daemon(config)
+    processes.append(proc)
+    wait_for(lambda: progress(sync_redis).get(b"status") == b"catching_up", proc=proc)
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    took = time.monotonic() - began
+    assert proc.returncode == 143, stderr
+    assert took < 3 + 1, f"exited {took:.1f} s after SIGTERM (shutdown_timeout_s 3)"
+    assert "a handler call in a worker thread is still running" in stderr
+    assert not sync_redis.hget("replayd:{orders}:checkpoint", f"{STREAM}#*")
+
+
 def test_stop_with_redis_hung_fits_in_shutdown_timeout(
     tmp_path: Path, fresh_server: RedisServer, processes: list[subprocess.Popen[str]]
 ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -136,12 +137,27 @@ async def drain_on_signals(
         stop()
         with anyio.move_on_after(drain_s):
             async for again in signals:
-                logger.warning("second %s: exiting now", signal.Signals(again).name)
-                for handler in logging.getLogger().handlers:
-                    handler.flush()
-                os._exit(128 + again)
+                _exit_now(128 + again, "second %s: exiting now", signal.Signals(again).name)
         logger.warning("drain deadline passed: cancelling in-flight work (it is not committed and will be replayed)")
+        # a sync handler stuck in a worker thread cannot be cancelled, and the cancelled work waits for it: past the
+        # final writes' share, leave without it, so the stop still fits in the container's grace
+        overrun = threading.Timer(timeout_s - drain_s, _exit_now, (128 + signum, _STUCK_AT_STOP))
+        overrun.daemon = True
+        overrun.start()
         scope.cancel()
+
+
+_STUCK_AT_STOP = (
+    "the stop outran shutdown_timeout_s: a handler call in a worker thread is still running (a sync function "
+    "cannot be cancelled); exiting without it (its events are not committed and will be replayed)"
+)
+
+
+def _exit_now(code: int, message: str, *args: object) -> None:
+    logger.warning(message, *args)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(code)
 
 
 async def start_http(
