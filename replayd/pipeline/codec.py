@@ -4,9 +4,9 @@ A `Shape` says which entry fields hold what (the article's by default; `codecs` 
 Decoding is lazy where it costs: the entry ID, `event_id` and `event_type` (short texts every stage may log or
 filter on) are decoded with the batch, `data`, `metadata` (JSON), `timestamp` and `fields` (every entry field,
 raw) when first read. When the router
-partitions by a field of `data`, that one field is decoded with the batch (the rest of the document is only
-checked, not built) and the batch is split by partition in the same pass; a shard leaves the entries of other
-shards' partitions unbuilt. An entry whose text fields cannot be decoded, or that has no fields (a tombstone), or
+partitions by a field of `data`, `data` is decoded whole with the batch, once (its key read from it, the object
+kept as the event's `data`), and the batch is split by partition in the same pass; a shard leaves the entries of
+other shards' partitions unbuilt. An entry whose text fields cannot be decoded, or that has no fields (a tombstone), or
 whose partition key cannot be read, is Poison at once; a JSON or timestamp field that cannot be decoded raises
 `DecodeError` where it is first read: in a filter (the engine turns it into Poison before any handler runs) or in a
 handler (`handlers` sends it to the same `on_poison` policy). A field nobody reads is never decoded, so it never
@@ -15,6 +15,7 @@ makes an entry poison.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar, NamedTuple
@@ -151,7 +152,7 @@ class LazyEvent(Event):
     fields = Whole(_event_fields)
 
     json_data: ClassVar[bool] = True
-    """`data` is one JSON field: routing by a field of it can decode that field alone (`key_decoder`)."""
+    """`data` is one JSON field: routing by a field of it decodes `data` with the batch and reads the key from it."""
 
 
 ROLES = ("event_id", "event_type", "data", "timestamp", "metadata")
@@ -185,26 +186,6 @@ ARTICLE = Shape("article", {role: role for role in ROLES})
 """The article's entries: `event_id`, `event_type`, `data` (JSON), `timestamp`, `metadata` (JSON)."""
 
 
-def key_decoder(field: str) -> Callable[[bytes], Any]:
-    """Decodes `field` of a JSON object into `.value` (`msgspec.UNSET` when absent), checking the rest of the
-    document without building it: about half the cost of a full decode, and nothing to free."""
-
-    class Key(msgspec.Struct, rename={"value": field}, gc=False):  # gc=False: freed at once, never in a cycle
-        value: Any = msgspec.UNSET
-
-    return msgspec.json.Decoder(Key).decode
-
-
-class _RawKey:
-    """An entry field's value as a partition key, read as `key_decoder`'s are (`.value`): its text, or its
-    bytes where they are not UTF-8 (keyed as `str()` of them, as the router does from `event.fields`)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, raw: bytes) -> None:
-        self.value = _text_or_bytes(raw)
-
-
 class Decoded(NamedTuple):
     """A read batch, decoded."""
 
@@ -221,17 +202,22 @@ class Codec:
 
     A producer writes its fields in the same order every time, so the positions of the five fields are
     learnt once per field layout and each entry is then read by index: no per-entry dict (the hot path).
-    Given the `router`: when it routes by a field of `data` (or by an entry field, `fields.<name>`), that field
-    alone is decoded into each event's `key` and the batch is split by partition in the same pass, an entry of
-    another shard's partition left unbuilt (that shard decodes it); an entry that cannot be decoded is reported
-    by the shard the router says keeps it.
+    Given the `router`: when it routes by a field of `data`, `data` is decoded whole into the event (handlers
+    read it: decoding the key field alone, then all of it on the handler's read, cost half a decode more and a
+    lazy read per event) and its key is read from it; by an entry field (`fields.<name>`), that field's text is
+    the key. Either way the key goes into each event's `key` and the batch is split by partition in the same
+    pass, an entry of another shard's partition left unbuilt (that shard decodes it); an entry that cannot be
+    decoded is reported by the shard the router says keeps it.
     """
 
     def __init__(self, stream: str, shape: Shape | FieldNames = ARTICLE, router: Router | None = None) -> None:
         self.stream = stream
         self._shape = shape if isinstance(shape, Shape) else ARTICLE.mapped(shape)
         self._event = self._shape.event
-        self._key: Callable[[bytes], Any] | None = None
+        self._by_data: str | None = None
+        """Routing by a field of `data`: its name."""
+        self._key_field: bytes | None = None
+        """Routing by an entry field: its name (the key is its value)."""
         self._partitioner: Partitioner | None = None
         """Routing by a field of `data`: the events' partitions, and which are this shard's."""
         self._keeps: Callable[[str], bool] = _always
@@ -239,11 +225,9 @@ class Codec:
         if router is not None:
             self._keeps = partial(router.keeps, stream)
             if router.key_field is not None and self._event.json_data:
-                self._key, self._partitioner = key_decoder(router.key_field), router.partitioner
+                self._by_data, self._partitioner = router.key_field, router.partitioner
             elif router.key_entry_field is not None:
-                self._key, self._partitioner = _RawKey, router.partitioner
-        self._key_field = router.key_entry_field.encode() if self._key is _RawKey else None  # type: ignore[union-attr]
-        """Routing by an entry field: its name (the key is its value); else the key is read from `data`."""
+                self._key_field, self._partitioner = router.key_entry_field.encode(), router.partitioner
         self._i_key: int | None = None
         """Where the key is in an entry of the current layout (None: not there)."""
         self._keys: list[bytes] = []
@@ -253,47 +237,54 @@ class Codec:
     def decode(self, entries: Sequence[RawEntry]) -> Decoded:
         events: list[Event] = []
         poison: list[Poison] = []
-        append, decode_key, new, kind = events.append, self._key, object.__new__, self._event
+        append, new, kind, by_data = events.append, object.__new__, self._event, self._by_data
         split = self._partitioner
-        parts: dict[int, list[Event]] = {}
+        parts: defaultdict[int, list[Event]] = defaultdict(list)
         mine = split.mine if split is not None else []
         stream, keys, layout, (i_id, i_type), i_key = self.stream, self._keys, self._layout, self._texts, self._i_key
+        key: Any
+        data: dict[str, Any] | None = None
         for raw_id, flat in entries:
+            placed = False
             try:
                 if flat[::2] != keys:
                     keys = self._learn(flat[::2])
                     layout, (i_id, i_type), i_key = self._layout, self._texts, self._i_key
-                if decode_key is not None:
-                    key: Any = decode_key(flat[i_key]).value if i_key is not None else UNSET
+                if split is not None:
+                    if i_key is None:
+                        key, data = UNSET, None
+                    elif by_data is not None:
+                        data = _json_object(flat[i_key])
+                        key = data.get(by_data, UNSET)
+                    else:
+                        key = _text_or_bytes(flat[i_key])
                     # a number and its text are one key; no key at all is UNKEYED, counted below
                     key = key if type(key) is str else UNKEYED if key is UNSET else str(key)
-            except _UNDECODABLE as exc:  # no fields (a tombstone), or `data` no key can be read from
-                self._reject(poison, raw_id, flat, exc)
-                continue
-            if split is not None:
-                p = split[key]
-                if not mine[p]:
-                    continue  # another shard's partition: that shard decodes this entry
-            try:
+                    p = split[key]
+                    if not mine[p]:
+                        continue  # another shard's partition: that shard decodes this entry
+                    placed = True
                 # the slots filled here, not in an __init__: a class call costs a third of the rest of the loop
                 event = new(kind)
                 event.stream_id = stream_id = raw_id.decode()
                 event.event_id = flat[i_id].decode() if i_id is not None else stream_id
                 event.event_type = flat[i_type].decode() if i_type is not None else "unknown"
-            except _UNDECODABLE as exc:  # a text field that is not UTF-8; with a split, in this shard's partition
-                self._reject(poison, raw_id, flat, exc, placed=split is not None)
+            except _UNDECODABLE as exc:
+                # no fields (a tombstone), `data` that is not a JSON object (routing by a field of it), or a text
+                # field that is not UTF-8 (with a split, in this shard's partition)
+                self._reject(
+                    poison, raw_id, flat, exc, placed=placed, field="" if placed or split is None else "data: "
+                )
                 continue
             event.stream = stream
             event._flat = flat
             event._layout = layout
             append(event)
-            if split is not None:
+            if placed:
                 event.key = key
-                bucket = parts.get(p)
-                if bucket is None:
-                    parts[p] = [event]
-                else:
-                    bucket.append(event)
+                if data is not None:
+                    event.data = data
+                parts[p].append(event)
         return Decoded(events, poison, self._count_unkeyed(parts))
 
     def _count_unkeyed(self, parts: dict[int, list[Event]]) -> dict[int, list[Event]] | None:
@@ -303,7 +294,7 @@ class Codec:
         if split is None:
             return None
         split.unkeyed += sum(type(e.key) is not str for e in parts.get(split[UNKEYED], ()))  # type: ignore[attr-defined]
-        return parts
+        return dict(parts)  # a plain dict: a later lookup of a partition the batch lacks must not add it
 
     def _learn(self, keys: list[bytes]) -> list[bytes]:
         positions = {key: 2 * index + 1 for index, key in enumerate(keys)}
@@ -316,18 +307,25 @@ class Codec:
         return keys
 
     def _reject(
-        self, poison: list[Poison], raw_id: bytes, flat: list[bytes] | None, exc: Exception, *, placed: bool = False
+        self,
+        poison: list[Poison],
+        raw_id: bytes,
+        flat: list[bytes] | None,
+        exc: Exception,
+        *,
+        placed: bool = False,
+        field: str = "",
     ) -> None:
         """Set an undecodable entry apart, if it is this shard's to report: `placed` in one of its partitions by its
-        key, else as `keeps` says (an entry with no key to route it by is in no shard's partitions)."""
+        key, else as `keeps` says (an entry with no key to route it by is in no shard's partitions). `field`
+        prefixes the reason (`data: `)."""
         stream_id = raw_id.decode()
         if placed or self._keeps(stream_id):
-            poison.append(self._poison(stream_id, flat, exc))
+            poison.append(self._poison(stream_id, flat, exc, field))
 
-    def _poison(self, stream_id: str, flat: list[bytes] | None, exc: Exception) -> Poison:
+    def _poison(self, stream_id: str, flat: list[bytes] | None, exc: Exception, field: str = "") -> Poison:
         if flat is None:  # an entry deleted between listing and reading (XDEL): a tombstone
             return Poison(self.stream, stream_id, {}, "tombstone: entry has no fields")
-        field = "data: " if isinstance(exc, msgspec.MsgspecError) else ""  # only the partition key uses msgspec here
         return Poison(self.stream, stream_id, lenient(flat), f"{type(exc).__name__}: {field}{exc}")
 
 
