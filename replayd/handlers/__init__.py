@@ -412,11 +412,12 @@ async def _loop(
     keys and failures take the slower paths below. The adapters' `handle_batch` is a plain `def` returning the
     `_each` coroutine, not awaiting it: every suspend and resume of every event then passes one frame fewer."""
     tx, policy = ctx.tx, ctx.failures
+    commands, done = tx.commands, tx.owners.append  # bound once: the loop reads them for every event
     parking = policy is not None and policy.parks
     for index, event in enumerate(events[start:] if start else events, start):
         verdict = _parked(event, tx, policy, outcome) if parking else None
         if verdict is None:
-            mark = len(tx.commands)
+            mark = len(commands)
             try:
                 result = call(event, ctx)
                 # an `async def`'s coroutine is awaited (which runs it right here until it first suspends: no
@@ -433,7 +434,7 @@ async def _loop(
                 raise
             else:
                 outcome.handled += 1
-                tx.owners.append((len(tx.commands), event))
+                done((len(commands), event))
                 continue
             # settled outside the `except`: a retry's error would otherwise chain this one, and its log show both
             verdict = await _settle(event, ctx, call, outcome, failure, mark)
@@ -441,7 +442,7 @@ async def _loop(
         if verdict == "stop":
             outcome.failed_at = index
             break
-        tx.owners.append((len(tx.commands), event))
+        done((len(commands), event))
         if verdict == "stopped":
             outcome.stopped_at = index
             break

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from functools import partial
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import anyio
@@ -371,11 +372,15 @@ def _add_units(units: list[Unit], tx: Tx, owners: int, start: int, events: Seque
     end = len(tx.commands)
     done = tx.owners[owners:]
     if done and done[-1][0] == end:
-        for stop, event in done:
-            units.append(Unit(start, stop, (event,), where))
-            start = stop
+        # built by C iterators, not a loop of `Unit(...)` calls: every event of every slice makes one
+        ends, owned = zip(*done, strict=True)
+        units += map(_unit, zip((start, *ends[:-1]), ends, zip(owned), repeat(where), repeat(False)))
     elif end > start:
         units.append(Unit(start, end, tuple(events), where))
+
+
+_unit = partial(tuple.__new__, Unit)
+"""`Unit` from one tuple of all its fields (a NamedTuple's own constructor is a Python function)."""
 
 
 def _rebased(unit: Unit, start: int) -> Unit:
