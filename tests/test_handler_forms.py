@@ -49,6 +49,43 @@ async def test_catch_all_takes_every_type_no_other_method_handles(
     assert counts == {b"created": b"2", b"OrderShipped": b"2", b"PaymentReceived": b"1", b"Unheard": b"1"}
 
 
+class Quiet(Projection):
+    """A side effect of its own type, and a catch-all, neither run for replayed history."""
+
+    name = "quiet"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    @on("OrderCreated")
+    def created(self, event: Event, ctx: Context) -> None:
+        self.calls.append(("created", event.event_type))
+
+    @on("OrderShipped", replay=False)
+    def shipped(self, event: Event, ctx: Context) -> None:
+        self.calls.append(("shipped", event.event_type))
+
+    @on("*", replay=False)
+    def other(self, event: Event, ctx: Context) -> None:
+        self.calls.append(("other", event.event_type))
+
+
+@pytest.mark.parametrize("replaying", [True, False])
+async def test_a_batch_dispatches_as_each_event_would_be(replaying: bool) -> None:
+    """`handle_batch` (its method table picked once per batch) calls what `handle` calls event by event: a type's
+    own method, never the catch-all in place of one that skips replayed history."""
+    types = ["OrderCreated", "OrderShipped", "Unheard"]
+    events = [Event(f"{i}-0", f"e{i}", t, {}, 0.0, {}, STREAM) for i, t in enumerate(types, 1)]
+    ctx = Context("quiet", None, "projection:quiet", replaying=replaying)  # type: ignore[arg-type] # no reads
+    one, batch = Quiet(), Quiet()
+    for event in events:
+        await one.handle(event, ctx)
+    await batch.handle_batch(events, ctx)
+    assert batch.calls == one.calls
+    assert one.calls == ([("created", "OrderCreated")] if replaying else
+                         [("created", "OrderCreated"), ("shipped", "OrderShipped"), ("other", "Unheard")])  # fmt: skip
+
+
 thread_call: ContextVar[int] = ContextVar("thread_call", default=0)
 
 

@@ -341,7 +341,28 @@ class Projection:
             await result
 
     def handle_batch(self, events: Sequence[Event], ctx: Context) -> Coroutine[Any, Any, Outcome]:
-        return _each(events, ctx, self._dispatch)
+        return _each(events, ctx, self._dispatcher(ctx.replaying))
+
+    @cached_property
+    def _methods(self) -> tuple[dict[str, Callable[[Event, Context], Any] | None], ...]:
+        """Event type -> the method `_dispatch` calls (None: none), for live events and for replayed history."""
+        live: dict[str, Callable[[Event, Context], Any] | None] = {k: method for k, (method, _) in self._bound.items()}
+        return live, {kind: method if replay else None for kind, (method, replay) in self._bound.items()}
+
+    def _dispatcher(self, replaying: bool) -> Callable[[Event, Context], Any]:
+        """`_dispatch` for a batch of one mode: its table picked once, and the method itself when `@on("*")` is
+        the only one (a lookup and a call per event fewer)."""
+        methods = self._methods[replaying]
+        default = methods.get(CATCH_ALL)
+        if default is not None and len(methods) == 1:
+            return default
+        get = methods.get
+
+        def dispatch(event: Event, ctx: Context) -> Any:
+            method = get(event.event_type, default)
+            return None if method is None else method(event, ctx)
+
+        return dispatch
 
 
 class FailurePolicy(Protocol):
