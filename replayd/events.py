@@ -33,8 +33,8 @@ class Event:
     """One stream entry, decoded. Field names follow the article's `ReplayEvent` so its handlers port over.
 
     A plain value with slots (the article's positional constructor, equality and repr). The events the codec
-    makes decode `data`, `timestamp`, `metadata` and `fields` on first read (`codec.LazyEvent`): what no filter,
-    router or handler reads is never decoded.
+    makes come with `data` decoded and decode `timestamp`, `metadata` and `fields` on first read
+    (`codec.LazyEvent`): what no filter, router or handler reads is never decoded.
     """
 
     __slots__ = (*ARTICLE_FIELDS, "fields")

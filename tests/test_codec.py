@@ -11,7 +11,7 @@ import pytest
 from replayd.config import FieldNames
 from replayd.errors import DecodeError
 from replayd.events import Event, Poison
-from replayd.pipeline.codec import Codec, RawEntry, decode_all
+from replayd.pipeline.codec import Codec, RawEntry, decode_all, decode_data
 
 CODEC = Codec("orders", FieldNames())
 
@@ -152,3 +152,16 @@ def test_a_decoded_field_is_kept() -> None:
     assert events[0].data is events[0].data
     events[0].data["y"] = 2  # a handler may change its own copy; nothing is shared between events
     assert events[0].data == {"x": 1, "y": 2}
+
+
+def test_data_is_decoded_in_one_loop_and_bad_data_only_where_it_is_read() -> None:
+    """`decode_data` (the lanes call it before a handler gets a slice) decodes every `data` at once; one that is not
+    a JSON object does not make its entry poison by itself: its first read raises, as a lazy field's does."""
+    events, poison, _ = CODEC.decode([raw("1-0", data='{"x": 1}'), raw("2-0", data="[1]"), raw("3-0", event_type="A")])
+    assert poison == []
+    assert [vars(e).get("data") for e in events] == [None, None, None]  # the router's decoding stays short
+    decode_data(events)
+    assert [vars(e).get("data") for e in events] == [{"x": 1}, None, None]
+    assert events[2].data == {}
+    with pytest.raises(DecodeError, match="must be a JSON object"):
+        _ = events[1].data

@@ -248,3 +248,26 @@ async def test_what_a_sync_method_returns_is_awaited_only_when_awaitable(
     stats, _ = await run(spec(), raw_redis, redis_cfg, Returning())
     assert (stats.processed, stats.failed) == (3, 0)
     assert sync_redis.hgetall("projection:returning:count") == {b"returned": b"2", b"awaited": b"1"}
+
+
+async def test_handlers_get_their_events_with_data_decoded(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """Each form's events come with `data` decoded, in one loop per slice (a lazy read per event cost as much again
+    as the decode), whatever the partitioning."""
+    add(sync_redis, orders(50, customers=5))
+    seen: list[bool] = []
+
+    def note(event: Event) -> None:
+        seen.append("data" in vars(event))
+
+    async def note_async(event: Event) -> None:
+        note(event)
+
+    for partitions in (1, 4):
+        for func in (note, note_async):
+            job = f"note-{func.__name__}-{partitions}"
+            handler = FunctionHandler(func, job)
+            stats, _ = await run(spec(name=job, partitions=partitions), raw_redis, redis_cfg, handler)
+            assert stats.processed == 50
+    assert seen == [True] * 200

@@ -113,7 +113,7 @@ def test_keys_the_codec_decodes_route_as_the_whole_data_does() -> None:
     (bad,) = poison
     assert bad.stream_id == "9-0"
     assert bad.error == "TypeError: data: must be a JSON object, not list"  # as a lazy read of `data` says
-    assert [e.stream_id for e in events if "data" in vars(e)] == [f"{i}-0" for i in range(1, 7)]  # not 8-0's
+    assert all("data" in vars(e) for e in events)  # decoded with the batch (8-0 has none: {})
     expected = {e.stream_id: router.partition(ev(0, e.data)) for e in events}  # a plain Event decodes `data` whole
     assert {e.stream_id: router.partition(e) for e in events} == expected
     assert {e.stream_id: p for p, part in router.split(events).items() for e in part} == expected

@@ -1,16 +1,15 @@
 """Entry fields -> `Event`, with the article's defaults; what cannot be decoded becomes a `Poison` record.
 
 A `Shape` says which entry fields hold what (the article's by default; `codecs` has the other producers' shapes).
-Decoding is lazy where it costs: the entry ID, `event_id` and `event_type` (short texts every stage may log or
-filter on) are decoded with the batch, `data`, `metadata` (JSON), `timestamp` and `fields` (every entry field,
-raw) when first read. When the router
-partitions by a field of `data`, `data` is decoded whole with the batch, once (its key read from it, the object
-kept as the event's `data`), and the batch is split by partition in the same pass; a shard leaves the entries of
-other shards' partitions unbuilt. An entry whose text fields cannot be decoded, or that has no fields (a tombstone), or
-whose partition key cannot be read, is Poison at once; a JSON or timestamp field that cannot be decoded raises
-`DecodeError` where it is first read: in a filter (the engine turns it into Poison before any handler runs) or in a
-handler (`handlers` sends it to the same `on_poison` policy). A field nobody reads is never decoded, so it never
-makes an entry poison.
+The entry ID, `event_id` and `event_type` (short texts every stage may log or filter on) are decoded with the
+batch; a JSON `data` just before a handler gets its events (`decode_data`: nearly every handler reads it), or where
+something reads it first; `metadata` (JSON), `timestamp` and `fields` (every entry field, raw) when first read.
+When the router partitions by a field of `data`, `data` is decoded with the batch, its key read from it, and the
+batch is split by partition in the same pass; a shard leaves the entries of other shards' partitions unbuilt. An
+entry whose text fields cannot be decoded, or that has no fields (a tombstone), or whose partition key cannot be
+read, is Poison at once; a JSON or timestamp field that cannot be decoded raises `DecodeError` where it is first
+read: in a filter (the engine turns it into Poison before any handler runs) or in a handler (`handlers` sends it to
+the same `on_poison` policy). A field nobody reads never makes an entry poison.
 """
 
 from __future__ import annotations
@@ -129,7 +128,8 @@ def _text_or_bytes(value: bytes) -> RawValue:
 
 
 class LazyEvent(Event):
-    """An `Event` whose `data`, `timestamp`, `metadata` and `fields` are decoded when first read.
+    """An `Event` whose `data` (unless decoded already: `decode_data`, routing by a field of it), `timestamp`,
+    `metadata` and `fields` are decoded when first read.
 
     Their values live in the instance dict, filled by `Lazy` on the first read; later reads find them there.
     No `__getattr__`: on Python 3.11 a class with one pays for it on every attribute read, and a first read that
@@ -251,13 +251,11 @@ class Codec:
                     keys = self._learn(flat[::2])
                     layout, (i_id, i_type), i_key = self._layout, self._texts, self._i_key
                 if split is not None:
-                    if i_key is None:
-                        key, data = UNSET, None
-                    elif by_data is not None:
-                        data = _json_object(flat[i_key])
+                    if by_data is not None:
+                        data = _json_object(flat[i_key]) if i_key is not None else {}
                         key = data.get(by_data, UNSET)
                     else:
-                        key = _text_or_bytes(flat[i_key])
+                        key = _text_or_bytes(flat[i_key]) if i_key is not None else UNSET
                     # a number and its text are one key; no key at all is UNKEYED, counted below
                     key = key if type(key) is str else UNKEYED if key is UNSET else str(key)
                     p = split[key]
@@ -327,6 +325,29 @@ class Codec:
         if flat is None:  # an entry deleted between listing and reading (XDEL): a tombstone
             return Poison(self.stream, stream_id, {}, "tombstone: entry has no fields")
         return Poison(self.stream, stream_id, lenient(flat), f"{type(exc).__name__}: {field}{exc}")
+
+
+def decode_data(events: Sequence[Event]) -> None:
+    """Decode the JSON `data` of a slice's events in one loop, just before a handler gets them: nearly every handler
+    reads it, and a lazy first read per event cost as much again as the decode. Done by the lanes rather than with
+    the batch: for a handler that awaits, the router's decoding holds the event loop, and reads are sized to keep
+    it short. One that is not a JSON object is left to `Lazy`, whose read raises: it makes its entry poison only
+    where something reads it. Events of other codecs, and those decoded already (routing by a field of `data`),
+    are left as they are."""
+    if not events or not getattr(events[0], "json_data", False):
+        return
+    decode = _decode_json
+    for event in events:
+        values = event.__dict__
+        index = event._layout.get("data")  # type: ignore[attr-defined]
+        if index is None or "data" in values:
+            continue
+        try:
+            value = decode(event._flat[index])  # type: ignore[attr-defined]
+        except _UNDECODABLE:
+            continue
+        if type(value) is dict:
+            values["data"] = value
 
 
 def _always(stream_id: str) -> bool:

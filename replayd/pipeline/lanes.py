@@ -31,6 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from replayd.errors import DataError, RefusedWrite
 from replayd.events import Event, parse_id
 from replayd.handlers import Context, FailurePolicy, Handler, Outcome, Tx
+from replayd.pipeline.codec import decode_data
 from replayd.pipeline.commit import (
     MAX_BYTES,
     MAX_COMMANDS,
@@ -187,6 +188,7 @@ class Lanes:
                     continue
                 ctx.replaying = piece.replaying
                 owners, commands = len(ctx.tx.owners), len(ctx.tx.commands)
+                decode_data(piece.events)
                 outcome = await self.handler.handle_batch(piece.events, ctx)
                 self.on_outcome(piece.events[0].stream, outcome)
                 where = partition_field(piece.events[0].stream, partition)
