@@ -14,7 +14,7 @@ from typing import Any
 import hiredis
 import redis
 
-from replayd.pipeline.commit import _COMMIT_SCRIPT
+from replayd.pipeline.script import COMMIT_SCRIPT
 from tests.bench.core import BATCH, clear_projection
 from tests.bench.peers import Command
 
@@ -22,7 +22,7 @@ PARTITIONS = 16
 KEY = "bench:script:checkpoint"
 SEQ = "seq"
 
-_CALL = _COMMIT_SCRIPT.replace(
+_CALL = COMMIT_SCRIPT.replace(
     """  local result = redis.pcall(unpack(ARGV, i + 1, i + n))
   if type(result) == 'table' and result.err then reply[#reply + 1] = ARGV[i + 1] .. ': ' .. result.err end
 """,
@@ -67,9 +67,9 @@ def pipeline_pack(commands: Sequence[Command], fields: dict[str, str], seq: int)
 
 
 VARIANTS: dict[str, Pack] = {
-    "replayd's commit script": script_pack(_COMMIT_SCRIPT),
+    "replayd's commit script": script_pack(COMMIT_SCRIPT),
     "  redis.call, no per-command error check": script_pack(_CALL),
-    "  no checkpoint fields (sequence only)": script_pack(_COMMIT_SCRIPT, checkpoint=False),
+    "  no checkpoint fields (sequence only)": script_pack(COMMIT_SCRIPT, checkpoint=False),
     "  arguments unpacked, no command run": script_pack(_UNPACK_ONLY),
     "  empty script, same arguments": script_pack(_EMPTY),
     "plain pipeline, MULTI/EXEC, same writes and checkpoint": pipeline_pack,
