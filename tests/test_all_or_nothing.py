@@ -78,6 +78,15 @@ CASES: list[list[tuple[Any, ...]]] = [
     [("HSETNX", "h", "q", "x"), ("HINCRBY", "h", "q", 1)],
     [("UNLINK", "set", "list"), ("HSET", "set", "a", 1), ("SADD", "list", 1), ("LPUSH", "list", 2)],
     [("PEXPIRE", "str", 1000), ("HMSET", "h", "a", 1), ("SREM", "set", "a")],
+    [("HSET", "h", "n", "x", "n", "2"), ("HSET", "h", "m", 1), ("HINCRBY", "h", "n", 1)],
+    [("HSET", "h", "n", "2", "n", "x"), ("HSET", "h", "m", 1), ("HINCRBY", "h", "n", 1)],
+    [("HSET", "h", "n", "x"), ("HSET", "h", "n", "3"), ("HINCRBY", "h", "n", 1)],
+    [("HSET", "h", "n", "3"), ("HSET", "h", "n", "x"), ("HINCRBY", "h", "n", 1)],
+    [("HSET", "new", "f", "abc"), ("HINCRBYFLOAT", "new", "f", 1)],
+    [("HINCRBY", "new", "n", 1), ("HINCRBY", "new", "n", "1"), ("HINCRBY", "new", "n", "01")],
+    [("HINCRBYFLOAT", "h", "f", "2 ")],
+    [("HINCRBYFLOAT", "h", "f", "\t2")],
+    [("HINCRBYFLOAT", "str", "f", 1)],
 ]
 
 

@@ -62,6 +62,9 @@ local WRONGTYPE = 'WRONGTYPE Operation against a key holding the wrong kind of v
 local NOT_INT = 'ERR value is not an integer or out of range'
 local OVERFLOW = 'ERR increment or decrement would overflow'
 local types, fresh, gone, fields, strings, heads = {}, {}, {}, {}, {}, {}
+-- the HSETs of a key whose fields no command has read yet, by position: the latest (sets[key]) and each one's
+-- predecessor (before[i]); a command reading a field gathers them then, most keys are never read
+local sets, before = {}, {}
 
 local function typeof(key)
   local t = types[key]
@@ -95,7 +98,7 @@ local function kind(key, want)
   return WRONGTYPE
 end
 
-local function int(s)
+local function integer(s)
   if type(s) == 'number' then
     if s == math.floor(s) then return s end
     return nil
@@ -110,9 +113,23 @@ local function int(s)
   return tonumber(s)
 end
 
+-- integer(s), remembered (false: not one): a commit's increments and the counters it reads repeat a few values
+local integers = {}
+local function int(s)
+  local v = integers[s]
+  if v == nil then
+    v = integer(s)
+    if v == nil then v = false end
+    if type(s) == 'string' then integers[s] = v end
+  end
+  if v == false then return nil end
+  return v
+end
+
 local function float(s)
   if type(s) == 'number' then return s end
-  if string.find(s, '^%s') or string.find(s, '%s$') then return nil end
+  local a, z = string.byte(s, 1), string.byte(s, -1)  -- a byte above 32 is no space: the patterns only when needed
+  if not (a and a > 32 and z > 32) and (string.find(s, '^%s') or string.find(s, '%s$')) then return nil end
   local v = tonumber(s)
   if v == nil or v ~= v then return nil end
   return v
@@ -126,6 +143,7 @@ end
 
 local function emptied(key)
   types[key], fresh[key], gone[key], fields[key], strings[key], heads[key] = 'none', true, nil, {}, false, nil
+  sets[key] = nil
 end
 
 local function made(key, t)
@@ -138,6 +156,14 @@ local function field(key, f)
   if kv == nil then
     kv = {}
     fields[key] = kv
+    local i = sets[key]
+    while i do  -- the latest HSET first, and in each its last pair first: what is set first is what stays
+      for j = i + tonumber(ARGV[i]) - 1, i + 3, -2 do
+        if kv[ARGV[j]] == nil then kv[ARGV[j]] = ARGV[j + 1] end
+      end
+      i = before[i]
+    end
+    sets[key] = nil
   end
   local v = kv[f]
   if v == nil then
@@ -175,11 +201,11 @@ local function hset(i, n, key)
   local e = kind(key, 'hash')
   if e then return e end
   local kv = fields[key]
-  if kv == nil then
-    kv = {}
-    fields[key] = kv
+  if kv then
+    for j = i + 3, i + n, 2 do kv[ARGV[j]] = ARGV[j + 1] end
+  else
+    before[i], sets[key] = sets[key], i
   end
-  for j = i + 3, i + n, 2 do kv[ARGV[j]] = ARGV[j + 1] end
   made(key, 'hash')
 end
 
