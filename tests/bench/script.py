@@ -9,12 +9,11 @@ compared is redis-server's CPU (`used_cpu_user + used_cpu_sys` from INFO) per ev
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import hiredis
 import redis
 
-from replayd.pipeline.script import COMMIT_SCRIPT
+from replayd.pipeline.script import COMMIT_SCRIPT, COMMIT_SHA, script_args
 from tests.bench.core import BATCH, clear_projection
 from tests.bench.peers import Command
 
@@ -22,11 +21,20 @@ PARTITIONS = 16
 KEY = "bench:script:checkpoint"
 SEQ = "seq"
 
-_CALL = COMMIT_SCRIPT.replace(
-    """  local result = redis.pcall(unpack(ARGV, i + 1, i + n))
-  if type(result) == 'table' and result.err then reply[#reply + 1] = ARGV[i + 1] .. ': ' .. result.err end
-""",
-    "  redis.call(unpack(ARGV, i + 1, i + n))\n",
+
+def _without(old: str, new: str, body: str = COMMIT_SCRIPT) -> str:
+    """`body` with `old` replaced: a variant that no longer matches the script fails here, not silently."""
+    if old not in body:
+        raise AssertionError(f"the commit script no longer holds {old!r}: update tests/bench/script.py")
+    return body.replace(old, new)
+
+
+_CHECK = COMMIT_SCRIPT[COMMIT_SCRIPT.index("local index, i = 0, first") : COMMIT_SCRIPT.index("-- the first write")]
+_UNCHECKED = _without(_CHECK, "local i\n")
+_UNREAD = _without(
+    "local v = redis.pcall('HGET', key, f)",
+    "local v = false",
+    _without("local n = redis.pcall('HLEN', key)", "local n = 1"),
 )
 _UNPACK_ONLY = """
 local i = 5 + tonumber(ARGV[4])
@@ -35,25 +43,23 @@ while i <= #ARGV do
   local _ = {unpack(ARGV, i + 1, i + n)}
   i = i + n + 1
 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
-_EMPTY = "return 1"
+_EMPTY = "redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1"
 
 Pack = Callable[[Sequence[Command], dict[str, str], int], list[bytes]]
 
 
-def script_pack(body: str, checkpoint: bool = True) -> Pack:
-    """EVAL of `body` with replayd's argument layout: seq field, expected, new, 2k, k field/value pairs, then per
-    command its argument count and arguments (`checkpoint=False`: no checkpoint fields, k = 0)."""
+def script_pack(body: str, checkpoint: bool = True, verb: str = "EVAL") -> Pack:
+    """`body` sent with replayd's arguments (`script_args`); `checkpoint=False`: no checkpoint fields; `verb`
+    EVALSHA: its digest instead (what a commit sends once Redis has the script)."""
 
     def pack(commands: Sequence[Command], fields: dict[str, str], seq: int) -> list[bytes]:
-        pairs = [x for item in fields.items() for x in item] if checkpoint else []
         expected = f"{seq}:t" if seq else ""
-        argv: list[Any] = ["EVAL", body, 1, KEY, SEQ, expected, f"{seq + 1}:t", len(pairs), *pairs]
-        for command in commands:
-            argv.append(len(command))
-            argv.extend(command)
-        return [hiredis.pack_command(tuple(argv))]
+        args = script_args(KEY, SEQ, expected, f"{seq + 1}:t", fields if checkpoint else {}, list(commands))
+        script = COMMIT_SHA if verb == "EVALSHA" else body
+        return [hiredis.pack_command((verb, script, *args))]
 
     return pack
 
@@ -68,7 +74,8 @@ def pipeline_pack(commands: Sequence[Command], fields: dict[str, str], seq: int)
 
 VARIANTS: dict[str, Pack] = {
     "replayd's commit script": script_pack(COMMIT_SCRIPT),
-    "  redis.call, no per-command error check": script_pack(_CALL),
+    "  no check pass (the commands run unchecked)": script_pack(_UNCHECKED),
+    "  check pass without its reads (no HLEN, no HGET)": script_pack(_UNREAD),
     "  no checkpoint fields (sequence only)": script_pack(COMMIT_SCRIPT, checkpoint=False),
     "  arguments unpacked, no command run": script_pack(_UNPACK_ONLY),
     "  empty script, same arguments": script_pack(_EMPTY),
