@@ -25,7 +25,7 @@ from replayd.handlers import CHECKED_COMMANDS, Context, FunctionHandler, Project
 from replayd.jobs.engine import Engine
 from replayd.ops.metrics import Metrics
 from replayd.pipeline.commit import CommitRequest, Committer, Watermark
-from replayd.pipeline.script import COMMIT_SCRIPT
+from replayd.pipeline.script import COMMIT_SCRIPT, script_args
 from tests.faultproxy import FaultProxy
 from tests.helpers import STREAM, add, checkpoint, orders, replayd, spawn_replayd, wait_for, wait_until
 from tests.servers import RedisServer
@@ -91,10 +91,7 @@ CASES: list[list[tuple[Any, ...]]] = [
 
 
 def _script_reply(r: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-    argv: list[Any] = ["seq", "1:a", "2:a", 2, "s#0", "9-9"]
-    for command in commands:
-        argv += [len(command), *command]
-    reply: list[Any] = r.eval(COMMIT_SCRIPT, 1, "cp", *argv)
+    reply: list[Any] = r.eval(COMMIT_SCRIPT, *script_args("cp", "seq", "1:a", "2:a", {"s#0": "9-9"}, commands))
     return [part.decode() if isinstance(part, bytes) else part for part in reply]
 
 

@@ -2,7 +2,8 @@
 while the job's commit sequence is the one the committer last wrote (fencing). All of it, or nothing of it.
 
 Arguments (`script_args`): KEYS[1] the checkpoint hash; ARGV: the seq field, the expected sequence, the new one, 2k,
-k checkpoint field/value pairs, then per command its argument count and arguments.
+the commands' argument counts (two bytes each), k checkpoint field/value pairs, then the commands' arguments back to
+back (a count per command as an argument of its own cost Redis a string and a number more per command).
 
 All or nothing. A check pass, before any write, follows the commands through the keys' types and stored counters as
 the commands before them leave them, and returns the first one Redis would refuse (`{'refused', index, why}`), with
@@ -17,6 +18,7 @@ at most ~8,000 values: commands have at most MAX_ARGS arguments, and the checkpo
 from __future__ import annotations
 
 import hashlib
+import struct
 from typing import Any
 
 from redis.exceptions import DataError as RedisDataError
@@ -40,11 +42,11 @@ def script_args(
     redis-py's DataError for a command the script cannot run (no arguments, or more than MAX_ARGS)."""
     if commands and not 0 < min(map(len, commands)) <= max(map(len, commands)) <= MAX_ARGS:
         raise RedisDataError("a command the commit script cannot run")
-    args: list[Any] = [1, key, seq_field, expected, new, 2 * len(fields)]
+    counts = struct.pack(f">{len(commands)}H", *map(len, commands))
+    args: list[Any] = [1, key, seq_field, expected, new, 2 * len(fields), counts]
     for item in fields.items():
         args.extend(item)
     for command in commands:
-        args.append(len(command))
         args.extend(command)
     return args
 
@@ -56,15 +58,15 @@ if not current then
   current = ''
 end
 if current ~= ARGV[2] then return {'stale', current} end
-local argc, first = #ARGV, 5 + tonumber(ARGV[4])
+local counts, first = ARGV[5], 6 + tonumber(ARGV[4])
 
 local WRONGTYPE = 'WRONGTYPE Operation against a key holding the wrong kind of value'
 local NOT_INT = 'ERR value is not an integer or out of range'
 local OVERFLOW = 'ERR increment or decrement would overflow'
 local types, fresh, gone, fields, strings, heads = {}, {}, {}, {}, {}, {}
--- the HSETs of a key whose fields no command has read yet, by position: the latest (sets[key]) and each one's
--- predecessor (before[i]); a command reading a field gathers them then, most keys are never read
-local sets, before = {}, {}
+-- the HSETs of a key whose fields no command has read yet, by position: the latest (sets[key]), each one's
+-- predecessor (before[i]) and end (ends[i]); a command reading a field gathers them then, most keys are never read
+local sets, before, ends = {}, {}, {}
 
 local function typeof(key)
   local t = types[key]
@@ -158,7 +160,7 @@ local function field(key, f)
     fields[key] = kv
     local i = sets[key]
     while i do  -- the latest HSET first, and in each its last pair first: what is set first is what stays
-      for j = i + tonumber(ARGV[i]) - 1, i + 3, -2 do
+      for j = ends[i] - 1, i + 3, -2 do
         if kv[ARGV[j]] == nil then kv[ARGV[j]] = ARGV[j + 1] end
       end
       i = before[i]
@@ -204,7 +206,7 @@ local function hset(i, n, key)
   if kv then
     for j = i + 3, i + n, 2 do kv[ARGV[j]] = ARGV[j + 1] end
   else
-    before[i], sets[key] = sets[key], i
+    before[i], ends[i], sets[key] = sets[key], i + n, i
   end
   made(key, 'hash')
 end
@@ -453,9 +455,12 @@ local rules = {
 }
 rules.UNLINK = rules.DEL
 
-local index, i = 0, first
-while i <= argc do
-  local n = tonumber(ARGV[i])
+-- the commands' arguments lie back to back from ARGV[first]; counts holds each one's count in two bytes. A rule
+-- is given i, the position before the command's name: ARGV[i + 1] the name, ARGV[i + 2] the key, up to ARGV[i + n]
+local index, i = 0, first - 1
+for c = 1, #counts, 2 do
+  local high, low = string.byte(counts, c, c + 1)
+  local n = high * 256 + low
   local name = ARGV[i + 1]
   local rule = rules[name] or rules[string.upper(name)]
   local refusal
@@ -468,19 +473,19 @@ while i <= argc do
   end
   if refusal then return {'refused', index, refusal} end
   index = index + 1
-  i = i + n + 1
+  i = i + n
 end
 
 -- the first write, before any command of the handlers: Redis refuses a script's writes for memory only up to its
 -- first write (the seq field keeps its value)
 redis.call('HSET', KEYS[1], ARGV[1], current)
-i = first
-while i <= argc do
-  local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
+i = first - 1
+for c = 1, #counts, 2 do
+  local high, low = string.byte(counts, c, c + 1)
+  redis.call(unpack(ARGV, i + 1, i + high * 256 + low))
+  i = i + high * 256 + low
 end
-for j = 5, first - 1, 4000 do redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 3999, first - 1))) end
+for j = 6, first - 1, 4000 do redis.call('HSET', KEYS[1], unpack(ARGV, j, math.min(j + 3999, first - 1))) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return {'ok'}
 """

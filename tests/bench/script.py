@@ -37,11 +37,11 @@ _UNREAD = _without(
     _without("local n = redis.pcall('HLEN', key)", "local n = 1"),
 )
 _UNPACK_ONLY = """
-local i = 5 + tonumber(ARGV[4])
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  local _ = {unpack(ARGV, i + 1, i + n)}
-  i = i + n + 1
+local counts, i = ARGV[5], 5 + tonumber(ARGV[4])
+for c = 1, #counts, 2 do
+  local high, low = string.byte(counts, c, c + 1)
+  local _ = {unpack(ARGV, i + 1, i + high * 256 + low)}
+  i = i + high * 256 + low
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
