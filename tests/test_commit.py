@@ -322,26 +322,3 @@ async def test_a_commit_holding_a_command_the_script_cannot_run_applies_nothing(
     assert (sync_redis.get("a"), sync_redis.get("b")) == (b"1", b"1")
     stored = checkpoint(sync_redis, "big")
     assert all(stored[name] == value for name, value in fields.items())
-
-
-@pytest.mark.anyio
-async def test_commits_send_the_scripts_digest_and_the_script_when_redis_lost_it(
-    raw_redis: Redis, sync_redis: redis.Redis
-) -> None:
-    """After the first commit Redis has the script: later ones send its digest (EVALSHA), not its 13 kB. A server
-    that lost it (SCRIPT FLUSH, a restart, a failover) answers NOSCRIPT, and the same commit is sent with the script:
-    it applies once."""
-    send, receive = anyio.create_memory_object_stream[CommitRequest](1)
-    committer = Committer(raw_redis, "sha", Watermark(), send)
-    sync_redis.script_flush()
-    sync_redis.config_resetstat()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(committer.run, receive)
-        async with send:
-            for n in range(4):
-                if n == 2:  # the first commit of each pair sends EVALSHA, NOSCRIPT, then EVAL
-                    sync_redis.script_flush()
-                await committer.commit(CommitRequest([("INCR", "n")], {"s#0": f"1-{n}"}, []))
-    assert (sync_redis.get("n"), checkpoint(sync_redis, "sha")["s#0"]) == (b"4", "1-3")
-    calls = {name: stat["calls"] for name, stat in sync_redis.info("commandstats").items()}
-    assert (calls.get("cmdstat_eval"), calls.get("cmdstat_evalsha")) == (2, 4)

@@ -31,14 +31,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import DataError as RedisDataError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from replayd.connection import Client, Memory, OwnConnection, explain, is_retriable, text, text_hash
 from replayd.errors import CheckpointLost, CommitError, ConfigError, DataError, FencingError, ReplaydError, RestartJob
 from replayd.events import WHOLE, ZERO, Event, Id, Shard, format_id, parse_id, parse_shard
 from replayd.handlers import beyond_limit
 from replayd.ops.metrics import Metrics
-from replayd.pipeline.script import COMMIT_SCRIPT, COMMIT_SHA, Refused, script_args
+from replayd.pipeline.script import COMMIT_SCRIPT, Refused, script_args
 
 logger = logging.getLogger(__name__)
 
@@ -625,10 +625,7 @@ class Committer:
         """The commit script (under a cluster, on the node serving the job's slot)."""
         try:
             with anyio.fail_after(self.timeout_s):  # a TimeoutError (OSError): retried like a lost connection
-                try:
-                    return await self._own.call("EVALSHA", COMMIT_SHA, *args)
-                except NoScriptError:  # a server that has not seen it yet (new, failed over, flushed): EVAL loads it
-                    return await self._own.call("EVAL", COMMIT_SCRIPT, *args)
+                return await self._own.call("EVAL", COMMIT_SCRIPT, *args)
         except ResponseError as exc:
             if not is_retriable(exc):
                 raise ReplaydError(f"Redis refused the commit to {self.key}: {exc}") from exc

@@ -17,7 +17,6 @@ at most ~8,000 values: commands have at most MAX_ARGS arguments, and the checkpo
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import Any
 
@@ -489,7 +488,3 @@ for j = 6, first - 1, 4000 do redis.call('HSET', KEYS[1], unpack(ARGV, j, math.m
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return {'ok'}
 """
-
-COMMIT_SHA = hashlib.sha1(COMMIT_SCRIPT.encode(), usedforsecurity=False).hexdigest()  # the name Redis gives it
-"""What a commit sends instead of the script once Redis has it (EVALSHA): Redis neither receives nor hashes the
-script's 13 kB again, which costs a commit of a few events more than its writes."""

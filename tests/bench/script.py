@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import hiredis
 import redis
 
-from replayd.pipeline.script import COMMIT_SCRIPT, COMMIT_SHA, script_args
+from replayd.pipeline.script import COMMIT_SCRIPT, script_args
 from tests.bench.core import BATCH, clear_projection
 from tests.bench.peers import Command
 
@@ -51,15 +51,13 @@ _EMPTY = "redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1"
 Pack = Callable[[Sequence[Command], dict[str, str], int], list[bytes]]
 
 
-def script_pack(body: str, checkpoint: bool = True, verb: str = "EVAL") -> Pack:
-    """`body` sent with replayd's arguments (`script_args`); `checkpoint=False`: no checkpoint fields; `verb`
-    EVALSHA: its digest instead (what a commit sends once Redis has the script)."""
+def script_pack(body: str, checkpoint: bool = True) -> Pack:
+    """EVAL of `body` with replayd's arguments (`script_args`); `checkpoint=False`: no checkpoint fields."""
 
     def pack(commands: Sequence[Command], fields: dict[str, str], seq: int) -> list[bytes]:
         expected = f"{seq}:t" if seq else ""
         args = script_args(KEY, SEQ, expected, f"{seq + 1}:t", fields if checkpoint else {}, list(commands))
-        script = COMMIT_SHA if verb == "EVALSHA" else body
-        return [hiredis.pack_command((verb, script, *args))]
+        return [hiredis.pack_command(("EVAL", body, *args))]
 
     return pack
 

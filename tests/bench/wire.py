@@ -1,6 +1,5 @@
 """Bytes per event on the wire, for the capacity page: what a replay reads (XRANGE replies, as Redis sends them)
-and what a commit of the order_summary writes sends (replayd's script by its digest, and a plain pipeline of the same
-writes)."""
+and what a commit of the order_summary writes sends (replayd's script, and a plain pipeline of the same writes)."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ from typing import Any
 import hiredis
 import redis
 
+from replayd.pipeline.script import COMMIT_SCRIPT
 from tests.bench import script
 from tests.bench.core import BATCH
 from tests.bench.peers import Command
@@ -41,7 +41,7 @@ def commit_bytes(commands: list[Command], events: int) -> dict[str, float]:
     """Request bytes per event of committing `commands` in commits of ~1000 events with 16 checkpoint fields."""
     batches = script.commits(commands, events)
     fields = {f"bench:orders#{p}": "1700000000000-0" for p in range(script.PARTITIONS)}
-    sent = sum(len(b"".join(script.script_pack("", verb="EVALSHA")(batch, fields, 1))) for batch in batches)
+    sent = sum(len(b"".join(script.script_pack(COMMIT_SCRIPT)(batch, fields, 1))) for batch in batches)
     piped = sum(len(b"".join(script.pipeline_pack(batch, fields, 1))) for batch in batches)
     return {"script": sent / events, "pipeline": piped / events}
 
