@@ -1,5 +1,5 @@
-"""Handler forms: `@on("*")`, and plain sync functions run in worker threads, a partition's slice of a read batch
-per thread call."""
+"""Handler forms: `@on("*")`, and plain sync functions run in worker threads, a read batch (all its
+partitions' slices) per thread call."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from replayd import Context, Event, Projection, StopReplay, on
 from replayd.config import RedisConfig
 from replayd.handlers import FunctionHandler
+from replayd.pipeline.router import Partitioner
 from tests.helpers import STREAM, add, checkpoint, engine, entry, orders, run, spec, wait_until
 from tests.plugins import Recorder
 
@@ -105,6 +106,66 @@ async def test_a_sync_function_runs_many_events_per_thread_call(
     assert stats.processed == len(ids) == len(seen)
     calls = seen.count(0)
     assert calls < len(ids) / 10, f"{calls} thread calls for {len(ids)} events"
+
+
+async def test_a_sync_function_takes_a_read_batch_of_16_partitions_in_one_thread_call(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """All 16 slices of a read batch run in one thread call, not one each (which doubled a no-op's CPU time)."""
+    ids = add(sync_redis, orders(320, customers=32))
+    seen: list[int] = []
+
+    def count(event: Event) -> None:
+        seen.append(thread_call.get())
+        thread_call.set(thread_call.get() + 1)
+
+    job = spec(partitions=16, partition_by="customer_id", batch_size=1000, min_batch_size=1000)
+    stats, _ = await run(job, raw_redis, redis_cfg, FunctionHandler(count, "count"))
+    assert stats.processed == len(ids) == len(seen)
+    assert seen.count(0) == 1, f"{seen.count(0)} thread calls for one read batch of 16 slices"
+
+
+@pytest.mark.parametrize("on_poison", ["dead-letter", "stop"])
+async def test_a_sync_function_s_failure_and_stop_in_one_slice_leave_the_other_partitions_right(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, on_poison: str
+) -> None:
+    """One read batch, 16 partitions, one thread call: c3's 4th event fails for good (its later ones park behind
+    its dead letter, or, under `stop`, its partition halts there), c7's 6th raises StopReplay (the rest of its
+    partition waits for the next run). Every other event is handled, and each partition's checkpoint is its own."""
+    ids = add(sync_redis, orders(320, customers=32))
+    partition = Partitioner(16, [True] * 16)
+    part = [partition[f"c{seq % 32}"] for seq in range(320)]
+    failing, stopping = 3 + 32 * 3, 7 + 32 * 5
+
+    def write(event: Event, ctx: Context) -> None:
+        seq = event.data["seq"]
+        ctx.tx.sadd(ctx.key("seen"), seq)
+        if seq == failing:
+            raise RuntimeError("always")
+        if seq == stopping:
+            raise StopReplay
+
+    job = spec(partitions=16, partition_by="customer_id", batch_size=1000, min_batch_size=1000,
+               on_poison=on_poison, retries=1, retry_backoff_s=0.001)  # fmt: skip
+    held = {part[failing]} if on_poison == "stop" else set()
+    if on_poison == "stop":
+        with pytest.raises(Exception, match="on_poison = stop"):
+            await run(job, raw_redis, redis_cfg, FunctionHandler(write, "w"))
+    else:
+        stats, _ = await run(job, raw_redis, redis_cfg, FunctionHandler(write, "w"))
+        assert (stats.dead_lettered, stats.parked) == (1, 6)  # c3's 131, 163, ... 291 wait behind its 99
+
+    def settled(seq: int) -> bool:
+        """Whether its partition got to it: not after the stop, nor (under `stop`) from the failure on."""
+        if part[seq] == part[stopping]:
+            return seq <= stopping
+        return not (part[seq] in held and seq >= failing)
+
+    reached = [seq for seq in range(320) if settled(seq)]
+    members: Any = sync_redis.smembers("projection:w:seen")
+    assert sorted(int(m) for m in members) == [seq for seq in reached if not (seq % 32 == 3 and seq >= failing)]
+    expected = {f"{STREAM}#{part[seq]}": ids[seq] for seq in reached}  # each partition's last one
+    assert {k: v for k, v in checkpoint(sync_redis).items() if k.startswith(f"{STREAM}#")} == expected
 
 
 async def test_a_blocking_sync_function_blocks_neither_the_loop_nor_another_job(

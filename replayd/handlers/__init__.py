@@ -8,8 +8,8 @@ Hooks, when called:
 - `handle_batch(events, ctx)`: per lane batch instead of `handle`, for handlers that pipeline their own work.
 - `on_caught_up(ctx)`: once, when a following job first reaches the stream head it saw at start.
 - `shutdown(ctx)`: once, after the last commit of a run.
-Each may be sync or async. A sync plain function runs in worker threads, a partition's events of a read batch per
-thread call (it may block: the event loop, and other jobs, go on meanwhile; its partitions run one after another,
+Each may be sync or async. A sync plain function runs in worker threads, a read batch's events per thread call
+(it may block: the event loop, and other jobs, go on meanwhile; its partitions run one after another,
 so blocking I/O per event belongs in an `async def`, whose partitions run concurrently in lanes); sync `Projection`
 methods run on the event loop and must only queue writes on `ctx.tx` (make them async to await anything).
 """
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import chain
+from itertools import accumulate, chain
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -248,6 +248,11 @@ class Outcome:
     """Events a field of which the handler read could not be decoded (also counted in `failed`)."""
     parked: int = 0
     """Events not handled because their key waits behind a dead letter (dead-lettered as `Parked`, or skipped)."""
+
+
+Bounds = tuple[tuple[int, int], tuple[int, int]]
+"""Where a slice's work lies in `ctx.tx`: its lengths (owners, commands) before the slice and after it."""
+Handled = tuple[Outcome, Bounds]
 
 
 CATCH_ALL = "*"
@@ -600,63 +605,95 @@ class FunctionHandler:
         """Functions have no hooks."""
 
     def handle_batch(self, events: Sequence[Event], ctx: Context) -> Coroutine[Any, Any, Outcome]:
-        return _each(events, ctx, self._call) if self._async else self._threaded(events, ctx)
+        return _each(events, ctx, self._call) if self._async else self._one(events, ctx)
 
-    async def _threaded(self, events: Sequence[Event], ctx: Context) -> Outcome:
-        """A sync function on a partition's events: blocking code runs in a worker thread, so the event loop goes
-        on meanwhile. One thread call runs the function on the events until one raises or waits behind a dead
-        letter (a thread call per event cost 3-15x the work of a small function); that one takes `_each`'s slow
-        path here, on the loop, and the next thread call goes on after it. With time-outs, the thread call is
-        watched (it cannot be cancelled: a call past `handler_timeout_s` is reported)."""
-        outcome = Outcome()
+    async def _one(self, events: Sequence[Event], ctx: Context) -> Outcome:
+        outcome, _bounds = (await self.handle_slices([events], ctx))[0]
+        return outcome
+
+    async def handle_slices(self, slices: Sequence[Sequence[Event]], ctx: Context) -> list[Handled]:
+        """A sync function on a read batch's slices (each a partition's events), in order: blocking code runs in a
+        worker thread, so the event loop goes on meanwhile. One thread call runs the function on the events, slice
+        after slice, until one raises or waits behind a dead letter (a thread call per event cost 3-15x the work of
+        a small function; one per slice, 16 a read batch at 16 partitions, doubled the cost of a no-op); that one
+        takes `_each`'s slow path here, on the loop, and the next thread call goes on after it (after the end of
+        its slice, when it stopped the slice: StopReplay or the `stop` policy). Returns each slice's outcome with
+        its bounds in `ctx.tx`. With time-outs, the thread call is watched (it cannot be cancelled: a call past
+        `handler_timeout_s` is reported)."""
         tx, policy, watch = ctx.tx, ctx.failures, ctx.watch
+        events = slices[0] if len(slices) == 1 else list(chain.from_iterable(slices))
+        ends = list(accumulate(map(len, slices)))
+        outcomes = [Outcome() for _ in slices]
+        bounds = [(len(tx.owners), len(tx.commands))]
+        """`ctx.tx`'s lengths (owners, commands) where each slice starts, and where the last one ends."""
         start = 0
         while start < len(events):
             watched = ctx.watched = watch.watch(events, None, cancellable=False, at=start) if watch else None
             try:
-                index, mark, error = await anyio.to_thread.run_sync(self._until_error, events, start, ctx)
+                index, mark, error = await anyio.to_thread.run_sync(
+                    self._until_error, events, start, ends, outcomes, bounds, ctx
+                )
             finally:
                 if watch is not None and watched is not None:
                     watch.unwatch(watched)
-            outcome.handled += index - start
             if index == len(events):
                 break
-            event = events[index]
+            at = len(bounds) - 1
+            outcome, event = outcomes[at], events[index]
             if error is None:
                 verdict = _parked(event, tx, policy, outcome)
             else:
                 verdict = await _settle(event, ctx, self._in_thread, outcome, error, mark)
+            first = ends[at] - len(slices[at])
             if verdict == "stop":
-                outcome.failed_at = index
-                break
-            if verdict is not None:
+                outcome.failed_at = index - first
+            elif verdict is not None:
                 tx.owners.append((len(tx.commands), event))
             if verdict == "stopped":
-                outcome.stopped_at = index
-                break
-            start = index if verdict is None else index + 1  # None: not parked after all, so it is called
+                outcome.stopped_at = index - first
+            # None: not parked after all, so it is called; the slice ends where its handler stopped it
+            start = ends[at] if verdict in ("stop", "stopped") else index if verdict is None else index + 1
+            if start == ends[at]:
+                bounds.append((len(tx.owners), len(tx.commands)))
         ctx.watched = None
-        return outcome
+        return [(outcome, (bounds[at], bounds[at + 1])) for at, outcome in enumerate(outcomes)]
 
-    def _until_error(self, events: Sequence[Event], start: int, ctx: Context) -> tuple[int, int, Exception | None]:
-        """In a worker thread: call the function on `events[start:]` in order. Returns the index of the first
-        event that raised (with the length of `ctx.tx` before it and the error) or whose key waits behind a dead
-        letter (error None), else `len(events)`. Each event's index is shown to the time-out watch as it starts."""
+    def _until_error(
+        self,
+        events: Sequence[Event],
+        start: int,
+        ends: Sequence[int],
+        outcomes: Sequence[Outcome],
+        bounds: list[tuple[int, int]],
+        ctx: Context,
+    ) -> tuple[int, int, Exception | None]:
+        """In a worker thread: call the function on `events[start:]` in order, counting each slice's handled events
+        and appending `ctx.tx`'s lengths to `bounds` as each slice (that ends at `ends`) is done. Returns the index
+        of the first event that raised (with the length of `ctx.tx` before it and the error) or whose key waits
+        behind a dead letter (error None), else `len(events)`. Each event's index is shown to the time-out watch as
+        it starts."""
         call, tx, policy, watched = self._call, ctx.tx, ctx.failures, ctx.watched
         # read once, as `_each` does: a failure here returns to the loop, and the next thread call reads it again
         parking = policy is not None and policy.parks
-        for index in range(start, len(events)):
-            event = events[index]
-            if parking and policy is not None and policy.parked_behind(event) is not None:
-                return index, len(tx.commands), None
-            mark = len(tx.commands)
-            if watched is not None:
-                watched.at = index
-            try:
-                call(event, ctx)
-            except Exception as exc:  # noqa: BLE001 - StopReplay, poison or a retry: `_settle` says, on the loop
-                return index, mark, exc
-            tx.owners.append((len(tx.commands), event))
+        for at in range(len(bounds) - 1, len(ends)):
+            end, outcome = ends[at], outcomes[at]
+            for index in range(start, end):
+                event = events[index]
+                if parking and policy is not None and policy.parked_behind(event) is not None:
+                    outcome.handled += index - start
+                    return index, len(tx.commands), None
+                mark = len(tx.commands)
+                if watched is not None:
+                    watched.at = index
+                try:
+                    call(event, ctx)
+                except Exception as exc:  # noqa: BLE001 - StopReplay, poison or a retry: `_settle` says, on the loop
+                    outcome.handled += index - start
+                    return index, mark, exc
+                tx.owners.append((len(tx.commands), event))
+            outcome.handled += end - start
+            bounds.append((len(tx.owners), len(tx.commands)))
+            start = end
         return len(events), len(tx.commands), None
 
     def _in_thread(self, event: Event, ctx: Context) -> Awaitable[Any]:

@@ -19,7 +19,7 @@ import bisect
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from functools import partial
 from itertools import repeat
@@ -30,7 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from replayd.errors import DataError, RefusedWrite
 from replayd.events import Event, parse_id
-from replayd.handlers import Context, FailurePolicy, Handler, Outcome, Tx
+from replayd.handlers import Bounds, Context, FailurePolicy, Handler, Outcome, Tx
 from replayd.pipeline.codec import decode_data
 from replayd.pipeline.commit import (
     MAX_BYTES,
@@ -183,16 +183,10 @@ class Lanes:
         failure: Event | None = None
         async with self.limiter:
             began = time.monotonic()
-            for partition, piece in work:
-                if partition in self._halted:
-                    continue
-                ctx.replaying = piece.replaying
-                owners, commands = len(ctx.tx.owners), len(ctx.tx.commands)
-                decode_data(piece.events)
-                outcome = await self.handler.handle_batch(piece.events, ctx)
+            async for partition, piece, outcome, bounds in self._handled(work, ctx):
                 self.on_outcome(piece.events[0].stream, outcome)
                 where = partition_field(piece.events[0].stream, partition)
-                _add_units(units, ctx.tx, owners, commands, piece.events, where)
+                _add_units(units, ctx.tx, bounds, piece.events, where)
                 if outcome.failed_at is not None:  # policy `stop`: commit what came before, then fail the job
                     if failure is None:
                         failure = piece.events[outcome.failed_at]
@@ -214,6 +208,32 @@ class Lanes:
         parks = len(self._late_letters)
         request = CommitRequest(ctx.tx.commands, checkpoints, done, units=tuple(units), parks=parks)
         await self._commit(request, events, failure, stopped)
+
+    async def _handled(
+        self, work: list[tuple[int, Slice]], ctx: Context
+    ) -> AsyncIterator[tuple[int, Slice, Outcome, Bounds]]:
+        """The handler on each slice of `work` whose partition is not halted (checked again after each one), with
+        its outcome and where its writes lie in `ctx.tx`. A handler that takes a read batch's slices at once
+        (`handle_slices`: a sync function, one thread call rather than one per slice) gets them so when inline."""
+        tx, slices = ctx.tx, getattr(self.handler, "handle_slices", None)
+        if slices is not None and self.inline:
+            live = [(partition, piece) for partition, piece in work if partition not in self._halted]
+            for _partition, piece in live:
+                decode_data(piece.events)
+            if live:
+                ctx.replaying = live[0][1].replaying  # inline, `work` is one read batch: history or live throughout
+            handled = await slices([piece.events for _partition, piece in live], ctx)
+            for (partition, piece), (outcome, bounds) in zip(live, handled, strict=True):
+                yield partition, piece, outcome, bounds
+            return
+        for partition, piece in work:
+            if partition in self._halted:
+                continue
+            ctx.replaying = piece.replaying
+            before = len(tx.owners), len(tx.commands)
+            decode_data(piece.events)
+            outcome = await self.handler.handle_batch(piece.events, ctx)
+            yield partition, piece, outcome, (before, (len(tx.owners), len(tx.commands)))
 
     async def _commit(self, request: CommitRequest, events: int, failure: Event | None, stopped: bool) -> None:
         size, poison = size_of(request.commands), None
@@ -368,11 +388,11 @@ class Lanes:
         return CommitRequest(request.commands[:end], _checkpoints(kept), [], request.then, kept)
 
 
-def _add_units(units: list[Unit], tx: Tx, owners: int, start: int, events: Sequence[Event], where: str) -> None:
-    """Append the units of a slice the handler just handled: one per event when it said which commands are whose
-    (`Tx.owners`), else (a handler of whole batches) one for the slice."""
-    end = len(tx.commands)
-    done = tx.owners[owners:]
+def _add_units(units: list[Unit], tx: Tx, bounds: Bounds, events: Sequence[Event], where: str) -> None:
+    """Append the units of a slice the handler handled (its writes within `bounds`): one per event when it said
+    which commands are whose (`Tx.owners`), else (a handler of whole batches) one for the slice."""
+    (owners, start), (last, end) = bounds
+    done = tx.owners[owners:last]
     if done and done[-1][0] == end:
         # built by C iterators, not a loop of `Unit(...)` calls: every event of every slice makes one
         ends, owned = zip(*done, strict=True)
