@@ -102,7 +102,7 @@ def test_a_sync_handler_stuck_for_good_does_not_keep_the_process_past_shutdown_t
     _, stderr = proc.communicate(timeout=30)
     took = time.monotonic() - began
     assert proc.returncode == 143, stderr
-    assert took < 3 + 1, f"exited {took:.1f} s after SIGTERM (shutdown_timeout_s 3)"
+    assert took < 3 + 2, f"exited {took:.1f} s after SIGTERM (shutdown_timeout_s 3)"
     assert "a handler call in a worker thread is still running" in stderr
     assert not sync_redis.hget("replayd:{orders}:checkpoint", f"{STREAM}#*")
 
