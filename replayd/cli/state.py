@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -144,7 +145,7 @@ async def _checkpoint_reset(args: argparse.Namespace, client: Client, key: str) 
 async def _checkpoint_set(args: argparse.Namespace, client: Client, key: str) -> int:
     if not args.stream or not args.to:
         raise UsageError("checkpoint set needs --stream S and --to ID")
-    target = format_id(parse_id(args.to, end=True)) if _is_id(args.to) else None
+    target = format_id(parse_id(args.to, end=True)) if _parses(parse_id, args.to) else None
     if target is None:
         raise UsageError(f"--to {args.to!r} is not an entry ID (<ms>-<seq>, each at most {MAX_SEQ})")
     _confirm(args, f"set every partition of {args.stream} in {key} to {target}")
@@ -166,9 +167,10 @@ async def _checkpoint_set(args: argparse.Namespace, client: Client, key: str) ->
     return 0
 
 
-def _is_id(text: str) -> bool:
+def _parses(parse: Callable[[str], object], text: str) -> bool:
+    """Whether `parse` takes `text` (a stream ID, a number) without a ValueError."""
     try:
-        parse_id(text)
+        parse(text)
     except ValueError:
         return False
     return True
@@ -251,14 +253,6 @@ def _letter_line(entry_id: str, fields: dict[str, str]) -> str:
 
 
 def _letter_text(entry_id: str, fields: dict[str, str]) -> str:
-    shown = {name: _iso(float(value)) if name == "failed_at" and _is_number(value) else value
+    shown = {name: _iso(float(value)) if name == "failed_at" and _parses(float, value) else value
              for name, value in fields.items()}  # fmt: skip
     return "\n".join([f"dead letter {entry_id}", *(f"  {name}: {value}" for name, value in shown.items())])
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
