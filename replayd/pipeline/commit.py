@@ -292,6 +292,24 @@ class Unit(NamedTuple):
     """The checkpoint field of its partition, `<stream>#<p>`."""
     settled: bool = False
     """Its commands are what the poison policy queued for it (a dead letter) instead of the handler's."""
+    ends: tuple[int, ...] | None = None
+    """A slice's events packed in one unit: where each one's commands end (`per_event` unpacks them)."""
+
+
+def per_event(units: tuple[Unit, ...]) -> tuple[Unit, ...]:
+    """`units` with every packed one (`ends`) unpacked into a unit per event: built only when a write must be
+    blamed or a request cut, not for every event committed."""
+    if all(unit.ends is None for unit in units):
+        return units
+    unpacked: list[Unit] = []
+    for unit in units:
+        if unit.ends is None:
+            unpacked.append(unit)
+            continue
+        starts = (unit.start, *unit.ends[:-1])
+        unpacked += (Unit(start, end, (event,), unit.where, unit.settled)
+                     for start, end, event in zip(starts, unit.ends, unit.events, strict=True))  # fmt: skip
+    return tuple(unpacked)
 
 
 class CommitRequest(NamedTuple):

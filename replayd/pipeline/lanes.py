@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from functools import partial
-from itertools import repeat
 from typing import Any, NamedTuple
 
 import anyio
@@ -40,6 +39,7 @@ from replayd.pipeline.commit import (
     Resolution,
     Unit,
     partition_field,
+    per_event,
     shown,
     size_of,
 )
@@ -240,7 +240,7 @@ class Lanes:
         if len(request.commands) <= self.max_commands and size <= self.max_bytes:  # one commit: the usual case
             pieces = [request._replace(size=size)]
         else:
-            request, poison = self._fit(request)
+            request, poison = self._fit(request._replace(units=per_event(request.units)))
             pieces = self._pieces(request)
         *before, last = pieces
         for piece in before:
@@ -307,6 +307,7 @@ class Lanes:
         """The committer's `on_refused`: Redis would refuse command `index` of `request`. The event that queued it
         is retried (the same writes, after a backoff: the keys may be fixed meanwhile), then given up on under
         the job's `on_poison`; a request without it (and, for `stop`, without what follows it) replaces this one."""
+        request = request._replace(units=per_event(request.units))
         at = bisect.bisect_right([unit.end for unit in request.units], index)
         if at >= len(request.units) or request.units[at].start > index:
             raise DataError(f"Redis would refuse a write no event queued: {reason}")
@@ -332,6 +333,7 @@ class Lanes:
         those keys parked too (they must not apply ahead of the dead letter they wait behind)."""
         if request.parks == len(self._late_letters):
             return request
+        request = request._replace(units=per_event(request.units))
         policy = self._policy()
         for letter in self._late_letters[request.parks :]:
             for at in range(len(request.units)):
@@ -389,20 +391,16 @@ class Lanes:
 
 
 def _add_units(units: list[Unit], tx: Tx, bounds: Bounds, events: Sequence[Event], where: str) -> None:
-    """Append the units of a slice the handler handled (its writes within `bounds`): one per event when it said
-    which commands are whose (`Tx.owners`), else (a handler of whole batches) one for the slice."""
+    """Append the unit of a slice the handler handled (its writes within `bounds`): its events packed with where
+    each one's writes end when it said which commands are whose (`Tx.owners`; `per_event` unpacks them), else (a
+    handler of whole batches) the slice's writes as one."""
     (owners, start), (last, end) = bounds
     done = tx.owners[owners:last]
     if done and done[-1][0] == end:
-        # built by C iterators, not a loop of `Unit(...)` calls: every event of every slice makes one
-        ends, owned = zip(*done, strict=True)
-        units += map(_unit, zip((start, *ends[:-1]), ends, zip(owned), repeat(where), repeat(False)))
+        ends, owned = zip(*done, strict=True)  # C iterators: a Unit per event cost 0.15 us an event
+        units.append(Unit(start, end, owned, where, False, ends))
     elif end > start:
         units.append(Unit(start, end, tuple(events), where))
-
-
-_unit = partial(tuple.__new__, Unit)
-"""`Unit` from one tuple of all its fields (a NamedTuple's own constructor is a Python function)."""
 
 
 def _rebased(unit: Unit, start: int) -> Unit:
