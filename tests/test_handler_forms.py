@@ -3,6 +3,7 @@ partitions' slices) per thread call."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextvars import ContextVar
 from functools import partial
@@ -332,3 +333,77 @@ async def test_handlers_get_their_events_with_data_decoded(
             stats, _ = await run(spec(name=job, partitions=partitions), raw_redis, redis_cfg, handler)
             assert stats.processed == 50
     assert seen == [True] * 200
+
+
+async def test_an_async_function_that_never_suspends_runs_inline_not_in_lanes(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """An `async def` whose calls complete without suspending is called by the router, slice after slice, as a
+    sync Projection is: waking a lane task per partition and read batch cost more than the handler's work."""
+    ids = add(sync_redis, orders(200, customers=20))
+    tasks: set[object] = set()
+
+    async def note(event: Event) -> None:
+        tasks.add(asyncio.current_task())
+
+    job = spec(partitions=8, partition_by="customer_id")
+    stats, _ = await run(job, raw_redis, redis_cfg, FunctionHandler(note, "note"))
+    assert stats.processed == len(ids)
+    assert len(tasks) == 1, f"{len(tasks)} tasks ran the handler"
+
+
+class ReadsItsCommits:
+    """An async batch handler that from entry `awaits_from` on reads its partition's count of events (committed by
+    earlier lane batches) before adding its own: a read that ran ahead of the previous lane batch's commit shows.
+    A lane batch (one `ctx`) may hold several slices of a partition: their reads see what was committed before
+    it."""
+
+    name = "reads_its_commits"
+    partition_by = "customer_id"
+
+    def __init__(self, partitions: int, awaits_from: int) -> None:
+        self.partition = Partitioner(partitions, [True] * partitions)
+        self.awaits_from = awaits_from
+        self.handled: dict[int, int] = {}
+        self.before: dict[tuple[int, int], int] = {}
+        """(the lane batch's ctx, partition) -> events of the partition handled before that lane batch."""
+        self.contexts: list[Context] = []
+        """Kept alive: their ids key `before`."""
+        self.tasks: set[object] = set()
+        self.stale: list[tuple[int, int, int]] = []
+        """(partition, committed count read, events handled before the lane batch) where they differ."""
+        self.order: dict[str, list[int]] = {}
+
+    async def handle_batch(self, events: list[Event], ctx: Context) -> None:
+        part = self.partition[events[0].data["customer_id"]]
+        key = ctx.key("part", part)
+        self.contexts.append(ctx)
+        before = self.before.setdefault((id(ctx), part), self.handled.get(part, 0))
+        if events[0].data["seq"] >= self.awaits_from:
+            committed = int(await ctx.redis.get(key) or 0)
+            if committed != before:
+                self.stale.append((part, committed, before))
+        self.tasks.add(asyncio.current_task())
+        for event in events:
+            self.order.setdefault(event.data["customer_id"], []).append(event.data["seq"])
+        self.handled[part] = self.handled.get(part, 0) + len(events)
+        ctx.tx.incrby(key, len(events))
+
+
+async def test_an_async_handler_that_starts_awaiting_moves_to_lanes_reading_what_it_committed(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """Called inline while its calls never suspend, then by lanes from the first that does: every event once, in
+    order per key, and each batch reads what its partition's previous batches committed (as in a lane), across
+    the move too."""
+    ids = add(sync_redis, orders(600, customers=12))
+    handler = ReadsItsCommits(4, awaits_from=150)
+    job = spec(partitions=4, partition_by="customer_id", batch_size=50, min_batch_size=50)
+    stats, _ = await run(job, raw_redis, redis_cfg, handler)
+    assert stats.processed == len(ids)
+    assert handler.stale == []
+    assert all(seqs == sorted(seqs) for seqs in handler.order.values())
+    assert sum(len(seqs) for seqs in handler.order.values()) == len(ids)
+    counts = [int(sync_redis.get(f"projection:reads_its_commits:part:{p}") or 0) for p in range(4)]
+    assert counts == [handler.handled.get(p, 0) for p in range(4)] and sum(counts) == len(ids)
+    assert len(handler.tasks) > 1, "the lanes never took over"
