@@ -109,7 +109,7 @@ def test_keys_the_codec_decodes_route_as_the_whole_data_does() -> None:
     entries: list[Any] = [[f"{i}-0".encode(), [b"event_type", b"A", b"data", d]] for i, d in enumerate(datas, 1)]
     entries += [[b"8-0", [b"event_type", b"A"]], [b"9-0", [b"event_type", b"A", b"data", b"[1, 2]"]]]
     router = by_customer()
-    events, poison, _ = Codec("orders", FieldNames(), router).decode(entries)
+    events, poison, parts = Codec("orders", FieldNames(), router).decode(entries)
     (bad,) = poison
     assert bad.stream_id == "9-0"
     assert bad.error == "TypeError: data: must be a JSON object, not list"  # as a lazy read of `data` says
@@ -117,6 +117,8 @@ def test_keys_the_codec_decodes_route_as_the_whole_data_does() -> None:
     expected = {e.stream_id: router.partition(ev(0, e.data)) for e in events}  # a plain Event decodes `data` whole
     assert {e.stream_id: router.partition(e) for e in events} == expected
     assert {e.stream_id: p for p, part in router.split(events).items() for e in part} == expected
+    # the codec's own split, which inlines the partitioner's formula
+    assert parts is not None and {e.stream_id: p for p, part in parts.items() for e in part} == expected
 
 
 def test_each_shard_decodes_only_the_entries_of_its_partitions() -> None:

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar, NamedTuple
+from zlib import crc32
 
 import msgspec
 
@@ -240,7 +241,7 @@ class Codec:
         append, new, kind, by_data = events.append, object.__new__, self._event, self._by_data
         split = self._partitioner
         parts: defaultdict[int, list[Event]] = defaultdict(list)
-        mine = split.mine if split is not None else []
+        mine, partitions = (split.mine, split.partitions) if split is not None else ([], 1)
         stream, keys, layout, (i_id, i_type), i_key = self.stream, self._keys, self._layout, self._texts, self._i_key
         key: Any
         data: dict[str, Any] | None = None
@@ -258,7 +259,7 @@ class Codec:
                         key = _text_or_bytes(flat[i_key]) if i_key is not None else UNSET
                     # a number and its text are one key; no key at all is UNKEYED, counted below
                     key = key if type(key) is str else UNKEYED if key is UNSET else str(key)
-                    p = split[key]
+                    p = crc32(key.encode()) % partitions  # `Partitioner`'s own formula: a method call cost 0.07 us
                     if not mine[p]:
                         continue  # another shard's partition: that shard decodes this entry
                     placed = True
