@@ -326,13 +326,14 @@ async def test_handlers_get_their_events_with_data_decoded(
     async def note_async(event: Event) -> None:
         note(event)
 
-    for partitions in (1, 4):
+    for partitions, partition_by in [(1, None), (4, None), (1, "customer_id"), (4, "customer_id")]:
         for func in (note, note_async):
-            job = f"note-{func.__name__}-{partitions}"
+            job = f"note-{func.__name__}-{partitions}-{partition_by}"
             handler = FunctionHandler(func, job)
-            stats, _ = await run(spec(name=job, partitions=partitions), raw_redis, redis_cfg, handler)
+            job_spec = spec(name=job, partitions=partitions, partition_by=partition_by)
+            stats, _ = await run(job_spec, raw_redis, redis_cfg, handler)
             assert stats.processed == 50
-    assert seen == [True] * 200
+    assert seen == [True] * 400
 
 
 async def test_an_async_function_that_never_suspends_runs_inline_not_in_lanes(

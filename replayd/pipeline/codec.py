@@ -334,9 +334,12 @@ def decode_data(events: Sequence[Event]) -> None:
     the batch: for a handler that awaits, the router's decoding holds the event loop, and reads are sized to keep
     it short. One that is not a JSON object is left to `Lazy`, whose read raises: it makes its entry poison only
     where something reads it. Events of other codecs, and those decoded already (routing by a field of `data`),
-    are left as they are. A slice whose first event has its `data` is left whole: the codec decoded the batch's
-    (looking at each event cost 0.05 us an event), or a filter read that one (the others decode when read)."""
-    if not events or not getattr(events[0], "json_data", False) or "data" in events[0].__dict__:
+    are left as they are. A slice whose first and last events have their `data` is left whole: the codec decoded
+    the batch's (looking at each event cost 0.05 us an event), or a filter read those (the others decode when
+    read). Not the first alone: routing one partition by a field of `data` reads the first event's."""
+    if not events or not getattr(events[0], "json_data", False):
+        return
+    if "data" in events[0].__dict__ and "data" in events[-1].__dict__:
         return
     decode = _decode_json
     for event in events:
