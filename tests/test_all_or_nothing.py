@@ -243,6 +243,31 @@ def test_out_of_memory_at_start_exits_69_not_70(fresh_server: RedisServer) -> No
 
 @pytest.mark.anyio
 @pytest.mark.usefixtures("no_memory_noted")
+async def test_a_following_job_with_nothing_to_commit_is_not_ready_while_writes_are_refused(
+    fresh_server: RedisServer,
+) -> None:
+    """1. a following job catches up and idles at the head: it writes only its progress hash  2. maxmemory is
+    reached: that write is refused, readiness says so (Redis still answers PING)  3. memory is freed: ready again."""
+    with fresh_server.client() as client:
+        add(client, orders(10))
+        cfg = _cfg(fresh_server)
+        raw = create_redis(cfg)
+        engine = Engine(_job(end="follow"), raw, redis_cfg=cfg, handler=Expiring())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            await wait_until(lambda: engine.stats.status == "live")
+            client.config_set("maxmemory", 1)
+            try:
+                await wait_until(lambda: Memory.refused is not None, within=5)
+            finally:
+                client.config_set("maxmemory", 0)
+            await wait_until(lambda: Memory.refused is None)
+            tg.cancel_scope.cancel()
+        await raw.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("no_memory_noted")
 async def test_out_of_memory_at_start_is_waited_out(fresh_server: RedisServer) -> None:
     with fresh_server.client() as client:
         ids = add(client, orders(50))

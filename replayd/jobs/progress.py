@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from replayd.connection import Client, is_retriable
+from replayd.connection import Client, Memory, is_retriable
 from replayd.events import WHOLE, Id, Shard, format_id
 from replayd.pipeline.commit import job_key
 
@@ -157,8 +157,12 @@ class ProgressWriter:
         except Exception as exc:
             if not is_retriable(exc):
                 raise
-            # progress is for people watching: never a reason to stop a replay
+            # progress is for people watching: never a reason to stop a replay. Refused for memory, it is one for
+            # readiness, though: a job that follows a quiet stream writes nothing else
+            Memory.note(exc)
             logger.warning("progress hash %s not written: %s", self.key, exc)
+        else:
+            Memory.note(None)
 
     async def run(self, log_every_s: float = 10.0) -> None:
         """Write every `interval_s`; log a progress line every `log_every_s` while events flow."""
