@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine, Generator, Sequence
 from contextvars import ContextVar
 from functools import partial
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from replayd import Context, Event, Projection, StopReplay, on
+from replayd import Context, Event, Outcome, Projection, StopReplay, on
 from replayd.config import RedisConfig
 from replayd.handlers import FunctionHandler
 from replayd.pipeline.router import Partitioner
@@ -351,6 +352,38 @@ async def test_an_async_function_that_never_suspends_runs_inline_not_in_lanes(
     stats, _ = await run(job, raw_redis, redis_cfg, FunctionHandler(note, "note"))
     assert stats.processed == len(ids)
     assert len(tasks) == 1, f"{len(tasks)} tasks ran the handler"
+
+
+class AwaitableOfItsOwn:
+    """What `WrappedFunction.handle_batch` returns: an awaitable that is no coroutine."""
+
+    def __init__(self, call: Coroutine[Any, Any, Outcome]) -> None:
+        self.call = call
+
+    def __await__(self) -> Generator[Any, Any, Outcome]:
+        return self.call.__await__()
+
+
+class WrappedFunction(FunctionHandler):
+    def handle_batch(self, events: Sequence[Event], ctx: Context) -> Any:
+        return AwaitableOfItsOwn(super().handle_batch(events, ctx))
+
+
+async def test_a_handler_returning_an_awaitable_of_its_own_runs_in_lanes(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+) -> None:
+    """Whether an awaitable that is no coroutine suspends cannot be seen: the lanes run its handler, as before any
+    handler was tried inline, rather than the router calling it partition after partition for the whole run."""
+    ids = add(sync_redis, orders(200, customers=20))
+    tasks: set[object] = set()
+
+    async def note(event: Event) -> None:
+        tasks.add(asyncio.current_task())
+
+    job = spec(partitions=8, partition_by="customer_id")
+    stats, _ = await run(job, raw_redis, redis_cfg, WrappedFunction(note, "note"))
+    assert stats.processed == len(ids)
+    assert len(tasks) > 1
 
 
 class ReadsItsCommits:

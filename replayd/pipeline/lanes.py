@@ -270,16 +270,20 @@ class Lanes:
         """The handler on a slice, right here: its coroutine is run with `send` and, if it suspends, awaited on to
         its end, and the trying is over (the lanes take the rest)."""
         call = self.handler.handle_batch(events, ctx)
-        if type(call) is not CoroutineType:
+        if type(call) is not CoroutineType:  # an awaitable of its own: whether it suspends cannot be seen
+            self._tried_enough()
             return await call
         try:
             pending = call.send(None)
         except StopIteration as done:
             outcome: Outcome = done.value
             return outcome
-        self.trying = False
-        logger.debug("handler %s awaits: lanes run it from now on", self.handler.name)
+        self._tried_enough()
         return await _Resumed(call, pending)
+
+    def _tried_enough(self) -> None:
+        self.trying = False
+        logger.debug("handler %s may await: lanes run it from now on", self.handler.name)
 
     async def _commit(
         self, request: CommitRequest, events: int, failure: Event | None, stopped: bool, *, inline: bool
