@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -16,7 +17,7 @@ from redis.asyncio import Redis
 from replayd.config import RedisConfig
 from replayd.errors import ConfigError, DataError
 from replayd.events import Event, parse_id
-from replayd.handlers import Context, FunctionHandler, ObjectHandler, Outcome, Projection, on
+from replayd.handlers import Context, FunctionHandler, Handler, ObjectHandler, Outcome, Projection, on
 from replayd.jobs.engine import Engine
 from replayd.pipeline.commit import CommitRequest, Mark
 from replayd.pipeline.lanes import InFlight, Lanes
@@ -598,84 +599,30 @@ def test_only_handlers_that_never_await_overlap_their_commits() -> None:
     assert ObjectHandler(type("A", (), {"handle": lambda self, e, c: None})(), "a").awaits is False
 
 
-@pytest.mark.parametrize("handler", [ReadsItsTotal(), QueuesOnly()], ids=["async", "sync"])
-async def test_a_lane_waits_for_its_commit_only_when_its_handler_may_read(handler: Projection) -> None:
-    """1. Two slices of one partition are delivered; the committer holds the first commit.
-    2. An async handler (called inline while it never suspends, as here, or by its lane) waits: the second slice
-    is not handled until the first commit is done.
-    3. A sync handler (called by `deliver`, no lane) goes on to the second slice meanwhile; both commit, in
-    order, and release."""
-    committed: list[list[str]] = []
-    release = anyio.Event()
-    queue, requests = anyio.create_memory_object_stream[CommitRequest](10)
-
-    async def committer() -> None:  # as Committer: one task, in order; held until `release`
-        async with requests:
-            async for request in requests:
-                await release.wait()
-                committed.append(list(request.checkpoints.values()))
-                if request.then is not None:
-                    request.then()
-
-    async def commit(request: CommitRequest) -> None:
-        done = anyio.Event()
-        await queue.send(request._replace(then=done.set))
-        await done.wait()
-
-    handled: list[int] = []
-    original = handler.handle_batch
-
-    async def handle_batch(events: Sequence[Event], ctx: Context) -> Outcome:
-        handled.extend(e.data["seq"] for e in events)
-        return Outcome(handled=len(events))
-
-    handler.handle_batch = handle_batch  # type: ignore[method-assign]
-    inflight = InFlight(100)
-    lanes = Lanes(
-        1, handler, lambda: Context("job", None, "projection:x"), commit,  # type: ignore[arg-type]
-        submit=queue.send, concurrency=1, sizer=BatchSizer(1, minimum=1, target_s=1.0), inflight=inflight,
-        on_outcome=lambda stream, outcome: None, on_batch=lambda seconds: None, stop=anyio.Event(),
-    )  # fmt: skip
-    events = [Event(f"{i}-0", f"e{i}", "OrderCreated", {"customer_id": "c", "seq": i}, 0.0, {}, "s") for i in (1, 2)]
-    await inflight.acquire(2)
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(committer)
-            async with queue, anyio.create_task_group() as tg:
-                feed = lanes.feed()
-                tg.start_soon(lanes.run)
-
-                async def route() -> None:  # as the router hands them over: to the lane, or to the handler itself
-                    for event in events:
-                        await feed.deliver({0: [event]}, Mark("s", parse_id(event.stream_id), 1), True)
-                    feed.close()
-
-                tg.start_soon(route)
-                await wait_until(lambda: bool(handled))
-                for _ in range(20):
-                    await anyio.lowlevel.checkpoint()
-                assert handled == ([1] if handler.awaits else [1, 2])
-                release.set()
-    assert handled == [1, 2]
-    assert committed == [["1-0"], ["2-0"]]
-    assert inflight.count == 0
-    handler.handle_batch = original  # type: ignore[method-assign]
-
-
 class PermittedCommits:
-    """As the Committer: one task commits the queued requests in order, each once it is given a permit."""
+    """As the Committer: one task commits the queued requests in order, each once it is given a permit. In front of
+    it, `lanes` of one partition."""
 
     def __init__(self) -> None:
-        self.committed: list[str] = []
-        """The checkpoints committed, in order."""
+        self.committed: list[list[str]] = []
+        """The checkpoints of each commit, in order."""
         self.queue, self._requests = anyio.create_memory_object_stream[CommitRequest](10)
         self.permits, self._permitted = anyio.create_memory_object_stream[None](10)
+        self.inflight = InFlight(100)
+
+    def lanes(self, handler: Handler) -> Lanes:
+        return Lanes(
+            1, handler, lambda: Context("job", None, "projection:x"), self.commit,  # type: ignore[arg-type]
+            submit=self.queue.send, concurrency=1, sizer=BatchSizer(1, minimum=1, target_s=1.0),
+            inflight=self.inflight, on_outcome=lambda stream, outcome: None, on_batch=lambda seconds: None,
+            stop=anyio.Event(),
+        )  # fmt: skip
 
     async def run(self) -> None:
         async with self._requests, self._permitted:
             async for request in self._requests:
                 await self._permitted.receive()
-                self.committed.extend(request.checkpoints.values())
+                self.committed.append(list(request.checkpoints.values()))
                 if request.then is not None:
                     request.then()
 
@@ -685,11 +632,67 @@ class PermittedCommits:
         await done.wait()
 
 
+@asynccontextmanager
+async def fed(commits: PermittedCommits, lanes: Lanes, seqs: Sequence[int]) -> AsyncIterator[list[Event]]:
+    """The committer and the lanes running while an event of each `seqs` is handed to partition 0, a slice each,
+    as a router hands them over (to the lane, or to the handler itself)."""
+    events = [Event(f"{i}-0", f"e{i}", "OrderCreated", {"customer_id": "c", "seq": i}, 0.0, {}, "s") for i in seqs]
+    await commits.inflight.acquire(len(events))
+
+    feed = lanes.feed()  # before the lanes run: they close all but the feeds' handles on their inboxes
+
+    async def route() -> None:
+        for event in events:
+            await feed.deliver({0: [event]}, Mark("s", parse_id(event.stream_id), 1), True)
+        feed.close()
+
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(commits.run)
+        async with commits.queue, commits.permits, anyio.create_task_group() as tg:
+            tg.start_soon(lanes.run)
+            tg.start_soon(route)
+            yield events
+
+
+async def settled() -> None:
+    """Let every task that can run go as far as it can."""
+    for _ in range(20):
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("handler", [ReadsItsTotal(), QueuesOnly()], ids=["async", "sync"])
+async def test_a_lane_waits_for_its_commit_only_when_its_handler_may_read(handler: Projection) -> None:
+    """1. Two slices of one partition are delivered; the committer holds the first commit.
+    2. An async handler (called inline while it never suspends, as here, or by its lane) waits: the second slice
+    is not handled until the first commit is done.
+    3. A sync handler (called by `deliver`, no lane) goes on to the second slice meanwhile; both commit, in
+    order, and release."""
+    commits, handled = PermittedCommits(), list[int]()
+    original = handler.handle_batch
+
+    async def handle_batch(events: Sequence[Event], ctx: Context) -> Outcome:
+        handled.extend(e.data["seq"] for e in events)
+        return Outcome(handled=len(events))
+
+    handler.handle_batch = handle_batch  # type: ignore[method-assign]
+    with anyio.fail_after(5):
+        async with fed(commits, commits.lanes(handler), [1, 2]):
+            await wait_until(lambda: bool(handled))
+            await settled()
+            assert handled == ([1] if handler.awaits else [1, 2])
+            for _ in range(2):
+                await commits.permits.send(None)
+    assert handled == [1, 2]
+    assert commits.committed == [["1-0"], ["2-0"]]
+    assert commits.inflight.count == 0
+    handler.handle_batch = original  # type: ignore[method-assign]
+
+
 async def test_an_async_handler_that_starts_to_suspend_goes_to_its_lane_after_its_commit() -> None:
     """1. Slice 1 is handled inline (its call never suspends); the committer holds its commit.
     2. Slice 2 waits for that commit, then suspends: the lanes run the handler from now on, and that commit is
     held too. 3. Slice 3, in the lane now, waits until commit 2 is done: handled in order, committed in order."""
-    commits, handled = PermittedCommits(), []
+    commits, handled = PermittedCommits(), list[int]()
 
     async def handle_batch(events: Sequence[Event], ctx: Context) -> Outcome:
         for event in events:
@@ -699,44 +702,21 @@ async def test_an_async_handler_that_starts_to_suspend_goes_to_its_lane_after_it
         return Outcome(handled=len(events))
 
     handler = ObjectHandler(type("Suspends", (), {"handle_batch": staticmethod(handle_batch)})(), "suspends")
-    inflight = InFlight(100)
-    lanes = Lanes(
-        1, handler, lambda: Context("job", None, "projection:x"), commits.commit,  # type: ignore[arg-type]
-        submit=commits.queue.send, concurrency=1, sizer=BatchSizer(1, minimum=1, target_s=1.0), inflight=inflight,
-        on_outcome=lambda stream, outcome: None, on_batch=lambda seconds: None, stop=anyio.Event(),
-    )  # fmt: skip
-    events = [Event(f"{i}-0", f"e{i}", "OrderCreated", {"customer_id": "c", "seq": i}, 0.0, {}, "s") for i in (1, 2, 3)]
-    await inflight.acquire(3)
-
-    async def settled() -> None:
-        for _ in range(20):
-            await anyio.lowlevel.checkpoint()
-
+    lanes = commits.lanes(handler)
     with anyio.fail_after(5):
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(commits.run)
-            async with commits.queue, commits.permits, anyio.create_task_group() as tg:
-                feed = lanes.feed()
-                tg.start_soon(lanes.run)
-
-                async def route() -> None:
-                    for event in events:
-                        await feed.deliver({0: [event]}, Mark("s", parse_id(event.stream_id), 1), True)
-                    feed.close()
-
-                tg.start_soon(route)
-                await wait_until(lambda: bool(handled))
-                await settled()
-                assert (handled, lanes.trying) == ([1], True)
-                await commits.permits.send(None)
-                await wait_until(lambda: len(handled) == 2)
-                await settled()
-                assert (handled, commits.committed, lanes.trying) == ([1, 2], ["1-0"], False)
-                await commits.permits.send(None)
-                await commits.permits.send(None)
+        async with fed(commits, lanes, [1, 2, 3]):
+            await wait_until(lambda: bool(handled))
+            await settled()
+            assert (handled, lanes.trying) == ([1], True)
+            await commits.permits.send(None)
+            await wait_until(lambda: len(handled) == 2)
+            await settled()
+            assert (handled, commits.committed, lanes.trying) == ([1, 2], [["1-0"]], False)
+            await commits.permits.send(None)
+            await commits.permits.send(None)
     assert handled == [1, 2, 3]
-    assert commits.committed == ["1-0", "2-0", "3-0"]
-    assert inflight.count == 0
+    assert commits.committed == [["1-0"], ["2-0"], ["3-0"]]
+    assert commits.inflight.count == 0
 
 
 async def test_a_handler_that_only_queues_writes_commits_every_batch_in_order(

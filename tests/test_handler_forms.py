@@ -337,23 +337,6 @@ async def test_handlers_get_their_events_with_data_decoded(
     assert seen == [True] * 400
 
 
-async def test_an_async_function_that_never_suspends_runs_inline_not_in_lanes(
-    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
-) -> None:
-    """An `async def` whose calls complete without suspending is called by the router, slice after slice, as a
-    sync Projection is: waking a lane task per partition and read batch cost more than the handler's work."""
-    ids = add(sync_redis, orders(200, customers=20))
-    tasks: set[object] = set()
-
-    async def note(event: Event) -> None:
-        tasks.add(asyncio.current_task())
-
-    job = spec(partitions=8, partition_by="customer_id")
-    stats, _ = await run(job, raw_redis, redis_cfg, FunctionHandler(note, "note"))
-    assert stats.processed == len(ids)
-    assert len(tasks) == 1, f"{len(tasks)} tasks ran the handler"
-
-
 class AwaitableOfItsOwn:
     """What `WrappedFunction.handle_batch` returns: an awaitable that is no coroutine."""
 
@@ -369,11 +352,14 @@ class WrappedFunction(FunctionHandler):
         return AwaitableOfItsOwn(super().handle_batch(events, ctx))
 
 
-async def test_a_handler_returning_an_awaitable_of_its_own_runs_in_lanes(
-    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig
+@pytest.mark.parametrize(("adapter", "in_lanes"), [(FunctionHandler, False), (WrappedFunction, True)],
+                         ids=["coroutine", "awaitable-of-its-own"])  # fmt: skip
+async def test_an_async_function_that_never_suspends_runs_inline_unless_its_awaitable_cannot_tell(
+    sync_redis: redis.Redis, raw_redis: Redis, redis_cfg: RedisConfig, adapter: type[FunctionHandler], in_lanes: bool
 ) -> None:
-    """Whether an awaitable that is no coroutine suspends cannot be seen: the lanes run its handler, as before any
-    handler was tried inline, rather than the router calling it partition after partition for the whole run."""
+    """An `async def` whose calls complete without suspending is called by the router, slice after slice, as a
+    sync Projection is: waking a lane task per partition and read batch cost more than the handler's work. Whether
+    an awaitable that is no coroutine suspends cannot be seen: the lanes run that handler, as before."""
     ids = add(sync_redis, orders(200, customers=20))
     tasks: set[object] = set()
 
@@ -381,9 +367,12 @@ async def test_a_handler_returning_an_awaitable_of_its_own_runs_in_lanes(
         tasks.add(asyncio.current_task())
 
     job = spec(partitions=8, partition_by="customer_id")
-    stats, _ = await run(job, raw_redis, redis_cfg, WrappedFunction(note, "note"))
+    stats, _ = await run(job, raw_redis, redis_cfg, adapter(note, "note"))
     assert stats.processed == len(ids)
-    assert len(tasks) > 1
+    if in_lanes:
+        assert len(tasks) > 1
+    else:
+        assert len(tasks) == 1, f"{len(tasks)} tasks ran the handler"
 
 
 class ReadsItsCommits:

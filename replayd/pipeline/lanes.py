@@ -151,6 +151,11 @@ class Lanes:
         """Dead letters made at commit time that park their key (their entry IDs): the requests made before each
         are screened again, so that the later events of its key park behind it."""
 
+    @property
+    def calls_inline(self) -> bool:
+        """Whether the handler is called by the feeds for now (it never awaits, or it is being tried)."""
+        return self.inline or self.trying
+
     def feed(self) -> Feed:
         """A router's way in: its own handles on the lanes' inboxes (the lanes end when every feed is closed), and
         the handler itself while it is called inline."""
@@ -183,7 +188,7 @@ class Lanes:
     async def handle_inline(self, work: list[tuple[int, Slice]]) -> list[tuple[int, Slice]]:
         """A read batch's slices handled and committed right here (`inline`, or `trying`); returns those left to
         the lanes (all of them once a call of the handler has suspended)."""
-        if not (self.inline or self.trying):
+        if not self.calls_inline:
             return work
         if self.trying and self._committed is not None and not self._committed.is_set():
             await self._committed.wait()
@@ -250,9 +255,8 @@ class Lanes:
             for (partition, piece), (outcome, bounds) in zip(live, handled, strict=True):
                 yield partition, piece, outcome, bounds
             return
-        trying = self.trying and left is not None
         for at, (partition, piece) in enumerate(work):
-            if trying and not self.trying and left is not None:
+            if left is not None and not self.calls_inline:  # a call suspended: the lanes take the rest
                 left += work[at:]
                 return
             if partition in self._halted:
@@ -260,7 +264,7 @@ class Lanes:
             ctx.replaying = piece.replaying
             before = len(tx.owners), len(tx.commands)
             decode_data(piece.events)
-            if trying:
+            if left is not None and self.trying:
                 outcome = await self._tried(piece.events, ctx)
             else:
                 outcome = await self.handler.handle_batch(piece.events, ctx)
@@ -297,7 +301,7 @@ class Lanes:
         *before, last = pieces
         for piece in before:
             await self.submit(piece)
-        if inline and (self.inline or self.trying) and failure is None and not stopped and poison is None:
+        if inline and self.calls_inline and failure is None and not stopped and poison is None:
             committed = self._committed = anyio.Event() if self.trying else None
             await self.submit(last._replace(then=partial(self._released, events, committed)))
             return
